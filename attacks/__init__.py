@@ -1,0 +1,1 @@
+"""Built-in attacks, one per module; each registers itself with ``@register_attack``."""

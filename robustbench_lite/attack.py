@@ -1,0 +1,259 @@
+"""Attack base classes.
+
+An attack is a frozen dataclass of its settings plus one method that implements the algorithm.
+The base class owns everything else (template method): it validates settings at construction
+and inputs at call time, puts the model in ``eval()``, seeds a ``torch.Generator``, counts
+forward and gradient evaluations, calls the plugin, and checks that the result is finite, in
+[0, 1] and inside the threat ball.  Plugins never re-check any of that.
+
+Plugin settings are declared with :func:`setting`, which records the bounds the base class
+enforces, so a plugin file holds only its algorithm::
+
+    @register_attack("my-attack")
+    @dataclass(frozen=True, kw_only=True)
+    class MyAttack(EvasionAttack):
+        steps: int = setting(10, low=1)
+
+        def _perturb(self, model, x, y, target, gen):
+            ...
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from . import ops
+from .config import params_of, setting, validate_settings
+from .threat import AttackKind, Norm, ThreatModel, check_eps
+
+LossFn = Callable[[Tensor, Tensor], Tensor]
+__all__ = ["Attack", "AttackOutput", "EvasionAttack", "setting"]
+
+
+@dataclass(frozen=True)
+class AttackOutput:
+    """What one call of an evasion attack returns."""
+
+    x_adv: Tensor
+    forward_evals: int  # number of images pushed through the model (forward passes x batch)
+    grad_evals: int  # number of images whose input gradient was computed
+    seconds: float
+    target: Tensor | None = None  # the class a targeted attack aimed for, per point
+
+
+class _Counter(nn.Module):
+    """Wraps a model and counts forward passes and input-gradient evaluations per image."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.forwards = 0
+        self.backwards = 0
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.model(x)
+        n = x.shape[0]
+        self.forwards += n
+        if out.requires_grad:
+            out.register_hook(self._count_backward(n))
+        return out
+
+    def _count_backward(self, n: int) -> Callable[[Tensor], None]:
+        def hook(_grad: Tensor) -> None:
+            self.backwards += n
+
+        return hook
+
+
+@dataclass(frozen=True, kw_only=True)
+class Attack:
+    """Settings shared by every attack, and their checks."""
+
+    norm: Norm = Norm.LINF
+    eps: float = 0.1
+    seed: int = setting(0, low=0)
+
+    kind: ClassVar[AttackKind] = AttackKind.EVASION
+    norms: ClassVar[tuple[Norm, ...]] = (Norm.LINF, Norm.L2)
+    targeted: ClassVar[bool] = False
+    needs_grad: ClassVar[bool] = True
+    randomized: ClassVar[bool] = False
+    min_norm: ClassVar[bool] = False
+    iterative: ClassVar[bool] = True
+    registry_name: ClassVar[str] = ""
+
+    def __post_init__(self) -> None:
+        norm = Norm.parse(self.norm)
+        if norm not in self.norms:
+            allowed = ", ".join(n.value for n in self.norms)
+            raise ValueError(f"{self.name} supports norm {allowed}, not {norm.value}")
+        object.__setattr__(self, "norm", norm)
+        object.__setattr__(self, "eps", check_eps(self.eps, norm))
+        validate_settings(self, self.name)
+
+    # -- description ----------------------------------------------------------------------------
+    @property
+    def name(self) -> str:
+        return self.registry_name or type(self).__name__.lower()
+
+    @property
+    def threat(self) -> ThreatModel:
+        return ThreatModel(self.norm, self.eps)
+
+    def get_params(self) -> dict[str, Any]:
+        """All settings as plain JSON-able values (enums as strings)."""
+        return params_of(self)
+
+    @property
+    def grad_budget(self) -> float:
+        """Gradient evaluations per point at most; the harness runs cheaper attacks first."""
+        return 1.0
+
+
+# -------------------------------------------------------------------------------------------------
+# input checks shared by every kind of attack
+# -------------------------------------------------------------------------------------------------
+
+
+def check_model(model: object) -> nn.Module:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"model must be a torch.nn.Module returning logits, got {type(model).__name__}")
+    return model
+
+
+def check_images(x: object, name: str = "x") -> Tensor:
+    """Images must be a floating NCHW tensor, finite, with values in [0, 1]."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of images, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"{name} must be a floating tensor in [0, 1], got {x.dtype}; use x.float() / 255")
+    if x.dim() != 4:
+        raise ValueError(
+            f"{name} must be NCHW (batch, channels, height, width), got shape {tuple(x.shape)}; "
+            "add a channel axis with x.unsqueeze(1) for grey images"
+        )
+    if x.shape[0] == 0:
+        raise ValueError(f"{name} is an empty batch")
+    if not torch.isfinite(x).all():
+        raise ValueError(f"{name} contains NaN or inf values; clean the input first")
+    lo, hi = float(x.min()), float(x.max())
+    if lo < 0.0 or hi > 1.0:
+        raise ValueError(
+            f"{name} must lie in [0, 1], got values in [{lo:.4g}, {hi:.4g}]; scale images to [0, 1] "
+            "and put any normalization inside the model"
+        )
+    return x
+
+
+def check_labels(y: object, n: int) -> Tensor:
+    if not isinstance(y, Tensor):
+        raise TypeError(f"y must be a torch.Tensor of class indices, got {type(y).__name__}")
+    if y.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
+        raise TypeError(f"y must hold integer class indices, got {y.dtype}; use y.long()")
+    if y.dim() != 1 or y.shape[0] != n:
+        raise ValueError(f"y must have shape ({n},) to match x's batch, got {tuple(y.shape)}")
+    if (y < 0).any():
+        raise ValueError("y holds negative class indices")
+    return y.long()
+
+
+def check_generator(gen: object) -> torch.Generator:
+    if not isinstance(gen, torch.Generator):
+        raise TypeError(f"gen must be a torch.Generator (seeded), got {type(gen).__name__}")
+    return gen
+
+
+# -------------------------------------------------------------------------------------------------
+# evasion attacks
+# -------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, kw_only=True)
+class EvasionAttack(Attack):
+    """A per-point test-time attack: ``perturb(model, x, y) -> x_adv`` inside the threat ball."""
+
+    kind: ClassVar[AttackKind] = AttackKind.EVASION
+
+    def perturb(self, model: nn.Module, x: Tensor, y: Tensor, gen: torch.Generator | None = None) -> Tensor:
+        """Adversarial examples for ``(x, y)``; see :meth:`run` for the counts that come with them."""
+        return self.run(model, x, y, gen).x_adv
+
+    def run(
+        self, model: nn.Module, x: Tensor, y: Tensor, gen: torch.Generator | None = None
+    ) -> AttackOutput:
+        check_model(model)
+        x = check_images(x)
+        y = check_labels(y, x.shape[0]).to(x.device)
+        if gen is None:
+            gen = torch.Generator(device=x.device).manual_seed(self.seed)
+        check_generator(gen)
+        counted = _Counter(model)
+        was_training = [m.training for m in model.modules()]
+        model.eval()
+        start = time.perf_counter()
+        try:
+            with torch.no_grad():
+                target = self._choose_target(counted, x, y, gen) if self.targeted else None
+                x_adv = self._perturb(counted, x, y, target, gen)
+        finally:
+            for m, flag in zip(model.modules(), was_training, strict=True):
+                m.training = flag
+        seconds = time.perf_counter() - start
+        self._check_output(x, x_adv)
+        return AttackOutput(
+            x_adv=x_adv.detach(),
+            forward_evals=counted.forwards,
+            grad_evals=counted.backwards,
+            seconds=seconds,
+            target=target,
+        )
+
+    # -- what plugins implement -----------------------------------------------------------------
+    def _perturb(
+        self, model: nn.Module, x: Tensor, y: Tensor, target: Tensor | None, gen: torch.Generator
+    ) -> Tensor:
+        """The algorithm.  Runs under ``torch.no_grad``; use :meth:`loss_grad` for gradients."""
+        raise NotImplementedError
+
+    def _choose_target(self, model: nn.Module, x: Tensor, y: Tensor, gen: torch.Generator) -> Tensor:
+        """Targeted attacks: the class each point should be sent to."""
+        raise NotImplementedError(f"{self.name} is targeted and must implement _choose_target")
+
+    # -- helpers for plugins --------------------------------------------------------------------
+    @staticmethod
+    def loss_grad(model: nn.Module, x: Tensor, y: Tensor, loss_fn: LossFn) -> tuple[Tensor, Tensor, Tensor]:
+        """Logits at ``x``, per-sample loss, and the gradient of the summed loss w.r.t. ``x``."""
+        x = x.detach().requires_grad_(True)
+        with torch.enable_grad():
+            logits = model(x)
+            loss = loss_fn(logits, y)
+            (grad,) = torch.autograd.grad(loss.sum(), x)
+        return logits.detach(), loss.detach(), grad
+
+    # -- output check ---------------------------------------------------------------------------
+    def _check_output(self, x: Tensor, x_adv: object) -> None:
+        if not isinstance(x_adv, Tensor) or x_adv.shape != x.shape or x_adv.dtype != x.dtype:
+            raise RuntimeError(f"attack {self.name} returned a result that does not match its input's shape/dtype")
+        if not torch.isfinite(x_adv).all():
+            raise RuntimeError(f"attack {self.name} returned non-finite values")
+        tol = 1e-5
+        if float(x_adv.min()) < -tol or float(x_adv.max()) > 1 + tol:
+            raise RuntimeError(f"attack {self.name} returned values outside [0, 1]")
+        if self.min_norm:  # minimum-norm attacks report a distance; the harness compares it to eps
+            return
+        dist = ops.lp_norm(x_adv - x, self.norm)
+        if self.norm is Norm.L0:
+            over = dist > self.eps
+        else:
+            over = dist > self.eps * (1 + 1e-4) + 1e-6
+        if over.any():
+            raise RuntimeError(
+                f"attack {self.name} left the {self.norm.value} ball of radius {self.eps}: "
+                f"max distance {float(dist.max()):.6g}"
+            )

@@ -1,0 +1,122 @@
+"""``robustbench-lite run | list | leaderboard``."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from collections.abc import Sequence
+
+from . import leaderboard
+from .data import list_datasets
+from .presets import PRESETS, get_preset
+from .registry import ATTACKS, DEFENSES, MODELS, load_plugin_file
+from .run import run_plan
+from .store import Store
+from .threat import ThreatModel
+
+
+def _csv(text: str) -> list[str]:
+    return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="robustbench-lite", description="Adversarial robustness benchmark.")
+    p.add_argument("--plugin", action="append", default=[], metavar="FILE.py",
+                   help="import a plugin file that registers attacks/defenses/models (repeatable)")
+    p.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    r = sub.add_parser("run", help="run a preset and write the leaderboards")
+    r.add_argument("--preset", default="quick", help=f"one of {sorted(PRESETS)} (default quick)")
+    r.add_argument("--attacks", type=_csv, help="comma-separated attack names replacing the preset's")
+    r.add_argument("--defenses", type=_csv, help="comma-separated defense names replacing the preset's")
+    r.add_argument("--threats", type=lambda s: [ThreatModel.parse(t) for t in _csv(s)],
+                   help="comma-separated NORM:EPS, e.g. linf:0.1,l2:1.5")
+    r.add_argument("--n", type=int, help="number of test points")
+    r.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    r.add_argument("--data-root", help="where dataset files are (else RBL_DATA_ROOT or the default place)")
+    r.add_argument("--workdir", default=".rbl", help="store and model cache folder (default .rbl)")
+    r.add_argument("--out", default="leaderboards", help="folder for the leaderboard CSVs")
+    r.add_argument("--batch-size", type=int, default=500)
+    r.add_argument("--no-progress", action="store_true")
+    for q in (r,):
+        q.add_argument("--plugin", action="append", default=argparse.SUPPRESS, metavar="FILE.py")
+
+    ls = sub.add_parser("list", help="list attacks, defenses, models, datasets or presets")
+    ls.add_argument("what", nargs="?", default="attacks", choices=["attacks", "defenses", "models", "datasets", "presets"])
+    ls.add_argument("pattern", nargs="?", default="*", help="fnmatch pattern, e.g. 'pgd*'")
+    ls.add_argument("--plugin", action="append", default=argparse.SUPPRESS, metavar="FILE.py")
+
+    lb = sub.add_parser("leaderboard", help="rebuild the leaderboard CSVs from the store and print them")
+    lb.add_argument("--workdir", default=".rbl")
+    lb.add_argument("--out", default="leaderboards")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        for path in args.plugin:
+            load_plugin_file(path)
+        if args.command == "list":
+            return _list(args)
+        if args.command == "leaderboard":
+            return _leaderboard(args.workdir, args.out)
+        return _run(args)
+    except (ValueError, TypeError, KeyError, FileNotFoundError) as exc:
+        msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+        print(f"robustbench-lite: error: {msg}", file=sys.stderr)
+        return 2
+
+
+def _list(args: argparse.Namespace) -> int:
+    if args.what == "presets":
+        for name, preset in sorted(PRESETS.items()):
+            print(f"{name:10s} {preset.description}")
+        return 0
+    if args.what == "datasets":
+        print("\n".join(list_datasets()))
+        return 0
+    reg = {"attacks": ATTACKS, "defenses": DEFENSES, "models": MODELS}[args.what]
+    for name in reg.list(args.pattern):
+        obj = reg.get(name)
+        doc = (obj.__doc__ or "").strip().splitlines()
+        extra = ""
+        if reg is ATTACKS:
+            extra = f" [{','.join(n.value for n in obj.norms)}]"
+        print(f"{name:16s}{extra} {doc[0] if doc else ''}")
+    return 0
+
+
+def _leaderboard(workdir: str, out: str) -> int:
+    with Store(f"{workdir}/store.sqlite") as store:
+        rows = store.rows()
+    paths = leaderboard.write(rows, out)
+    print(leaderboard.render(rows))
+    print("\nwrote " + ", ".join(str(p) for p in paths))
+    return 0
+
+
+def _run(args: argparse.Namespace) -> int:
+    if args.batch_size < 1:
+        raise ValueError("--batch-size must be >= 1")
+    plan = get_preset(args.preset).plan(attacks=args.attacks, threats=args.threats, n=args.n, defenses=args.defenses)
+    start = time.perf_counter()
+    summary = run_plan(
+        plan, workdir=args.workdir, device=args.device, data_root=args.data_root, batch_size=args.batch_size,
+        progress=not args.no_progress,
+    )
+    elapsed = time.perf_counter() - start
+    print(
+        f"preset {plan.name}: {summary.computed} cells computed, {summary.skipped} already done, "
+        f"{summary.errors} errors, {elapsed:.1f} s"
+    )
+    _leaderboard(args.workdir, args.out)
+    return 1 if summary.errors else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

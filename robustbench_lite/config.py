@@ -1,0 +1,87 @@
+"""Frozen, validated settings shared by attacks and defenses, and stable config hashes.
+
+Settings are dataclass fields declared with :func:`setting`; :func:`validate_settings` checks
+type and bounds of every one at construction, so plugins never write those checks.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+from dataclasses import field
+from enum import Enum
+from typing import Any
+
+_TYPES = {"int": int, "float": float, "bool": bool, "str": str}
+
+
+def setting(
+    default: Any,
+    *,
+    low: float | None = None,
+    high: float | None = None,
+    low_open: bool = False,
+    choices: tuple[Any, ...] | None = None,
+) -> Any:
+    """A dataclass field whose type and bounds are checked when the object is built.
+
+    ``low``/``high`` are inclusive (``low_open=True`` makes ``low`` exclusive); ``choices``
+    lists the allowed values.  The field's annotation (int, float, bool, str) is enforced.
+    """
+    meta = {"low": low, "high": high, "low_open": low_open, "choices": choices}
+    return field(default=default, metadata={"rbl": meta})
+
+
+def validate_settings(obj: Any, owner: str) -> None:
+    """Check every :func:`setting` field of a dataclass instance; raise naming the fix."""
+    for f in dataclasses.fields(obj):
+        meta = f.metadata.get("rbl")
+        if meta is not None:
+            _check(owner, f.name, _TYPES.get(str(f.type), f.type), getattr(obj, f.name), meta)
+
+
+def _check(owner: str, name: str, typ: Any, value: Any, meta: dict) -> None:
+    if typ is bool:
+        if not isinstance(value, bool):
+            raise TypeError(f"{owner}: {name} must be True or False, got {value!r}")
+    elif typ is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            fix = f"; write {int(value)}" if isinstance(value, float) and value.is_integer() else ""
+            raise TypeError(f"{owner}: {name} must be an int, got {value!r}{fix}")
+    elif typ is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise TypeError(f"{owner}: {name} must be a number, got {value!r}")
+        if not math.isfinite(value):
+            raise ValueError(f"{owner}: {name} must be finite, got {value!r}")
+    elif typ is str and not isinstance(value, str):
+        raise TypeError(f"{owner}: {name} must be a string, got {value!r}")
+    if meta["choices"] is not None and value not in meta["choices"]:
+        raise ValueError(f"{owner}: {name} must be one of {list(meta['choices'])}, got {value!r}")
+    low, high = meta["low"], meta["high"]
+    if low is not None and (value < low or (meta["low_open"] and value == low)):
+        raise ValueError(f"{owner}: {name} must be {'>' if meta['low_open'] else '>='} {low}, got {value!r}")
+    if high is not None and value > high:
+        raise ValueError(f"{owner}: {name} must be <= {high}, got {value!r}")
+
+
+def params_of(obj: Any) -> dict[str, Any]:
+    """A dataclass's fields as JSON-able values (enums as their value)."""
+    return {f.name: _plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+
+
+def _plain(v: Any) -> Any:
+    if isinstance(v, Enum):
+        return v.value
+    if isinstance(v, (list, tuple)):
+        return [_plain(i) for i in v]
+    if isinstance(v, dict):
+        return {str(k): _plain(i) for k, i in v.items()}
+    return v
+
+
+def config_hash(payload: Any, length: int = 16) -> str:
+    """A stable hex digest of a JSON-able payload (keys sorted)."""
+    text = json.dumps(_plain(payload), sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:length]

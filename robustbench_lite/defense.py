@@ -1,0 +1,169 @@
+"""Defense base class: a frozen training config plus the loss it trains on.
+
+The base class owns the training loop (optimizer and learning-rate schedule, epochs, seed,
+batching, gradient clipping, tqdm progress, validation accuracy per epoch), so a defense that is
+a loss implements only :meth:`Defense.batch_loss`.  Defenses that are not a loss (e.g. convex
+training) override :meth:`Defense.fit`.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from .config import params_of, setting, validate_settings
+from .data import Data, DataSplit
+
+
+@dataclass
+class TrainState:
+    """Mutable per-run state a loss may need (epoch, step, e.g. ELLE-A's lambda history)."""
+
+    epoch: int = 0
+    step: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class EpochRecord:
+    epoch: int
+    train_loss: float
+    val_acc: float | None
+    seconds: float
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class TrainLog:
+    """What training did: per-epoch curve and totals (stored in the model's JSON sidecar)."""
+
+    epochs: list[EpochRecord]
+    seconds: float
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "seconds": self.seconds,
+            "epochs": [
+                {"epoch": e.epoch, "train_loss": e.train_loss, "val_acc": e.val_acc, "seconds": e.seconds, **e.metrics}
+                for e in self.epochs
+            ],
+        }
+
+
+@dataclass(frozen=True, kw_only=True)
+class Defense:
+    """Training settings shared by every defense."""
+
+    epochs: int = setting(5, low=1)
+    batch_size: int = setting(128, low=1)
+    optimizer: str = setting("adam", choices=("adam", "sgd"))
+    lr: float = setting(1e-3, low=0.0, low_open=True)
+    momentum: float = setting(0.9, low=0.0, high=1.0)
+    weight_decay: float = setting(0.0, low=0.0)
+    schedule: str = setting("cosine", choices=("constant", "cosine"))
+    grad_clip: float = setting(0.0, low=0.0)
+    seed: int = setting(0, low=0)
+
+    registry_name: ClassVar[str] = ""
+
+    def __post_init__(self) -> None:
+        validate_settings(self, self.name)
+
+    @property
+    def name(self) -> str:
+        return self.registry_name or type(self).__name__.lower()
+
+    def get_params(self) -> dict[str, Any]:
+        return params_of(self)
+
+    # -- what plugins implement -------------------------------------------------------------------
+    def batch_loss(self, model: nn.Module, x: Tensor, y: Tensor, state: TrainState) -> Tensor:
+        """The scalar training loss on one batch (model is in train mode)."""
+        raise NotImplementedError
+
+    def epoch_metrics(self, model: nn.Module, data: Data, device: torch.device) -> dict[str, float]:
+        """Extra per-epoch numbers for the curve (e.g. PGD accuracy on held-out points)."""
+        return {}
+
+    # -- the loop -------------------------------------------------------------------------------
+    def fit(self, model: nn.Module, data: Data, *, device: torch.device | str = "cpu", progress: bool = True) -> TrainLog:
+        """Train ``model`` in place on ``data.train``; return the per-epoch log."""
+        device = torch.device(device)
+        torch.manual_seed(self.seed)
+        model.to(device)
+        params = [p for p in model.parameters() if p.requires_grad]
+        if self.optimizer == "adam":
+            opt: torch.optim.Optimizer = torch.optim.Adam(params, lr=self.lr, weight_decay=self.weight_decay)
+        else:
+            opt = torch.optim.SGD(params, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay)
+        n = len(data.train)
+        steps_per_epoch = math.ceil(n / self.batch_size)
+        total_steps = self.epochs * steps_per_epoch
+        sched = None
+        if self.schedule == "cosine":
+            sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total_steps) / total_steps)))
+        gen = torch.Generator().manual_seed(self.seed)
+        x_all, y_all = data.train.x, data.train.y
+        state = TrainState()
+        records: list[EpochRecord] = []
+        start = time.perf_counter()
+        bar = tqdm(total=total_steps, desc=f"train {self.name}", disable=not progress, leave=False)
+        try:
+            for epoch in range(self.epochs):
+                state.epoch = epoch
+                t0 = time.perf_counter()
+                perm = torch.randperm(n, generator=gen)
+                total, count = 0.0, 0
+                model.train()
+                for i in range(steps_per_epoch):
+                    idx = perm[i * self.batch_size : (i + 1) * self.batch_size]
+                    xb = x_all[idx].to(device, non_blocking=True)
+                    yb = y_all[idx].to(device, non_blocking=True)
+                    loss = self.batch_loss(model, xb, yb, state)
+                    if not torch.isfinite(loss):
+                        raise FloatingPointError(
+                            f"{self.name}: training loss became {float(loss)} at epoch {epoch}, step {i}; lower lr"
+                        )
+                    opt.zero_grad(set_to_none=True)
+                    loss.backward()
+                    if self.grad_clip > 0:
+                        nn.utils.clip_grad_norm_(params, self.grad_clip)
+                    opt.step()
+                    if sched is not None:
+                        sched.step()
+                    state.step += 1
+                    total += float(loss.detach()) * len(idx)
+                    count += len(idx)
+                    bar.update(1)
+                model.eval()
+                val_acc = accuracy(model, data.val, device) if data.val is not None else None
+                metrics = self.epoch_metrics(model, data, device)
+                records.append(EpochRecord(epoch, total / max(count, 1), val_acc, time.perf_counter() - t0, metrics))
+                bar.set_postfix(loss=f"{total / max(count, 1):.3f}", val=f"{val_acc:.3f}" if val_acc is not None else "-")
+        finally:
+            bar.close()
+        model.eval()
+        return TrainLog(records, time.perf_counter() - start)
+
+
+@torch.no_grad()
+def predict(model: nn.Module, x: Tensor, device: torch.device | str, batch_size: int = 1000) -> Tensor:
+    """Predicted classes for ``x``, batched, in eval mode (model's mode is restored)."""
+    was = model.training
+    model.eval()
+    try:
+        out = [model(x[i : i + batch_size].to(device)).argmax(1).cpu() for i in range(0, len(x), batch_size)]
+    finally:
+        model.train(was)
+    return torch.cat(out) if out else torch.empty(0, dtype=torch.long)
+
+
+def accuracy(model: nn.Module, split: DataSplit, device: torch.device | str, batch_size: int = 1000) -> float:
+    """Clean accuracy of ``model`` on ``split``."""
+    return float((predict(model, split.x, device, batch_size) == split.y).float().mean())

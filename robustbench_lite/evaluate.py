@@ -1,0 +1,192 @@
+"""Evaluate attacks on one model: clean predictions, then each attack on the points that are
+still classified correctly, cheapest attack first, and the per-point worst case per threat.
+
+Each attack's record holds a per-point ``robust`` mask over the evaluated points (correct and
+not broken), so worst cases can be recomputed from stored masks after a resumed run.
+"""
+
+from __future__ import annotations
+
+import time
+import traceback
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from . import checks
+from .attack import EvasionAttack
+from .data import DataSplit
+from .defense import predict
+from .ops import ce
+from .threat import ThreatModel
+
+
+@dataclass(frozen=True)
+class AttackRecord:
+    """One attack's outcome on the evaluated points."""
+
+    attack: EvasionAttack
+    robust: Tensor | None  # bool [n]; None when the attack failed
+    seconds: float
+    grad_evals: int
+    forward_evals: int
+    attacked: int
+    scope: str
+    target_hit_rate: float | None = None
+    error: str = ""
+
+    @property
+    def robust_acc(self) -> float | None:
+        return None if self.robust is None else float(self.robust.float().mean())
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """Everything :func:`evaluate` measured."""
+
+    n: int
+    correct: Tensor  # bool [n]: clean prediction is right
+    records: list[AttackRecord]  # in the order of the attacks passed in
+    worst_case: dict[ThreatModel, Tensor]  # bool [n] per threat
+    flags: dict[str, set[str]]  # attack name or "worst_case:<threat>" -> flags
+
+    @property
+    def clean_acc(self) -> float:
+        return float(self.correct.float().mean())
+
+
+def input_grad_norms(model: nn.Module, split: DataSplit, device: torch.device, batch_size: int = 500) -> Tensor:
+    """L2 norm of the CE gradient w.r.t. each input (for the zero-gradient check)."""
+    out = []
+    model.eval()
+    for i in range(0, len(split), batch_size):
+        x = split.x[i : i + batch_size].to(device).requires_grad_(True)
+        y = split.y[i : i + batch_size].to(device)
+        with torch.enable_grad():
+            (g,) = torch.autograd.grad(ce(model(x), y).sum(), x)
+        out.append(g.flatten(1).norm(dim=1).cpu())
+    return torch.cat(out)
+
+
+def run_attack(
+    model: nn.Module,
+    attack: EvasionAttack,
+    split: DataSplit,
+    attack_mask: Tensor,
+    *,
+    device: torch.device,
+    batch_size: int = 500,
+    scope: str = "all",
+) -> AttackRecord:
+    """Run ``attack`` on the points where ``attack_mask`` is set; others count as not robust."""
+    robust = torch.zeros(len(split), dtype=torch.bool)
+    idx = attack_mask.nonzero().flatten()
+    gen = torch.Generator(device=device).manual_seed(attack.seed)
+    seconds, grads, fwds, hits = 0.0, 0, 0, 0
+    for i in range(0, len(idx), batch_size):
+        sel = idx[i : i + batch_size]
+        x, y = split.x[sel].to(device), split.y[sel].to(device)
+        out = attack.run(model, x, y, gen)
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            pred = model(out.x_adv).argmax(1)
+        seconds += out.seconds + (time.perf_counter() - t0)
+        grads += out.grad_evals
+        fwds += out.forward_evals + len(sel)
+        robust[sel] = (pred == y).cpu()
+        if out.target is not None:
+            hits += int((pred == out.target).sum())
+    target_rate = hits / len(idx) if attack.targeted and len(idx) else None
+    return AttackRecord(attack, robust, seconds, grads, fwds, len(idx), scope, target_rate)
+
+
+def evaluate(
+    model: nn.Module,
+    attacks: Sequence[EvasionAttack],
+    split: DataSplit,
+    *,
+    n: int = 1000,
+    device: torch.device | str = "cpu",
+    batch_size: int = 500,
+    survivors_only: bool = False,
+    precomputed: Mapping[int, AttackRecord] | None = None,
+    on_record: Callable[[int, AttackRecord, float], None] | None = None,
+) -> Evaluation:
+    """Evaluate ``attacks`` on the first ``n`` points of ``split``.
+
+    Attacks run cheapest first (by gradient budget).  With ``survivors_only`` each attack runs
+    only on the points no cheaper attack of its threat broke (its row then reports the robust
+    accuracy after it, cumulatively); otherwise on every clean-correct point, so each row is the
+    attack's own robust accuracy.  An attack that raises is recorded with its error.
+
+    ``precomputed`` maps positions in ``attacks`` to records already measured (a resumed run);
+    ``on_record(position, record, clean_acc)`` is called as each new record is done (to store it
+    at once).  ``Evaluation.records`` follows the order of ``attacks``.
+    """
+    device = torch.device(device)
+    for a in attacks:
+        if not isinstance(a, EvasionAttack):
+            raise TypeError(f"evaluate takes evasion attacks, got {type(a).__name__}")
+    if not isinstance(n, int) or n < 1:
+        raise ValueError(f"n must be a positive int, got {n!r}")
+    split = split.head(n)
+    model = model.to(device).eval()
+    correct = predict(model, split.x, device) == split.y
+    grad_flag = checks.zero_gradients(input_grad_norms(model, split.subset(correct.nonzero().flatten()), device))
+    records: list[AttackRecord | None] = [None] * len(attacks)
+    worst: dict[ThreatModel, Tensor] = {}
+    precomputed = precomputed or {}
+    order = sorted(range(len(attacks)), key=lambda i: attacks[i].grad_budget)
+    for i in order:
+        attack = attacks[i]
+        alive = worst.setdefault(attack.threat, correct.clone())
+        mask = alive if survivors_only else correct
+        scope = "survivors" if survivors_only else "all"
+        if i in precomputed:
+            rec = precomputed[i]
+        else:
+            try:
+                rec = run_attack(model, attack, split, mask, device=device, batch_size=batch_size, scope=scope)
+            except Exception as exc:  # one failing attack must not lose the others
+                rec = AttackRecord(attack, None, 0.0, 0, 0, int(mask.sum()), scope, error=_describe(exc))
+            if on_record is not None:
+                on_record(i, rec, float(correct.float().mean()))
+        records[i] = rec
+        if rec.robust is not None:
+            worst[attack.threat] = alive & rec.robust
+    done = [r for r in records if r is not None]
+    return Evaluation(len(split), correct, done, worst, cell_flags(done, grad_flag))
+
+
+def cell_flags(records: Sequence[AttackRecord], grad_flag: str | None) -> dict[str, set[str]]:
+    """Flags per attack (keyed ``name@threat``) and per worst case (keyed ``worst_case@threat``)."""
+    flags: dict[str, set[str]] = {}
+    by_threat: dict[ThreatModel, list[AttackRecord]] = {}
+    for r in records:
+        by_threat.setdefault(r.attack.threat, []).append(r)
+    for threat, recs in by_threat.items():
+        wc = flags.setdefault(f"worst_case@{threat.label}", set())
+        ok = [r for r in recs if r.robust is not None]
+        if len(ok) < len(recs):
+            wc.add(checks.INCOMPLETE)
+        # cumulative (survivor) numbers are not comparable, and a targeted attack is weaker by design
+        own = [r for r in ok if r.scope == "all" and not r.attack.targeted]
+        losers = checks.single_step_beats_iterative(
+            {r.attack.name: r.robust_acc for r in own}, {r.attack.name: r.attack.iterative for r in own}
+        )
+        for r in recs:
+            f = flags.setdefault(f"{r.attack.name}@{threat.label}", set())
+            if grad_flag and r.attack.needs_grad:
+                f.add(grad_flag)
+                wc.add(grad_flag)
+            if r.attack.name in losers:
+                f.add(checks.SINGLE_STEP_WINS)
+                wc.add(checks.SINGLE_STEP_WINS)
+    return flags
+
+
+def _describe(exc: BaseException) -> str:
+    tb = traceback.format_exception(type(exc), exc, exc.__traceback__)
+    return f"{type(exc).__name__}: {exc}\n{''.join(tb[-3:])}"[:4000]

@@ -1,0 +1,87 @@
+"""Store rows -> pandas tables -> CSV files and printable text.
+
+* ``cells.csv``: the long table, every stored cell (errors included).
+* ``<dataset>_<norm>_<eps>.csv``: the wide table per dataset and threat, one row per
+  model/defense: ``clean_acc``, one robust-accuracy column per attack, ``worst_case``,
+  ``seconds`` (all attacks), ``train_seconds`` and ``flags``; sorted by ``worst_case``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import pandas as pd
+
+from .rows import WORST_CASE, CellResult
+
+ID_COLUMNS = ["dataset", "model", "defense", "norm", "eps", "n"]
+
+
+def long_table(rows: Sequence[CellResult]) -> pd.DataFrame:
+    df = pd.DataFrame([r.as_row() for r in rows])
+    if df.empty:
+        return df
+    df["_wc"] = df["attack"] == WORST_CASE
+    df = df.sort_values(["dataset", "norm", "eps", "model", "defense", "_wc", "grad_evals", "attack"], kind="stable")
+    return df.drop(columns="_wc").reset_index(drop=True)
+
+
+def wide_tables(rows: Sequence[CellResult]) -> dict[str, pd.DataFrame]:
+    """One table per ``<dataset>_<norm>_<eps>``, as written to CSV."""
+    df = long_table(rows)
+    out: dict[str, pd.DataFrame] = {}
+    if df.empty:
+        return out
+    for (dataset, norm, eps), part in df.groupby(["dataset", "norm", "eps"], sort=True):
+        attacks = [a for a in dict.fromkeys(part["attack"]) if a != WORST_CASE]
+        table_rows = []
+        for _, g in part.groupby(["model", "defense", "n"], sort=True):
+            by_attack = {r.attack: r for r in g.itertuples()}
+            first = g.iloc[0]
+            ok = g[g["status"] == "ok"]
+            row = {k: first[k] for k in ID_COLUMNS}
+            row["clean_acc"] = ok["clean_acc"].iloc[0] if len(ok) else float("nan")
+            for a in attacks:
+                r = by_attack.get(a)
+                row[a] = r.robust_acc if r is not None and r.status == "ok" else float("nan")
+            wc = by_attack.get(WORST_CASE)
+            row[WORST_CASE] = wc.robust_acc if wc is not None else float("nan")
+            row["seconds"] = float(g.loc[g["attack"] != WORST_CASE, "seconds"].sum())
+            row["train_seconds"] = first["train_seconds"]
+            flags = set()
+            for r in g.itertuples():
+                flags.update(f for f in str(r.flags).split(";") if f)
+                if r.status == "error":
+                    flags.add(f"error:{r.attack}")
+            row["flags"] = ";".join(sorted(flags))
+            table_rows.append(row)
+        table = pd.DataFrame(table_rows).sort_values(WORST_CASE, ascending=False, kind="stable").reset_index(drop=True)
+        out[f"{dataset}_{norm}_{eps:g}"] = table
+    return out
+
+
+def write(rows: Sequence[CellResult], out_dir: str | Path) -> list[Path]:
+    """Write ``cells.csv`` and every wide table under ``out_dir``; return the paths."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    long = long_table(rows)
+    if not long.empty:
+        p = out_dir / "cells.csv"
+        long.to_csv(p, index=False, float_format="%.6g")
+        paths.append(p)
+    for name, table in wide_tables(rows).items():
+        p = out_dir / f"{name}.csv"
+        table.to_csv(p, index=False, float_format="%.6g")
+        paths.append(p)
+    return paths
+
+
+def render(rows: Sequence[CellResult]) -> str:
+    """The wide tables as plain text, for the terminal."""
+    parts = []
+    for name, table in wide_tables(rows).items():
+        shown = table.drop(columns=["dataset", "norm", "eps"])
+        parts.append(f"== {name} ==\n{shown.to_string(index=False, float_format=lambda v: f'{v:.3f}')}")
+    return "\n\n".join(parts) if parts else "(no results yet)"

@@ -1,0 +1,121 @@
+"""Trained models cached by config hash: ``<key>.safetensors`` + ``<key>.json`` sidecar.
+
+Loading uses safetensors (no pickle), so a cache folder from elsewhere cannot run code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .config import config_hash
+from .data import Data
+from .defense import Defense, accuracy
+from .models import create_model
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A model by registry name (or ``timm:<arch>``) and its keyword arguments."""
+
+    name: str
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def build(self, data: Data) -> nn.Module:
+        return create_model(self.name, data.input_shape, data.num_classes, **self.kwargs)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "kwargs": dict(self.kwargs)}
+
+
+@dataclass(frozen=True)
+class TrainedModel:
+    model: nn.Module
+    key: str
+    sidecar: dict[str, Any]
+    from_cache: bool
+
+
+def model_key(spec: ModelSpec, defense: Defense, data: Data) -> str:
+    """The cache key: model, defense and its settings, and the exact training data."""
+    return config_hash(
+        {
+            "model": spec.as_dict(),
+            "defense": defense.name,
+            "params": defense.get_params(),
+            "data": data.name,
+            "train": data.train.fingerprint(),
+            "val": data.val.fingerprint() if data.val is not None else None,
+        }
+    )
+
+
+class ModelCache:
+    """A folder of trained models; ``root=None`` disables caching."""
+
+    def __init__(self, root: str | Path | None) -> None:
+        self.root = Path(root) if root is not None else None
+
+    def load(self, key: str, model: nn.Module) -> dict[str, Any] | None:
+        if self.root is None:
+            return None
+        weights, meta = self.root / f"{key}.safetensors", self.root / f"{key}.json"
+        if not (weights.is_file() and meta.is_file()):
+            return None
+        model.load_state_dict(load_file(str(weights)))
+        return json.loads(meta.read_text())
+
+    def save(self, key: str, model: nn.Module, sidecar: dict[str, Any]) -> None:
+        if self.root is None:
+            return
+        self.root.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+        tmp_w, tmp_m = self.root / f".{key}.{os.getpid()}.safetensors", self.root / f".{key}.{os.getpid()}.json"
+        save_file(state, str(tmp_w))
+        tmp_m.write_text(json.dumps(sidecar, indent=2, sort_keys=True))
+        os.replace(tmp_w, self.root / f"{key}.safetensors")  # weights first: a sidecar means complete
+        os.replace(tmp_m, self.root / f"{key}.json")
+
+
+def train_or_load(
+    spec: ModelSpec,
+    defense: Defense,
+    data: Data,
+    cache: ModelCache,
+    *,
+    device: torch.device | str = "cpu",
+    progress: bool = True,
+) -> TrainedModel:
+    """Return the model trained by ``defense`` on ``data``, from the cache when it is there."""
+    key = model_key(spec, defense, data)
+    model = spec.build(data)
+    sidecar = cache.load(key, model)
+    if sidecar is not None:
+        return TrainedModel(model.to(device).eval(), key, sidecar, True)
+    torch.manual_seed(defense.seed)
+    model = spec.build(data)  # same seed, same initial weights
+    log = defense.fit(model, data, device=device, progress=progress)
+    sidecar = {
+        "key": key,
+        "model": spec.as_dict(),
+        "defense": defense.name,
+        "params": defense.get_params(),
+        "data": data.name,
+        "train_points": len(data.train),
+        "seed": defense.seed,
+        "clean_acc": accuracy(model, data.test, device),
+        "train_seconds": log.seconds,
+        "curve": log.as_dict()["epochs"],
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "torch": torch.__version__,
+    }
+    cache.save(key, model, sidecar)
+    return TrainedModel(model.eval(), key, sidecar, False)

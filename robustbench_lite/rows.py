@@ -1,0 +1,47 @@
+"""The typed result row: one :class:`CellResult` per evaluated cell.
+
+``dataclasses.asdict`` gives the store row and the CSV row; nothing else builds rows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+WORST_CASE = "worst_case"
+
+
+@dataclass(frozen=True)
+class CellResult:
+    dataset: str
+    model: str
+    defense: str
+    attack: str  # registry name, or "worst_case" for the per-point minimum over a threat's attacks
+    norm: str
+    eps: float
+    kind: str  # evasion | universal | poisoning
+    n: int  # evaluated points
+    clean_acc: float  # fraction of the n points classified correctly
+    robust_acc: float | None  # fraction correct and not broken by this attack
+    seconds: float  # attack wall time
+    grad_evals: int  # input-gradient evaluations (images)
+    forward_evals: int  # forward evaluations (images)
+    attacked: int  # points the attack ran on (clean-correct, or survivors)
+    scope: str  # "all" clean-correct points, or "survivors" of cheaper attacks
+    target_hit_rate: float | None  # targeted attacks: share of attacked points sent to the target class
+    flags: str  # ';'-separated codes from checks.FLAGS
+    status: str  # ok | error
+    error: str
+    train_seconds: float | None
+    attack_params: str  # JSON of the attack's settings
+    key: str  # the cell's config hash (store key)
+    model_key: str  # the trained model's cache key
+    code_version: str
+
+    def as_row(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_row(cls, row: dict[str, Any]) -> CellResult:
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in row.items() if k in names})
