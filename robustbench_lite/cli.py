@@ -32,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--preset", default="quick", help=f"one of {sorted(PRESETS)} (default quick)")
     r.add_argument("--attacks", type=_csv, help="comma-separated attack names replacing the preset's")
     r.add_argument("--defenses", type=_csv, help="comma-separated defense names replacing the preset's")
-    r.add_argument("--threats", type=lambda s: [ThreatModel.parse(t) for t in _csv(s)],
+    r.add_argument("--threats", type=_csv,
                    help="comma-separated NORM:EPS, e.g. linf:0.1,l2:1.5")
     r.add_argument("--n", type=int, help="number of test points")
     r.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
@@ -103,7 +103,8 @@ def _leaderboard(workdir: str, out: str) -> int:
 def _run(args: argparse.Namespace) -> int:
     if args.batch_size < 1:
         raise ValueError("--batch-size must be >= 1")
-    plan = get_preset(args.preset).plan(attacks=args.attacks, threats=args.threats, n=args.n, defenses=args.defenses)
+    threats = [ThreatModel.parse(t) for t in args.threats] if args.threats else None
+    plan = get_preset(args.preset).plan(attacks=args.attacks, threats=threats, n=args.n, defenses=args.defenses)
     start = time.perf_counter()
     summary = run_plan(
         plan, workdir=args.workdir, device=args.device, data_root=args.data_root, batch_size=args.batch_size,

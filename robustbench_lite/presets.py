@@ -40,7 +40,7 @@ class Preset:
         (an attack that does not support a threat's norm is left out of that threat)."""
         grid = list(self.grid)
         if threats is not None:
-            default_attacks = tuple(dict.fromkeys(a for _, atts in self.grid for a in atts))
+            default_attacks = tuple({a.name: a for _, atts in self.grid for a in atts}.values())
             grid = [(t, default_attacks) for t in threats]
         if attacks is not None:
             grid = [(t, tuple(AttackSpec(a) for a in attacks)) for t, _ in grid]

@@ -1,0 +1,208 @@
+"""The harness: evaluate, store, resume, errors, leaderboards, CLI plugins, checks."""
+
+from __future__ import annotations
+
+import textwrap
+
+import pandas as pd
+import pytest
+import torch
+
+from robustbench_lite import checks
+from robustbench_lite.cli import main
+from robustbench_lite.evaluate import evaluate
+from robustbench_lite.presets import get_preset
+from robustbench_lite.registry import create_attack
+from robustbench_lite.run import run_plan
+from robustbench_lite.store import Store
+
+
+def test_evaluate_worst_case_is_the_per_point_minimum(digits_model, digits):
+    attacks = [create_attack("fgsm", eps=0.1), create_attack("pgd", eps=0.1, steps=10)]
+    ev = evaluate(digits_model, attacks, digits.test, n=120)
+    assert ev.n == 120
+    fgsm, pgd = ev.records
+    wc = ev.worst_case[attacks[0].threat]
+    assert torch.equal(wc, ev.correct & fgsm.robust & pgd.robust)
+    assert float(wc.float().mean()) <= min(fgsm.robust_acc, pgd.robust_acc) <= ev.clean_acc
+    assert pgd.grad_evals > fgsm.grad_evals > 0
+    assert fgsm.attacked == int(ev.correct.sum())
+
+
+def test_survivors_only_attacks_fewer_points_and_gives_the_same_worst_case(digits_model, digits):
+    attacks = [create_attack("fgsm", eps=0.1), create_attack("pgd", eps=0.1, steps=10)]
+    full = evaluate(digits_model, attacks, digits.test, n=120)
+    surv = evaluate(digits_model, attacks, digits.test, n=120, survivors_only=True)
+    t = attacks[0].threat
+    assert torch.equal(full.worst_case[t], surv.worst_case[t])
+    assert surv.records[1].attacked < full.records[1].attacked
+
+
+def test_least_likely_reports_its_target_hit_rate(digits_model, digits):
+    ev = evaluate(digits_model, [create_attack("least-likely", eps=0.2)], digits.test, n=100)
+    rate = ev.records[0].target_hit_rate
+    assert rate is not None and 0.0 < rate <= 1.0
+
+
+def _smoke(tmp_path, **kw):
+    return run_plan(get_preset("smoke").plan(**kw), workdir=tmp_path, progress=False)
+
+
+def test_rerun_skips_finished_cells(tmp_path):
+    first = _smoke(tmp_path)
+    assert first.computed == 5 and first.errors == 0
+    again = _smoke(tmp_path)
+    assert again.computed == 0 and again.skipped == 5
+
+
+def test_interrupted_run_resumes_without_recomputing(tmp_path, monkeypatch):
+    import robustbench_lite.store as store_mod
+
+    real_put, calls = store_mod.Store.put, {"n": 0}
+
+    def dying_put(self, row, mask=None):
+        real_put(self, row, mask)
+        if row.attack != "worst_case":
+            calls["n"] += 1
+            if calls["n"] == 2:
+                raise KeyboardInterrupt  # the run is killed after two cells are stored
+
+    monkeypatch.setattr(store_mod.Store, "put", dying_put)
+    with pytest.raises(KeyboardInterrupt):
+        _smoke(tmp_path)
+    monkeypatch.setattr(store_mod.Store, "put", real_put)
+    with Store(tmp_path / "store.sqlite") as s:
+        finished = {r.key for r in s.rows() if r.status == "ok" and r.attack != "worst_case"}
+    assert len(finished) == 2
+    resumed = _smoke(tmp_path)
+    assert resumed.skipped == 2 and resumed.computed == 3
+    assert not finished & set(resumed.computed_keys)
+
+
+PLUGIN = textwrap.dedent(
+    '''
+    """A test plugin: one attack that works, one that raises."""
+    from dataclasses import dataclass
+
+    from robustbench_lite import ops
+    from robustbench_lite.attack import EvasionAttack
+    from robustbench_lite.registry import register_attack
+
+
+    @register_attack("noise-test")
+    @dataclass(frozen=True, kw_only=True)
+    class NoiseTest(EvasionAttack):
+        """Uniform noise in the ball (a floor every real attack must beat)."""
+
+        needs_grad = False
+
+        def _perturb(self, model, x, y, target, gen):
+            return ops.random_start(x, self.norm, self.eps, gen)
+
+
+    @register_attack("broken-test")
+    @dataclass(frozen=True, kw_only=True)
+    class BrokenTest(EvasionAttack):
+        """Always raises."""
+
+        def _perturb(self, model, x, y, target, gen):
+            raise RuntimeError("this plugin is broken on purpose")
+    '''
+)
+
+
+def test_plugin_file_shows_in_list_and_leaderboard_and_a_broken_one_is_stored_as_error(tmp_path, capsys):
+    plugin = tmp_path / "my_plugin.py"
+    plugin.write_text(PLUGIN)
+    assert main(["--plugin", str(plugin), "list", "attacks"]) == 0
+    assert "noise-test" in capsys.readouterr().out
+    work, out = tmp_path / "work", tmp_path / "lb"
+    code = main([
+        "--plugin", str(plugin), "run", "--preset", "smoke", "--attacks", "fgsm,pgd,noise-test,broken-test",
+        "--threats", "linf:0.1", "--n", "60", "--workdir", str(work), "--out", str(out), "--no-progress",
+    ])
+    assert code == 1  # a cell failed, and the exit code says so
+    wide = pd.read_csv(out / "digits_linf_0.1.csv")
+    assert {"noise-test", "fgsm", "pgd", "worst_case", "clean_acc", "seconds"} <= set(wide.columns)
+    assert wide["noise-test"].iloc[0] >= wide["pgd"].iloc[0]
+    assert "error:broken-test" in wide["flags"].iloc[0] and "incomplete" in wide["flags"].iloc[0]
+    cells = pd.read_csv(out / "cells.csv")
+    broken = cells[cells["attack"] == "broken-test"].iloc[0]
+    assert broken["status"] == "error" and "broken on purpose" in broken["error"]
+    assert set(cells[cells["status"] == "ok"]["attack"]) == {"fgsm", "pgd", "noise-test", "worst_case"}
+
+
+def test_leaderboard_columns_and_files(tmp_path):
+    _smoke(tmp_path)
+    out = tmp_path / "lb"
+    assert main(["leaderboard", "--workdir", str(tmp_path), "--out", str(out)]) == 0
+    wide = pd.read_csv(out / "digits_linf_0.1.csv")
+    assert list(wide.columns[:8]) == ["dataset", "model", "defense", "norm", "eps", "n", "clean_acc", "fgsm"]
+    assert list(wide.columns[-4:]) == ["worst_case", "seconds", "train_seconds", "flags"]
+    for col in ["clean_acc", "fgsm", "ifgsm", "least-likely", "pgd", "worst_case"]:
+        assert 0 <= wide[col].iloc[0] <= 1
+    assert wide["worst_case"].iloc[0] <= wide[["fgsm", "ifgsm", "pgd", "least-likely"]].min(axis=1).iloc[0]
+    cells = pd.read_csv(out / "cells.csv")
+    assert {"key", "code_version", "grad_evals", "robust_acc", "flags"} <= set(cells.columns)
+    assert cells["key"].is_unique
+
+
+def test_cli_reports_bad_input_clearly(tmp_path, capsys):
+    assert main(["run", "--preset", "nope", "--workdir", str(tmp_path)]) == 2
+    assert "choose one of" in capsys.readouterr().err
+    assert main(["run", "--preset", "smoke", "--threats", "linf:0", "--workdir", str(tmp_path)]) == 2
+    assert "eps" in capsys.readouterr().err
+
+
+# -- checks -----------------------------------------------------------------------------------------
+def test_zero_gradient_flag_fires_on_saturated_softmax_and_not_on_an_honest_model(digits_model, digits):
+    class Scaled(torch.nn.Module):
+        def __init__(self, m):
+            super().__init__()
+            self.m = m
+
+        def forward(self, x):
+            return self.m(x) * 1e4
+
+    attacks = [create_attack("fgsm", eps=0.1), create_attack("pgd", eps=0.1, steps=5)]
+    honest = evaluate(digits_model, attacks, digits.test, n=100)
+    masked = evaluate(Scaled(digits_model), attacks, digits.test, n=100)
+    assert not any(honest.flags.values())
+    assert checks.ZERO_GRAD in masked.flags["pgd@linf_0.1"]
+    assert checks.ZERO_GRAD in masked.flags["worst_case@linf_0.1"]
+
+
+def test_zero_gradients_check_is_pure():
+    assert checks.zero_gradients(torch.tensor([1.0, 2.0, 0.5])) is None
+    assert checks.zero_gradients(torch.tensor([0.0, 0.0, 0.5])) == checks.ZERO_GRAD
+    assert checks.zero_gradients(torch.tensor([float("nan"), 1.0, 1.0])) == checks.ZERO_GRAD
+
+
+def test_single_step_beats_iterative_fires_and_stays_quiet():
+    iterative = {"fgsm": False, "pgd": True, "ifgsm": True}
+    assert checks.single_step_beats_iterative({"fgsm": 0.30, "pgd": 0.45, "ifgsm": 0.2}, iterative) == {"pgd"}
+    assert checks.single_step_beats_iterative({"fgsm": 0.30, "pgd": 0.10, "ifgsm": 0.2}, iterative) == set()
+
+
+def test_single_step_flag_fires_in_the_harness_when_the_iterative_attack_is_broken(digits_model, digits, tmp_path):
+    from dataclasses import dataclass
+
+    from robustbench_lite.attack import EvasionAttack
+    from robustbench_lite.registry import register_attack
+
+    @register_attack("do-nothing-iterative-test")
+    @dataclass(frozen=True, kw_only=True)
+    class DoNothing(EvasionAttack):
+        """An 'iterative' attack that never moves: FGSM must beat it."""
+
+        @property
+        def grad_budget(self):
+            return 10.0
+
+        def _perturb(self, model, x, y, target, gen):
+            return x.clone()
+
+    ev = evaluate(digits_model, [create_attack("fgsm", eps=0.2), DoNothing(eps=0.2)], digits.test, n=100)
+    assert checks.SINGLE_STEP_WINS in ev.flags["do-nothing-iterative-test@linf_0.2"]
+    assert checks.SINGLE_STEP_WINS in ev.flags["worst_case@linf_0.2"]
+    assert checks.SINGLE_STEP_WINS not in ev.flags["fgsm@linf_0.2"]
