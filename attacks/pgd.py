@@ -1,6 +1,7 @@
 """PGD: projected gradient descent with random start (Madry et al., ICLR 2018, eq. 2 and §3).
 
-Start at a uniform point of the eps ball (Linf: ``x + U(−eps, eps)``; L2: uniform in the ball),
+Start at a random point of the eps ball (Linf: ``x + U(−eps, eps)``; L2: random direction at
+radius ``eps · U(0, 1)``, see ``ops.random_start``),
 then ``x_{k+1} = Π(x_k + α · sign ∇ loss)`` (Linf) or ``Π(x_k + α · ∇/||∇||_2)`` (L2), Π the
 projection onto the ball ∩ [0, 1].  Default ``α = 2.5 · eps / steps`` (Madry's rule of thumb).
 Restarts run on the points no earlier restart broke; each point keeps its first successful

@@ -121,18 +121,19 @@ def project(x_adv: Tensor, x: Tensor, norm: Norm, eps: float) -> Tensor:
 
 
 def random_start(x: Tensor, norm: Norm, eps: float, gen: torch.Generator) -> Tensor:
-    """A point drawn uniformly from the ``eps`` ball around ``x``, clipped to [0, 1].
+    """A random point of the ``eps`` ball around ``x``, clipped to [0, 1].
 
-    Linf: ``x + U(-eps, eps)`` per coordinate.  L2: a uniform point of the ball (Gaussian
-    direction, radius ``eps * u^(1/d)``).
+    Linf: ``x + U(-eps, eps)`` per coordinate (Madry et al. 2018).  L2: a uniform random
+    direction at radius ``eps * u``, ``u ~ U(0, 1)``.  (A volume-uniform radius ``eps * u^(1/d)``
+    puts nearly every start on the sphere in high dimension; on Fashion-MNIST that cost PGD-L2
+    about 0.01 robust accuracy at 10-20 steps, so we spread starts over the radius instead.)
     """
     if norm is Norm.LINF:
         noise = torch.rand(x.shape, generator=gen, device=gen.device, dtype=x.dtype).to(x.device)
         return (x + (2 * noise - 1) * eps).clamp_(0.0, 1.0)
     if norm is Norm.L2:
-        d = x[0].numel()
         direction = normalize_l2(torch.randn(x.shape, generator=gen, device=gen.device, dtype=x.dtype))
-        radius = torch.rand(x.shape[0], generator=gen, device=gen.device, dtype=x.dtype) ** (1.0 / d)
+        radius = torch.rand(x.shape[0], generator=gen, device=gen.device, dtype=x.dtype)
         delta = direction * _view(radius * eps, x)
         return (x + delta.to(x.device)).clamp_(0.0, 1.0)
     raise ValueError(f"random_start supports Linf and L2, not {norm}")
