@@ -12,11 +12,9 @@ from dataclasses import dataclass
 
 from robustbench_lite import ops
 from robustbench_lite.ascent import hits_target, projected_ascent
-from robustbench_lite.attack import EvasionAttack, setting
 from robustbench_lite.registry import register_attack
-from robustbench_lite.threat import Norm
 
-from .ifgsm import kurakin_steps
+from .ifgsm import IFGSM
 
 
 def _toward_target(logits, target):
@@ -25,21 +23,10 @@ def _toward_target(logits, target):
 
 @register_attack("least-likely")
 @dataclass(frozen=True, kw_only=True)
-class LeastLikely(EvasionAttack):
-    """Targeted at each point's least likely class.  ``steps=0``: the paper's heuristic."""
+class LeastLikely(IFGSM):
+    """Targeted at each point's least likely class; I-FGSM's settings (``steps=0``: the paper's heuristic)."""
 
-    norms = (Norm.LINF,)
     targeted = True
-    step: float = setting(1 / 255, low=0.0, low_open=True)
-    steps: int = setting(0, low=0)
-
-    @property
-    def n_steps(self) -> int:
-        return self.steps or kurakin_steps(self.eps)
-
-    @property
-    def grad_budget(self) -> float:
-        return float(self.n_steps)
 
     def _choose_target(self, model, x, y, gen):
         return model(x).argmin(dim=1)
