@@ -119,15 +119,15 @@ def cw_art(model, x, y):
 
 def cw_table(models, x, y):
     rows = [
+        ("ours cw-l2 lr=0.01", cw_ours(lr=0.01)),
+        ("ours cw-l2 lr.01 c0=1e-3", cw_ours(lr=0.01, c0=1e-3)),
         ("ours cw-l2 (default)", cw_ours()),
-        ("ours cw-l2 c0=1e-3", cw_ours(c0=1e-3)),
-        ("ours cw-l2 lr=0.05", cw_ours(lr=0.05)),
         ("foolbox L2CW (c0=1e-3)", cw_foolbox),
         ("ART CarliniL2 (c0=0.01)", cw_art),
     ]
     print(f"\n## CW-L2, {CW_SEARCH} binary-search steps x {CW_STEPS} steps, n = {len(x)} test points "
           "(rates and medians over clean-correct points)")
-    print("common: median L2 of ours (default) / of this row over the points both broke (count)")
+    print("common: median L2 of the first row / of this row over the points both broke (count)")
     print(f"{'model':<10} {'attack':<24} {'success':>8} {'median_l2':>9} {'seconds':>8}  common")
     results = {}
     for mname, model in models.items():
