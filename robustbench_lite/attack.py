@@ -45,6 +45,7 @@ class AttackOutput:
     grad_evals: int  # number of images whose input gradient was computed
     seconds: float
     target: Tensor | None = None  # the class a targeted attack aimed for, per point
+    distances: Tensor | None = None  # min-norm attacks: smallest adversarial distance per point (inf: none)
 
 
 class _Counter(nn.Module):
@@ -201,6 +202,9 @@ class EvasionAttack(Attack):
             with torch.no_grad():
                 target = self._choose_target(counted, x, y, gen) if self.targeted else None
                 x_adv = self._perturb(counted, x, y, target, gen)
+                distances = None
+                if self.min_norm and isinstance(x_adv, tuple):  # (x_adv, distances)
+                    x_adv, distances = x_adv
         finally:
             for m, flag in zip(model.modules(), was_training, strict=True):
                 m.training = flag
@@ -212,13 +216,19 @@ class EvasionAttack(Attack):
             grad_evals=counted.backwards,
             seconds=seconds,
             target=target,
+            distances=None if distances is None else distances.detach(),
         )
 
     # -- what plugins implement -----------------------------------------------------------------
     def _perturb(
         self, model: nn.Module, x: Tensor, y: Tensor, target: Tensor | None, gen: torch.Generator
     ) -> Tensor:
-        """The algorithm.  Runs under ``torch.no_grad``; use :meth:`loss_grad` for gradients."""
+        """The algorithm.  Runs under ``torch.no_grad``; use :meth:`loss_grad` for gradients.
+
+        Minimum-norm attacks (``min_norm = True``) may return ``(x_adv, distances)``: the
+        per-point smallest adversarial distance found (``inf`` where none), passed through as
+        :attr:`AttackOutput.distances`.
+        """
         raise NotImplementedError
 
     def _choose_target(self, model: nn.Module, x: Tensor, y: Tensor, gen: torch.Generator) -> Tensor:
