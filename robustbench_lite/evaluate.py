@@ -36,6 +36,8 @@ class AttackRecord:
     scope: str
     target_hit_rate: float | None = None
     error: str = ""
+    success_rate: float | None = None  # min-norm attacks: share of attacked points with any adversarial
+    median_l2: float | None = None  # min-norm attacks: median distance of the adversarials found
 
     @property
     def robust_acc(self) -> float | None:
@@ -85,6 +87,7 @@ def run_attack(
     idx = attack_mask.nonzero().flatten()
     gen = torch.Generator(device=device).manual_seed(attack.seed)
     seconds, grads, fwds, hits = 0.0, 0, 0, 0
+    dists: list[Tensor] = []
     for i in range(0, len(idx), batch_size):
         sel = idx[i : i + batch_size]
         x, y = split.x[sel].to(device), split.y[sel].to(device)
@@ -98,8 +101,19 @@ def run_attack(
         robust[sel] = (pred == y).cpu()
         if out.target is not None:
             hits += int((pred == out.target).sum())
+        if out.distances is not None:
+            dists.append(out.distances.cpu())
     target_rate = hits / len(idx) if attack.targeted and len(idx) else None
-    return AttackRecord(attack, robust, seconds, grads, fwds, len(idx), scope, target_rate)
+    success, median = min_norm_summary(torch.cat(dists)) if attack.min_norm and dists else (None, None)
+    return AttackRecord(attack, robust, seconds, grads, fwds, len(idx), scope, target_rate, "", success, median)
+
+
+def min_norm_summary(distances: Tensor) -> tuple[float | None, float | None]:
+    """Success rate (finite distance) and median distance of the successes, per attacked point."""
+    if distances.numel() == 0:
+        return None, None
+    found = distances[torch.isfinite(distances)]
+    return float(found.numel() / distances.numel()), (float(found.median()) if found.numel() else None)
 
 
 def evaluate(

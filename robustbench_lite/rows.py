@@ -29,6 +29,8 @@ class CellResult:
     attacked: int  # points the attack ran on (clean-correct, or survivors)
     scope: str  # "all" clean-correct points, or "survivors" of cheaper attacks
     target_hit_rate: float | None  # targeted attacks: share of attacked points sent to the target class
+    success_rate: float | None  # min-norm attacks (cw-l2): share of attacked points with any adversarial
+    median_l2: float | None  # min-norm attacks: median L2 distance of the adversarials found
     flags: str  # ';'-separated codes from checks.FLAGS
     status: str  # ok | error
     error: str

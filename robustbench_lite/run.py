@@ -113,7 +113,8 @@ def _evaluate_group(
             if hit is not None and hit[0].status == "ok" and hit[1] is not None:
                 r = hit[0]
                 precomputed[i] = AttackRecord(
-                    attacks[-1], hit[1], r.seconds, r.grad_evals, r.forward_evals, r.attacked, r.scope, r.target_hit_rate
+                    attacks[-1], hit[1], r.seconds, r.grad_evals, r.forward_evals, r.attacked, r.scope, r.target_hit_rate,
+                    success_rate=r.success_rate, median_l2=r.median_l2,
                 )
         live = [i for i, a in enumerate(attacks) if a is not None]
         if not live:
@@ -168,7 +169,7 @@ def _write_worst_cases(store: Store, cells: list[Cell], ev: Evaluation | None) -
             kind=ref.kind, n=ref.n, clean_acc=ref.clean_acc, robust_acc=float(mask.float().mean()),
             seconds=sum(r.seconds for r, _ in ok), grad_evals=sum(r.grad_evals for r, _ in ok),
             forward_evals=sum(r.forward_evals for r, _ in ok), attacked=max(r.attacked for r, _ in ok),
-            scope="all", target_hit_rate=None, flags=_join(flags), status="ok", error="",
+            scope="all", target_hit_rate=None, success_rate=None, median_l2=None, flags=_join(flags), status="ok", error="",
             train_seconds=ref.train_seconds, attack_params=json.dumps(sorted(r.attack for r, _ in ok)),
             key=key, model_key=ref.model_key, code_version=code_version(),
         )
@@ -184,7 +185,8 @@ def _attack_row(cell: Cell, trained: TrainedModel, rec: AttackRecord, clean_acc:
         dataset=cell.data.name, model=cell.model.name, defense=cell.defense.name, attack=cell.attack.name,
         norm=cell.threat.norm.value, eps=cell.threat.eps, kind=rec.attack.kind.value, n=cell.n, clean_acc=clean_acc,
         robust_acc=rec.robust_acc, seconds=rec.seconds, grad_evals=rec.grad_evals, forward_evals=rec.forward_evals,
-        attacked=rec.attacked, scope=rec.scope, target_hit_rate=rec.target_hit_rate, flags=flags,
+        attacked=rec.attacked, scope=rec.scope, target_hit_rate=rec.target_hit_rate, success_rate=rec.success_rate,
+        median_l2=rec.median_l2, flags=flags,
         status="error" if rec.error else "ok", error=rec.error, train_seconds=trained.sidecar.get("train_seconds"),
         attack_params=json.dumps(rec.attack.get_params(), sort_keys=True), key=cell.key, model_key=trained.key,
         code_version=code_version(),
@@ -196,6 +198,6 @@ def _error_row(cell: Cell, error: str) -> CellResult:
         dataset=cell.data.name, model=cell.model.name, defense=cell.defense.name, attack=cell.attack.name,
         norm=cell.threat.norm.value, eps=cell.threat.eps, kind="evasion", n=cell.n, clean_acc=float("nan"),
         robust_acc=None, seconds=0.0, grad_evals=0, forward_evals=0, attacked=0, scope="all", target_hit_rate=None,
-        flags="", status="error", error=error[:4000], train_seconds=None,
+        success_rate=None, median_l2=None, flags="", status="error", error=error[:4000], train_seconds=None,
         attack_params=json.dumps(cell.attack.params, sort_keys=True), key=cell.key, model_key="", code_version=code_version(),
     )

@@ -33,7 +33,7 @@ def _fast(name: str, norm: Norm, **extra):
     cls = ATTACKS.get(name)
     fields = {f for f in getattr(cls, "__dataclass_fields__", {})}
     cfg = {k: v for k, v in {"steps": 5, "restarts": 1, "n_iter": 5, "queries": 50, "generations": 3,
-                             "population": 20, "binary_steps": 2}.items() if k in fields}
+                             "population": 20, "search_steps": 2, "n_targets": 2}.items() if k in fields}
     cfg.update(extra)
     return create_attack(name, norm=norm, eps=EPS[norm], **cfg)
 

@@ -206,3 +206,12 @@ def test_single_step_flag_fires_in_the_harness_when_the_iterative_attack_is_brok
     assert checks.SINGLE_STEP_WINS in ev.flags["do-nothing-iterative-test@linf_0.2"]
     assert checks.SINGLE_STEP_WINS in ev.flags["worst_case@linf_0.2"]
     assert checks.SINGLE_STEP_WINS not in ev.flags["fgsm@linf_0.2"]
+
+
+def test_min_norm_cells_report_success_rate_and_median_l2(digits_model, digits):
+    cw = create_attack("cw-l2", norm="l2", eps=1.0, search_steps=3, steps=30)
+    rec = evaluate(digits_model, [cw], digits.test, n=60).records[0]
+    assert rec.success_rate is not None and 0 < rec.success_rate <= 1
+    assert rec.median_l2 is not None and rec.median_l2 > 0
+    # robust at eps = no adversarial within eps, so at least the points never broken stay robust
+    assert rec.robust_acc >= (1 - rec.success_rate) * rec.attacked / 60 - 1e-6
