@@ -56,7 +56,7 @@ class OnePixel(EvasionAttack):
     population: int = setting(400, low=4)
     generations: int = setting(100, low=0)
     mutation: float = setting(0.5, low=0.0, low_open=True)
-    chunk: int = setting(8192, low=1)
+    chunk: int = setting(128, low=1)
 
     norms = (Norm.L0,)
     needs_grad = False

@@ -41,6 +41,7 @@ __all__ = [
     "evaluate_sparse",
     "evaluate_universal",
     "random_delta",
+    "retrain_last_layer",
     "split_head",
     "to_frame",
 ]
@@ -198,6 +199,8 @@ class PoisonResult:
     clean_acc: float  # test accuracy of the model trained on the poisoned split
     attack_success_rate: float | None  # success_points classified as their goal class; None: no goal
     n_success_points: int
+    poison_linf: float  # largest Linf / L2 distance of a poisoned image from its clean original
+    poison_l2: float
     poison_seconds: float
     train_seconds: float
     attack_params: str
@@ -212,18 +215,33 @@ def split_head(model: nn.Module) -> tuple[nn.Module, nn.Linear]:
     return model[:-1], model[-1]
 
 
-def retrain_last_layer(model: nn.Module, data: Data, defense: Defense, *, device: torch.device | str = "cpu") -> nn.Module:
+def retrain_last_layer(
+    model: nn.Module, data: Data, defense: Defense, *, device: torch.device | str = "cpu", feature_space: bool = False
+) -> nn.Module:
     """A copy of ``model`` whose last layer is re-initialized and trained by ``defense`` on
-    ``data.train`` with every other parameter frozen (the fixed-feature-extractor setting)."""
-    fresh = copy.deepcopy(model)
-    _, head = split_head(fresh)
+    ``data.train`` with every other parameter frozen (the fixed-feature-extractor setting).
+
+    ``feature_space=True`` computes the frozen features once and trains the head on them (much
+    faster).  It is exact only for defenses whose loss looks at the model's outputs on the clean
+    training inputs (``standard``); a defense that perturbs inputs (PGD-AT) would perturb features
+    instead, so keep the default for those.
+    """
+    fresh = copy.deepcopy(model).to(device)
+    features, head = split_head(fresh)
     for p in fresh.parameters():
         p.requires_grad_(False)
     torch.manual_seed(defense.seed)
     head.reset_parameters()
     for p in head.parameters():
         p.requires_grad_(True)
-    defense.fit(fresh, data, device=device, progress=False)
+    if feature_space:
+        with torch.no_grad():
+            feats = torch.cat([features(data.train.x[i : i + 500].to(device)).flatten(1).cpu()
+                               for i in range(0, len(data.train), 500)])
+        fdata = Data(data.name, DataSplit(feats[:, :, None, None], data.train.y), data.test, data.num_classes)
+        defense.fit(nn.Sequential(nn.Flatten(), head), fdata, device=device, progress=False)
+    else:
+        defense.fit(fresh, data, device=device, progress=False)
     for p in fresh.parameters():
         p.requires_grad_(True)
     return fresh.eval()
@@ -239,11 +257,13 @@ def evaluate_poisoning(
     retrain: str = "scratch",
     cache: ModelCache | None = None,
     device: torch.device | str = "cpu",
+    feature_space: bool = False,
 ) -> PoisonResult:
     """Poison ``data.train``, train on it with ``defense`` and measure clean accuracy and attack
     success.  ``retrain="scratch"`` trains ``spec`` from its seeded initialization (cached by the
     poisoned data's fingerprint in ``cache``); ``"last-layer"`` retrains only the head of
-    ``model`` (which is also the attack's feature extractor when it needs one)."""
+    ``model`` (which is also the attack's feature extractor when it needs one); ``feature_space``
+    is passed to :func:`retrain_last_layer`."""
     if not isinstance(attack, PoisoningAttack):
         raise TypeError(f"evaluate_poisoning takes a PoisoningAttack, got {type(attack).__name__}")
     if retrain not in ("scratch", "last-layer"):
@@ -261,17 +281,19 @@ def evaluate_poisoning(
     if retrain == "scratch":
         trained = train_or_load(spec, defense, pdata, cache or ModelCache(None), device=device, progress=False).model
     else:
-        trained = retrain_last_layer(model, pdata, defense, device=device)
+        trained = retrain_last_layer(model, pdata, defense, device=device, feature_space=feature_space)
     train_seconds = time.perf_counter() - t0
     goal = attack.success_points(data.test)
     asr = None
     if goal is not None and len(goal) > 0:
         asr = float((predict(trained, goal.x, device) == goal.y).float().mean())
     n_poison = attack.n_poison(len(data.train))
+    moved = poisoned.x - data.train.x
     return PoisonResult(
         attack=attack.name, defense=defense.name, retrain=retrain, n_train=len(data.train), n_poison=n_poison,
         poison_rate=n_poison / len(data.train), clean_acc=accuracy(trained, data.test, device),
         attack_success_rate=asr, n_success_points=0 if goal is None else len(goal),
+        poison_linf=float(lp_norm(moved, Norm.LINF).max()), poison_l2=float(lp_norm(moved, Norm.L2).max()),
         poison_seconds=poison_seconds, train_seconds=train_seconds,
         attack_params=json.dumps(attack.get_params(), sort_keys=True),
         dataset=data.name, model=spec.name if spec is not None else type(model).__name__,
@@ -283,11 +305,26 @@ def evaluate_poisoning(
 # -------------------------------------------------------------------------------------------------
 
 
-def to_frame(results: Sequence[UniversalResult | SparseResult | PoisonResult]):
-    """A pandas DataFrame with one row per result (columns = the dataclass fields)."""
+# leaderboard order per kind: the column that ranks attacks (strongest first)
+_RANK = {UniversalResult: "fooling_rate", SparseResult: "success_rate", PoisonResult: "attack_success_rate"}
+LEADERBOARD_NAMES = {UniversalResult: "universal", SparseResult: "sparse", PoisonResult: "poisoning"}
+
+
+def to_frame(results: Sequence[UniversalResult | SparseResult | PoisonResult], *, ranked: bool = False):
+    """A pandas DataFrame with one row per result (columns = the dataclass fields, in order).
+
+    ``ranked=True`` sorts for a leaderboard CSV (``leaderboards/<dataset>_<kind>.csv``, kind from
+    :data:`LEADERBOARD_NAMES`): strongest attack first by fooling rate / success rate / attack
+    success rate, ties by name.  Results must all be of one kind.
+    """
     import pandas as pd
 
     kinds = {type(r) for r in results}
-    if len(kinds) > 1:
-        raise ValueError(f"to_frame takes results of one kind, got {sorted(k.__name__ for k in kinds)}")
-    return pd.DataFrame([asdict(r) for r in results])
+    if len(kinds) != 1:
+        raise ValueError(f"to_frame takes a non-empty list of results of one kind, got {sorted(k.__name__ for k in kinds)}")
+    kind = kinds.pop()
+    frame = pd.DataFrame([asdict(r) for r in results])
+    if ranked:
+        frame = frame.sort_values([_RANK[kind], "attack"], ascending=[False, True], na_position="last", kind="stable")
+        frame = frame.reset_index(drop=True)
+    return frame
