@@ -43,9 +43,9 @@ def test_universal_same_seed_same_delta(digits, digits_model):
     assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize("name,kw", [("uap", {"passes": 2, "batch_size": 32}), ("sga", {"epochs": 4})])
+@pytest.mark.parametrize("name,kw", [("uap", {"passes": 2, "batch_size": 16}), ("sga", {"epochs": 4})])
 def test_universal_fooling_rate_beats_random_noise_floor(digits, digits_model, name, kw):
-    result = evaluate_universal(digits_model, create_attack(name, eps=0.2, **kw), digits.train.head(300), digits.test)
+    result = evaluate_universal(digits_model, create_attack(name, eps=0.2, **kw), digits.train.head(400), digits.test)
     assert result.n_eval == len(digits.test)
     assert result.fooling_rate > result.noise_fooling_rate + 0.1, result
     assert result.acc_under_delta < result.clean_acc - 0.1
