@@ -96,13 +96,13 @@ def section_b(model, data, generations, n_images):
           f"{rows[1]['success_rate'] - rows[0]['success_rate']:+.3f}")
 
 
-def section_c(model, data, defenses):
-    print("\n(c) BadNets: 3x3 checkerboard trigger bottom-right, target class 0, retrained from scratch "
+def section_c(model, data, defenses, patch, rates):
+    print(f"\n(c) BadNets: {patch}x{patch} checkerboard trigger bottom-right, target class 0, retrained from scratch "
           "(small-cnn, 2 epochs, 20k images); attack success = triggered test points with true class != 0 "
           "classified as 0")
     rows = []
     clean_ref = accuracy(model, data.test, "cpu")
-    trigger_attack = create_attack("badnets", rate=0.01)
+    trigger_attack = create_attack("badnets", rate=0.01, patch=patch, eps=patch**2)
     goal = trigger_attack.success_points(data.test)
     rows.append({"defense": "standard", "poison_rate": 0.0, "clean_acc": clean_ref,
                  "attack_success_rate": float((predict(model, goal.x, "cpu") == goal.y).float().mean()),
@@ -113,8 +113,9 @@ def section_c(model, data, defenses):
         except KeyError as exc:
             print(f"    defense {dname!r} is not on this branch ({str(exc)[:80]}...): left out")
             continue
-        for rate in (0.01, 0.05):
-            r = evaluate_poisoning(create_attack("badnets", rate=rate), data, defense, spec=SPEC, cache=CACHE)
+        for rate in rates:
+            attack = create_attack("badnets", rate=rate, patch=patch, eps=patch**2)
+            r = evaluate_poisoning(attack, data, defense, spec=SPEC, cache=CACHE)
             rows.append({"defense": dname, "poison_rate": rate, "clean_acc": r.clean_acc,
                          "attack_success_rate": r.attack_success_rate, "clean_acc_drop": clean_ref - r.clean_acc,
                          "train_seconds": r.train_seconds})
@@ -157,6 +158,8 @@ def main() -> None:
     parser.add_argument("--generations", type=int, default=3)
     parser.add_argument("--images", type=int, default=100)
     parser.add_argument("--defenses", default="standard,pgd-at")
+    parser.add_argument("--patch", type=int, default=3)
+    parser.add_argument("--rates", default="0.01,0.05")
     parser.add_argument("--targets", type=int, default=20)
     parser.add_argument("--poisons", type=int, default=1)
     parser.add_argument("--beta0", type=float, default=0.25)
@@ -179,7 +182,7 @@ def main() -> None:
     if "b" in only:
         section_b(model, data, args.generations, args.images)
     if "c" in only:
-        section_c(model, data, args.defenses.split(","))
+        section_c(model, data, args.defenses.split(","), args.patch, [float(r) for r in args.rates.split(",")])
     if "d" in only:
         section_d(model, data, args.targets, args.poisons, args.beta0, args.retrain_points, args.watermark,
                   args.head_epochs)
