@@ -33,7 +33,15 @@ from .config import params_of, setting, validate_settings
 from .threat import AttackKind, Norm, ThreatModel, check_eps
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
-__all__ = ["Attack", "AttackOutput", "EvasionAttack", "setting"]
+__all__ = [
+    "Attack",
+    "AttackOutput",
+    "EvasionAttack",
+    "PoisoningAttack",
+    "UniversalAttack",
+    "UniversalOutput",
+    "setting",
+]
 
 
 @dataclass(frozen=True)
@@ -266,4 +274,199 @@ class EvasionAttack(Attack):
             raise RuntimeError(
                 f"attack {self.name} left the {self.norm.value} ball of radius {self.eps}: "
                 f"max distance {float(dist.max()):.6g}"
+            )
+
+
+# -------------------------------------------------------------------------------------------------
+# universal perturbations
+# -------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class UniversalOutput:
+    """What one call of a universal attack returns: one perturbation for every input."""
+
+    delta: Tensor  # [1, C, H, W]; applied as clip(x + delta, 0, 1)
+    forward_evals: int
+    grad_evals: int
+    seconds: float
+
+
+def _as_split(data: object) -> tuple[Tensor, Tensor]:
+    """Images and labels from a DataSplit, an ``(x, y)`` pair or an iterable of ``(x, y)`` batches."""
+    if hasattr(data, "x") and hasattr(data, "y"):
+        return data.x, data.y  # type: ignore[union-attr]
+    if isinstance(data, tuple) and len(data) == 2 and isinstance(data[0], Tensor):
+        return data[0], data[1]
+    try:
+        batches = list(data)  # type: ignore[call-overload]
+    except TypeError:
+        raise TypeError(
+            f"data must be a DataSplit, an (x, y) pair or an iterable of (x, y) batches, got {type(data).__name__}"
+        ) from None
+    if not batches or not all(isinstance(b, (tuple, list)) and len(b) == 2 for b in batches):
+        raise TypeError("data as an iterable must yield (x, y) batches (e.g. a DataLoader over a TensorDataset)")
+    return torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])
+
+
+def apply_delta(x: Tensor, delta: Tensor) -> Tensor:
+    """``clip(x + delta, 0, 1)``: a universal perturbation applied to a batch."""
+    return (x + delta.to(x.device)).clamp(0.0, 1.0)
+
+
+@dataclass(frozen=True, kw_only=True)
+class UniversalAttack(Attack):
+    """One perturbation for all inputs: ``fit(model, data) -> delta`` with ``||delta|| <= eps``.
+
+    ``data`` is the attacker's set (a DataSplit, an ``(x, y)`` pair or a loader of batches); the
+    perturbation is evaluated on held-out points (:mod:`robustbench_lite.evaluate_other`).
+    Plugins implement :meth:`_fit` on the concatenated images and labels.
+    """
+
+    kind: ClassVar[AttackKind] = AttackKind.UNIVERSAL
+
+    def fit(self, model: nn.Module, data: object, gen: torch.Generator | None = None) -> Tensor:
+        """The universal perturbation, shape ``[1, C, H, W]``; see :meth:`run` for the counts."""
+        return self.run(model, data, gen).delta
+
+    def run(self, model: nn.Module, data: object, gen: torch.Generator | None = None) -> UniversalOutput:
+        check_model(model)
+        x, y = _as_split(data)
+        x = check_images(x)
+        y = check_labels(y, x.shape[0]).to(x.device)
+        if gen is None:
+            gen = torch.Generator(device=x.device).manual_seed(self.seed)
+        check_generator(gen)
+        counted = _Counter(model)
+        was_training = [m.training for m in model.modules()]
+        model.eval()
+        start = time.perf_counter()
+        try:
+            with torch.no_grad():
+                delta = self._fit(counted, x, y, gen)
+        finally:
+            for m, flag in zip(model.modules(), was_training, strict=True):
+                m.training = flag
+        seconds = time.perf_counter() - start
+        delta = self._check_delta(x, delta)
+        return UniversalOutput(delta.detach(), counted.forwards, counted.backwards, seconds)
+
+    # -- what plugins implement -----------------------------------------------------------------
+    def _fit(self, model: nn.Module, x: Tensor, y: Tensor, gen: torch.Generator) -> Tensor:
+        """The algorithm.  Runs under ``torch.no_grad``; use :meth:`loss_grad` for gradients."""
+        raise NotImplementedError
+
+    loss_grad = staticmethod(EvasionAttack.loss_grad)
+
+    # -- output check ---------------------------------------------------------------------------
+    def _check_delta(self, x: Tensor, delta: object) -> Tensor:
+        shape = tuple(x.shape[1:])
+        if not isinstance(delta, Tensor) or tuple(delta.shape) not in (shape, (1, *shape)):
+            got = tuple(delta.shape) if isinstance(delta, Tensor) else type(delta).__name__
+            raise RuntimeError(f"attack {self.name} must return one perturbation of shape {(1, *shape)}, got {got}")
+        delta = delta.reshape(1, *shape)
+        if not torch.isfinite(delta).all():
+            raise RuntimeError(f"attack {self.name} returned a non-finite perturbation")
+        dist = float(ops.lp_norm(delta, self.norm)[0])
+        if dist > self.eps * (1 + 1e-4) + 1e-6:
+            raise RuntimeError(f"attack {self.name} left the {self.norm.value} ball of radius {self.eps}: norm {dist:.6g}")
+        return delta
+
+
+# -------------------------------------------------------------------------------------------------
+# poisoning attacks
+# -------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, kw_only=True)
+class PoisoningAttack(Attack):
+    """A training-time attack: ``poison(train, gen) -> train'`` of the same length.
+
+    ``norm``/``eps`` bound how far each poisoned image may move from its clean original (a label
+    change alone moves it by 0).  The base class checks that the poisoned split keeps its length,
+    images and labels, and that exactly :meth:`n_poison` points changed (image or label).
+    Attacks that need a model (``needs_model``) or the test split (``needs_test``, e.g. a target
+    image) receive them as keywords.  :meth:`success_points` names the test inputs the attack wants
+    misclassified and the class it wants them sent to (``None``: an availability attack).
+    """
+
+    kind: ClassVar[AttackKind] = AttackKind.POISONING
+    norms: ClassVar[tuple[Norm, ...]] = (Norm.LINF, Norm.L2, Norm.L0)
+    needs_grad: ClassVar[bool] = False
+    needs_model: ClassVar[bool] = False
+    needs_test: ClassVar[bool] = False
+    has_trigger: ClassVar[bool] = False
+
+    def poison(
+        self,
+        train: object,
+        gen: torch.Generator | None = None,
+        *,
+        model: nn.Module | None = None,
+        test: object | None = None,
+    ) -> Any:
+        """The poisoned training split (a new DataSplit; ``train`` is not modified)."""
+        from .data import DataSplit
+
+        if not isinstance(train, DataSplit):
+            raise TypeError(f"train must be a DataSplit, got {type(train).__name__}")
+        check_images(train.x, "train.x")
+        check_labels(train.y, len(train))
+        if self.needs_model:
+            check_model(model)
+        if self.needs_test and not isinstance(test, DataSplit):
+            raise TypeError(f"{self.name} needs the test split: pass test=DataSplit(...)")
+        if gen is None:
+            gen = torch.Generator().manual_seed(self.seed)
+        check_generator(gen)
+        if model is not None:
+            was_training = [m.training for m in model.modules()]
+            model.eval()
+        try:
+            out = self._poison(train, gen, model, test)
+        finally:
+            if model is not None:
+                for m, flag in zip(model.modules(), was_training, strict=True):
+                    m.training = flag
+        self._check_poisoned(train, out)
+        return out
+
+    def trigger(self, x: Tensor) -> Tensor:
+        """Stamp the attack's trigger on a batch (backdoor attacks only)."""
+        raise NotImplementedError(f"{self.name} has no trigger")
+
+    def n_poison(self, n_train: int) -> int:
+        """How many of ``n_train`` points the attack changes (its stated rate)."""
+        raise NotImplementedError
+
+    def success_points(self, test: Any) -> Any | None:
+        """``DataSplit(x, goal)``: test inputs and the class the attack wants each predicted as."""
+        return None
+
+    # -- what plugins implement -----------------------------------------------------------------
+    def _poison(self, train: Any, gen: torch.Generator, model: nn.Module | None, test: Any | None) -> Any:
+        raise NotImplementedError
+
+    # -- output check ---------------------------------------------------------------------------
+    def _check_poisoned(self, train: Any, out: object) -> None:
+        from .data import DataSplit
+
+        if not isinstance(out, DataSplit) or len(out) != len(train) or out.x.shape != train.x.shape:
+            raise RuntimeError(f"attack {self.name} must return a DataSplit of the same length and image shape")
+        if out.x.dtype != train.x.dtype or out.y.dtype != train.y.dtype:
+            raise RuntimeError(f"attack {self.name} changed the dtype of the split")
+        if not torch.isfinite(out.x).all() or float(out.x.min()) < 0.0 or float(out.x.max()) > 1.0:
+            raise RuntimeError(f"attack {self.name} returned images outside [0, 1]")
+        changed = (out.x != train.x).flatten(1).any(1) | (out.y != train.y)
+        expected = self.n_poison(len(train))
+        if int(changed.sum()) != expected:
+            raise RuntimeError(
+                f"attack {self.name} changed {int(changed.sum())} points, but its rate says {expected}"
+            )
+        dist = ops.lp_norm(out.x - train.x, self.norm)
+        limit = self.eps if self.norm is Norm.L0 else self.eps * (1 + 1e-4) + 1e-6
+        if (dist > limit).any():
+            raise RuntimeError(
+                f"attack {self.name} moved a poison outside the {self.norm.value} ball of radius {self.eps}: "
+                f"{float(dist.max()):.6g}"
             )

@@ -1,0 +1,223 @@
+"""Universal perturbations, the one-pixel attack and poisoning attacks (issue 6)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import pytest
+import torch
+
+from robustbench_lite import ops
+from robustbench_lite.attack import PoisoningAttack, UniversalAttack, apply_delta
+from robustbench_lite.data import DataSplit
+from robustbench_lite.evaluate_other import evaluate_poisoning, evaluate_universal, random_delta, to_frame
+from robustbench_lite.model_cache import ModelSpec
+from robustbench_lite.registry import create_attack, create_defense
+from robustbench_lite.threat import Norm
+
+UNIVERSAL = [
+    ("uap", {"passes": 1, "batch_size": 32}),
+    ("sga", {"epochs": 2}),
+]
+THREATS = [(Norm.LINF, 0.2), (Norm.L2, 1.5)]
+
+
+@pytest.mark.parametrize("name,kw", UNIVERSAL)
+@pytest.mark.parametrize("norm,eps", THREATS)
+def test_universal_delta_is_one_tensor_inside_its_ball_for_every_input(digits, digits_model, name, kw, norm, eps):
+    attack = create_attack(name, norm=norm, eps=eps, **kw)
+    delta = attack.fit(digits_model, digits.train.head(200))
+    assert delta.shape == (1, *digits.train.x.shape[1:])
+    assert torch.isfinite(delta).all()
+    assert float(ops.lp_norm(delta, norm)[0]) <= eps * (1 + 1e-4)
+    x = digits.test.x
+    moved = ops.lp_norm(apply_delta(x, delta) - x, norm)
+    assert (moved <= eps * (1 + 1e-4)).all()
+    assert float(moved.max()) > 0  # the perturbation is not empty
+
+
+def test_universal_same_seed_same_delta(digits, digits_model):
+    attack = create_attack("sga", eps=0.2, epochs=1, seed=3)
+    a = attack.fit(digits_model, digits.train.head(200))
+    b = attack.fit(digits_model, (digits.train.x[:200], digits.train.y[:200]))
+    assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("name,kw", [("uap", {"passes": 2, "batch_size": 16}), ("sga", {"epochs": 4})])
+def test_universal_fooling_rate_beats_random_noise_floor(digits, digits_model, name, kw):
+    result = evaluate_universal(digits_model, create_attack(name, eps=0.2, **kw), digits.train.head(400), digits.test)
+    assert result.n_eval == len(digits.test)
+    assert result.fooling_rate > result.noise_fooling_rate + 0.1, result
+    assert result.acc_under_delta < result.clean_acc - 0.1
+    frame = to_frame([result])
+    assert list(frame["fooling_rate"]) == [result.fooling_rate]
+
+
+def test_universal_base_rejects_per_point_or_oversized_perturbations(digits, digits_model):
+    @dataclass(frozen=True, kw_only=True)
+    class PerPoint(UniversalAttack):
+        def _fit(self, model, x, y, gen):
+            return torch.zeros_like(x)
+
+    @dataclass(frozen=True, kw_only=True)
+    class TooBig(UniversalAttack):
+        def _fit(self, model, x, y, gen):
+            return torch.full_like(x[:1], 2 * self.eps)
+
+    with pytest.raises(RuntimeError, match="one perturbation"):
+        PerPoint(eps=0.1).fit(digits_model, digits.train.head(20))
+    with pytest.raises(RuntimeError, match="left the linf ball"):
+        TooBig(eps=0.1).fit(digits_model, digits.train.head(20))
+    with pytest.raises(TypeError, match="DataSplit"):
+        create_attack("sga", eps=0.1).fit(digits_model, 3)
+
+
+def test_random_delta_has_the_stated_norm():
+    gen = torch.Generator().manual_seed(0)
+    assert float(ops.lp_norm(random_delta((1, 8, 8), Norm.LINF, 0.1, gen), Norm.LINF)[0]) == pytest.approx(0.1)
+    assert float(ops.lp_norm(random_delta((1, 8, 8), Norm.L2, 1.5, gen), Norm.L2)[0]) == pytest.approx(1.5, rel=1e-5)
+
+
+# -- one pixel ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("k", [1, 3, 5])
+def test_one_pixel_changes_at_most_k_pixels(digits, digits_model, k):
+    x, y = digits.test.x[:24], digits.test.y[:24]
+    attack = create_attack("one-pixel", eps=k, population=40, generations=5)
+    out = attack.run(digits_model, x, y)
+    changed = (out.x_adv - x).abs().amax(1).flatten(1).gt(0).sum(1)
+    assert int(changed.max()) <= k
+    assert out.grad_evals == 0 and out.forward_evals > 0
+    broken = digits_model(out.x_adv).argmax(1) != y
+    clean_wrong = digits_model(x).argmax(1) != y
+    assert (changed[broken & ~clean_wrong] >= 1).all()  # a success never comes from an unchanged image
+
+
+def test_one_pixel_finds_more_with_more_pixels(digits, digits_model):
+    x, y = digits.test.x[:60], digits.test.y[:60]
+    keep = digits_model(x).argmax(1) == y
+    x, y = x[keep], y[keep]
+    rates = []
+    for k in (1, 5):
+        adv = create_attack("one-pixel", eps=k, population=60, generations=6).perturb(digits_model, x, y)
+        rates.append(float((digits_model(adv).argmax(1) != y).float().mean()))
+    assert rates[1] > rates[0] > 0.0
+
+
+def test_one_pixel_render_writes_each_value_at_its_pixel():
+    from robustbench_lite.attacks.one_pixel import render
+
+    x = torch.zeros(2, 3, 4, 5)
+    cand = torch.tensor([[[1.5, 2.2, 0.1, 0.2, 0.3]], [[3.9, 4.9, 1.0, 0.5, 0.0]]])  # one pixel, three channels
+    imgs = render(x, cand)
+    assert imgs.shape == (2, 3, 4, 5)
+    assert imgs[0, :, 1, 2].tolist() == pytest.approx([0.1, 0.2, 0.3])
+    assert imgs[1, :, 3, 4].tolist() == pytest.approx([1.0, 0.5, 0.0])
+    assert int((imgs != 0).any(1).sum()) == 2
+
+
+def test_one_pixel_rejects_other_norms():
+    with pytest.raises(ValueError, match="l0"):
+        create_attack("one-pixel", norm="linf", eps=0.1)
+
+
+# -- poisoning ------------------------------------------------------------------------------------
+
+POISONS = [
+    ("badnets", {"rate": 0.05, "patch": 2, "eps": 4}),
+    ("label-flip", {"rate": 0.1}),
+    ("label-flip", {"rate": 0.03, "mode": "targeted", "source": 3, "target": 8}),
+    ("feature-collision", {"n_poisons": 3, "steps": 20, "base_class": 0, "target_index": 1}),
+]
+
+
+def _poison(name, kw, digits, model, seed=0):
+    attack = create_attack(name, seed=seed, **kw)
+    return attack, attack.poison(digits.train, model=model, test=digits.test)
+
+
+@pytest.mark.parametrize("name,kw", POISONS)
+def test_poisoned_split_keeps_length_and_changes_exactly_the_stated_fraction(digits, digits_model, name, kw):
+    attack, out = _poison(name, kw, digits, digits_model)
+    n = len(digits.train)
+    assert len(out) == n and out.x.shape == digits.train.x.shape
+    changed = (out.x != digits.train.x).flatten(1).any(1) | (out.y != digits.train.y)
+    expected = round(kw["rate"] * n) if "rate" in kw else kw["n_poisons"]
+    assert int(changed.sum()) == expected == attack.n_poison(n)
+    assert torch.equal(digits.train.x, load_clean(digits).x)  # the input split is untouched
+
+
+def load_clean(digits):
+    from robustbench_lite.data import load
+
+    return load("digits").train
+
+
+@pytest.mark.parametrize("name,kw", POISONS)
+def test_same_seed_same_poisons(digits, digits_model, name, kw):
+    _, a = _poison(name, kw, digits, digits_model, seed=1)
+    _, b = _poison(name, kw, digits, digits_model, seed=1)
+    _, c = _poison(name, kw, digits, digits_model, seed=2)
+    assert torch.equal(a.x, b.x) and torch.equal(a.y, b.y)
+    assert not (torch.equal(a.x, c.x) and torch.equal(a.y, c.y))
+
+
+def test_badnets_poisons_carry_the_trigger_and_the_target_label(digits, digits_model):
+    attack, out = _poison("badnets", {"rate": 0.05, "patch": 2, "eps": 4, "target": 7}, digits, digits_model)
+    changed = (out.y != digits.train.y).nonzero().flatten()
+    assert (out.y[changed] == 7).all()
+    assert torch.equal(out.x[changed], attack.trigger(digits.train.x[changed]))
+    goal = attack.success_points(digits.test)
+    assert (goal.y == 7).all() and len(goal) == int((digits.test.y != 7).sum())
+
+
+def test_badnets_backdoor_works_on_digits(digits):
+    defense = create_defense("standard", epochs=8, batch_size=64, lr=3e-3)
+    result = evaluate_poisoning(create_attack("badnets", rate=0.1, patch=2, eps=4), digits, defense, spec=ModelSpec("small-cnn"))
+    assert result.attack_success_rate > 0.8, result
+    assert result.clean_acc > 0.9
+
+
+def test_poisoning_base_checks_the_stated_rate(digits):
+    @dataclass(frozen=True, kw_only=True)
+    class Liar(PoisoningAttack):
+        def n_poison(self, n_train):
+            return 5
+
+        def _poison(self, train, gen, model, test):
+            return DataSplit(train.x.clone(), torch.zeros_like(train.y))
+
+    with pytest.raises(RuntimeError, match="rate says 5"):
+        Liar().poison(digits.train)
+    with pytest.raises(ValueError, match="eps >= 9"):
+        create_attack("badnets", patch=3, eps=4)
+    with pytest.raises(TypeError, match="test split"):
+        create_attack("feature-collision").poison(digits.train, model=torch.nn.Sequential(torch.nn.Linear(2, 2)))
+
+
+def test_ranked_frame_puts_the_strongest_attack_first():
+    from robustbench_lite.evaluate_other import PoisonResult
+
+    def row(name, asr):
+        return PoisonResult(name, "standard", "scratch", 100, 5, 0.05, 0.9, asr, 10, 0.0, 0.0, 0.0, 0.0, "{}")
+
+    frame = to_frame([row("a", 0.2), row("b", None), row("c", 0.9)], ranked=True)
+    assert list(frame["attack"]) == ["c", "a", "b"]
+    with pytest.raises(ValueError, match="one kind"):
+        to_frame([])
+
+
+def test_last_layer_retraining_changes_only_the_head(digits, digits_model):
+    from robustbench_lite.data import Data
+    from robustbench_lite.evaluate_other import retrain_last_layer
+
+    defense = create_defense("standard", epochs=30, lr=1e-2)
+    small = Data("digits", digits.train.head(300), digits.test, 10)
+    for feature_space in (True, False):
+        fresh = retrain_last_layer(digits_model, small, defense, feature_space=feature_space)
+        before, after = dict(digits_model.named_parameters()), dict(fresh.named_parameters())
+        last = list(after)[-2:]
+        assert all(torch.equal(before[k], after[k]) for k in after if k not in last)
+        assert not torch.equal(before[last[0]], after[last[0]])
+        assert (fresh(digits.test.x).argmax(1) == digits.test.y).float().mean() > 0.8
