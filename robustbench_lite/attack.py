@@ -21,7 +21,8 @@ enforces, so a plugin file holds only its algorithm::
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -172,6 +173,26 @@ def check_labels(y: object, n: int) -> Tensor:
     return y.long()
 
 
+@contextmanager
+def eval_mode(model: nn.Module | None) -> Iterator[None]:
+    """Put ``model`` in ``eval()`` for the block and restore every submodule's mode after."""
+    if model is None:
+        yield
+        return
+    was_training = [m.training for m in model.modules()]
+    model.eval()
+    try:
+        yield
+    finally:
+        for m, flag in zip(model.modules(), was_training, strict=True):
+            m.training = flag
+
+
+def seeded(gen: torch.Generator | None, seed: int, device: torch.device | str = "cpu") -> torch.Generator:
+    """``gen`` checked, or a new generator on ``device`` seeded with ``seed``."""
+    return check_generator(gen) if gen is not None else torch.Generator(device=device).manual_seed(seed)
+
+
 def check_generator(gen: object) -> torch.Generator:
     if not isinstance(gen, torch.Generator):
         raise TypeError(f"gen must be a torch.Generator (seeded), got {type(gen).__name__}")
@@ -199,23 +220,15 @@ class EvasionAttack(Attack):
         check_model(model)
         x = check_images(x)
         y = check_labels(y, x.shape[0]).to(x.device)
-        if gen is None:
-            gen = torch.Generator(device=x.device).manual_seed(self.seed)
-        check_generator(gen)
+        gen = seeded(gen, self.seed, x.device)
         counted = _Counter(model)
-        was_training = [m.training for m in model.modules()]
-        model.eval()
         start = time.perf_counter()
-        try:
-            with torch.no_grad():
-                target = self._choose_target(counted, x, y, gen) if self.targeted else None
-                x_adv = self._perturb(counted, x, y, target, gen)
-                distances = None
-                if self.min_norm and isinstance(x_adv, tuple):  # (x_adv, distances)
-                    x_adv, distances = x_adv
-        finally:
-            for m, flag in zip(model.modules(), was_training, strict=True):
-                m.training = flag
+        with eval_mode(model), torch.no_grad():
+            target = self._choose_target(counted, x, y, gen) if self.targeted else None
+            x_adv = self._perturb(counted, x, y, target, gen)
+        distances = None
+        if self.min_norm and isinstance(x_adv, tuple):  # (x_adv, distances)
+            x_adv, distances = x_adv
         seconds = time.perf_counter() - start
         self._check_output(x, x_adv)
         return AttackOutput(
@@ -334,19 +347,11 @@ class UniversalAttack(Attack):
         x, y = _as_split(data)
         x = check_images(x)
         y = check_labels(y, x.shape[0]).to(x.device)
-        if gen is None:
-            gen = torch.Generator(device=x.device).manual_seed(self.seed)
-        check_generator(gen)
+        gen = seeded(gen, self.seed, x.device)
         counted = _Counter(model)
-        was_training = [m.training for m in model.modules()]
-        model.eval()
         start = time.perf_counter()
-        try:
-            with torch.no_grad():
-                delta = self._fit(counted, x, y, gen)
-        finally:
-            for m, flag in zip(model.modules(), was_training, strict=True):
-                m.training = flag
+        with eval_mode(model), torch.no_grad():
+            delta = self._fit(counted, x, y, gen)
         seconds = time.perf_counter() - start
         delta = self._check_delta(x, delta)
         return UniversalOutput(delta.detach(), counted.forwards, counted.backwards, seconds)
@@ -416,18 +421,9 @@ class PoisoningAttack(Attack):
             check_model(model)
         if self.needs_test and not isinstance(test, DataSplit):
             raise TypeError(f"{self.name} needs the test split: pass test=DataSplit(...)")
-        if gen is None:
-            gen = torch.Generator().manual_seed(self.seed)
-        check_generator(gen)
-        if model is not None:
-            was_training = [m.training for m in model.modules()]
-            model.eval()
-        try:
+        gen = seeded(gen, self.seed)
+        with eval_mode(model):
             out = self._poison(train, gen, model, test)
-        finally:
-            if model is not None:
-                for m, flag in zip(model.modules(), was_training, strict=True):
-                    m.training = flag
         self._check_poisoned(train, out)
         return out
 
