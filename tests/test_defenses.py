@@ -239,7 +239,6 @@ def convex_pair(digits):
     return eps, models
 
 
-@pytest.mark.slow
 def test_no_certified_point_is_broken_by_pgd(convex_pair, digits):
     eps, models = convex_pair
     x, y = digits.test.x, digits.test.y
@@ -253,7 +252,6 @@ def test_no_certified_point_is_broken_by_pgd(convex_pair, digits):
     assert certify(models["convex-robust"], x, y, eps / 20).any()  # the check is not vacuous
 
 
-@pytest.mark.slow
 def test_convex_robust_beats_convex_standard_under_pgd(convex_pair, digits):
     eps, models = convex_pair
     x, y = digits.test.x, digits.test.y
