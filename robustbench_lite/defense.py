@@ -28,6 +28,8 @@ class TrainState:
     epoch: int = 0
     step: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
+    gen: torch.Generator | None = None  # seeded; the randomness of a loss (random starts, ELLE's samples)
+    metrics: dict[str, float] = field(default_factory=dict)  # set by a loss; merged into the epoch record
 
 
 @dataclass(frozen=True)
@@ -69,6 +71,9 @@ class Defense:
     schedule: str = setting("cosine", choices=("constant", "cosine"))
     grad_clip: float = setting(0.0, low=0.0)
     seed: int = setting(0, low=0)
+    monitor_eps: float = setting(0.0, low=0.0, high=1.0)  # > 0: PGD accuracy on held-out points per epoch
+    monitor_points: int = setting(500, low=1)
+    monitor_steps: int = setting(10, low=1)
 
     registry_name: ClassVar[str] = ""
 
@@ -82,14 +87,39 @@ class Defense:
     def get_params(self) -> dict[str, Any]:
         return params_of(self)
 
+    def generator(self, state: TrainState) -> torch.Generator:
+        """The run's seeded generator for a loss's random choices (one is made if absent)."""
+        if state.gen is None:
+            state.gen = torch.Generator().manual_seed(self.seed + 1)
+        return state.gen
+
     # -- what plugins implement -------------------------------------------------------------------
     def batch_loss(self, model: nn.Module, x: Tensor, y: Tensor, state: TrainState) -> Tensor:
         """The scalar training loss on one batch (model is in train mode)."""
         raise NotImplementedError
 
     def epoch_metrics(self, model: nn.Module, data: Data, device: torch.device) -> dict[str, float]:
-        """Extra per-epoch numbers for the curve (e.g. PGD accuracy on held-out points)."""
-        return {}
+        """Extra per-epoch numbers for the curve.
+
+        With ``monitor_eps > 0``: ``pgd_acc``, the Linf PGD (``monitor_steps`` steps, random
+        start) accuracy on ``monitor_points`` held-out points (the validation split if there is
+        one, else the head of the test split), the catastrophic-overfitting detector of Wong et
+        al. (2020).
+        """
+        if self.monitor_eps <= 0:
+            return {}
+        from .registry import create_attack  # late: attacks import this package
+
+        split = data.val if data.val is not None else data.test
+        split = split.head(self.monitor_points)
+        attack = create_attack("pgd", eps=self.monitor_eps, steps=self.monitor_steps, seed=self.seed)
+        correct = 0
+        for i in range(0, len(split), 500):
+            x, y = split.x[i : i + 500].to(device), split.y[i : i + 500].to(device)
+            x_adv = attack.perturb(model, x, y)
+            with torch.no_grad():
+                correct += int((model(x_adv).argmax(1) == y).sum())
+        return {"pgd_acc": correct / len(split)}
 
     # -- the loop -------------------------------------------------------------------------------
     def fit(self, model: nn.Module, data: Data, *, device: torch.device | str = "cpu", progress: bool = True) -> TrainLog:
@@ -110,7 +140,7 @@ class Defense:
             sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total_steps) / total_steps)))
         gen = torch.Generator().manual_seed(self.seed)
         x_all, y_all = data.train.x, data.train.y
-        state = TrainState()
+        state = TrainState(gen=torch.Generator().manual_seed(self.seed + 1))
         records: list[EpochRecord] = []
         start = time.perf_counter()
         bar = tqdm(total=total_steps, desc=f"train {self.name}", disable=not progress, leave=False)
@@ -143,7 +173,8 @@ class Defense:
                     bar.update(1)
                 model.eval()
                 val_acc = accuracy(model, data.val, device) if data.val is not None else None
-                metrics = self.epoch_metrics(model, data, device)
+                metrics = {**state.metrics, **self.epoch_metrics(model, data, device)}
+                state.metrics.clear()
                 records.append(EpochRecord(epoch, total / max(count, 1), val_acc, time.perf_counter() - t0, metrics))
                 bar.set_postfix(loss=f"{total / max(count, 1):.3f}", val=f"{val_acc:.3f}" if val_acc is not None else "-")
         finally:
@@ -167,3 +198,32 @@ def predict(model: nn.Module, x: Tensor, device: torch.device | str, batch_size:
 def accuracy(model: nn.Module, split: DataSplit, device: torch.device | str, batch_size: int = 1000) -> float:
     """Clean accuracy of ``model`` on ``split``."""
     return float((predict(model, split.x, device, batch_size) == split.y).float().mean())
+
+
+@dataclass(frozen=True, kw_only=True)
+class AdversarialDefense(Defense):
+    """Settings of the Linf inner search shared by PGD-AT, TRADES, MART and ARoW.
+
+    ``step = 0`` means ``2.5 · eps / steps`` (Madry's rule); ``attack_mode`` is the mode the
+    model is in during the search (``eval``: BatchNorm uses running statistics; ``train``: as
+    Madry et al.; the search never updates running statistics either way).
+    """
+
+    eps: float = setting(0.1, low=0.0, low_open=True, high=1.0)
+    steps: int = setting(10, low=1)
+    step: float = setting(0.0, low=0.0)
+    start: str = setting("uniform", choices=("uniform", "gaussian", "none"))
+    attack_mode: str = setting("eval", choices=("eval", "train"))
+
+    @property
+    def step_size(self) -> float:
+        return self.step or 2.5 * self.eps / self.steps
+
+    def adversarial(self, model: nn.Module, x: Tensor, loss_fn, state: TrainState) -> Tensor:
+        """The detached maximizer of ``loss_fn(model(x'))`` over the ball (see :mod:`inner_max`)."""
+        from .inner_max import maximize
+
+        return maximize(
+            model, x, loss_fn, eps=self.eps, step=self.step_size, steps=self.steps, gen=self.generator(state),
+            start=self.start, train_mode=self.attack_mode == "train",
+        )

@@ -27,6 +27,7 @@ class Preset:
     grid: tuple[tuple[ThreatModel, tuple[AttackSpec, ...]], ...]  # attacks per threat
     n: int
     survivors: bool = False
+    paired: tuple[tuple[ModelSpec, DefenseSpec], ...] = ()  # defenses that need their own model
 
     def plan(
         self,
@@ -45,20 +46,25 @@ class Preset:
         if attacks is not None:
             grid = [(t, tuple(AttackSpec(a) for a in attacks)) for t, _ in grid]
         defense_specs = self.defenses
+        paired = self.paired
         if defenses is not None:
+            own_model = {d.name for _, d in self.paired}
             defense_specs = tuple(
-                next((d for d in self.defenses if d.name == name), replace(self.defenses[0], name=name)) for name in defenses
+                next((d for d in self.defenses if d.name == name), replace(self.defenses[0], name=name))
+                for name in defenses
+                if name not in own_model
             )
+            paired = tuple((m, d) for m, d in self.paired if d.name in defenses)
+        combos = [(m, d) for m in self.models for d in defense_specs] + list(paired)
         cells = []
         for data in self.data:
-            for model in self.models:
-                for defense in defense_specs:
-                    for threat, atts in grid:
-                        for att in atts:
-                            if not att.supports(threat):
-                                log.info("%s does not support %s; left out", att.name, threat.norm.value)
-                                continue
-                            cells.append(Cell(data, model, defense, att, threat, n or self.n, self.survivors))
+            for model, defense in combos:
+                for threat, atts in grid:
+                    for att in atts:
+                        if not att.supports(threat):
+                            log.info("%s does not support %s; left out", att.name, threat.norm.value)
+                            continue
+                        cells.append(Cell(data, model, defense, att, threat, n or self.n, self.survivors))
         if not cells:
             raise ValueError("the plan has no cells: check --attacks and --threats (norms the attacks support)")
         return Plan(self.name, tuple(cells))
@@ -93,6 +99,39 @@ PRESETS: dict[str, Preset] = {
         n=200,
     ),
 }
+
+
+_ADV = {"eps": 0.1, "steps": 7}  # the multi-step inner searches of the full preset
+_FULL_EPOCHS = 3
+_FULL_CONVEX = {"max_points": 2000, "iterations": 500, "epochs": 5, "certify_points": 1000}
+
+PRESETS["full"] = Preset(
+    name="full",
+    description=(
+        "Fashion-MNIST Linf 0.1: every defense (small-cnn, 3 epochs, 7-step inner searches; the convex pair "
+        "one-vs-rest on a one-hidden-relu with 20 patterns per class, 2000 training points) x every landed "
+        "attack; 1000 test points. Budgeted under 2 hours on 2 CPU cores."
+    ),
+    data=(DataSpec("fashion-mnist"),),
+    models=(ModelSpec("small-cnn"),),
+    defenses=(
+        DefenseSpec("standard", {"epochs": _FULL_EPOCHS}),
+        DefenseSpec("pgd-at", {"epochs": _FULL_EPOCHS, **_ADV}),
+        DefenseSpec("fgsm-rs", {"epochs": _FULL_EPOCHS, "eps": 0.1}),
+        DefenseSpec("vat", {"epochs": _FULL_EPOCHS}),
+        DefenseSpec("elle", {"epochs": _FULL_EPOCHS, "eps": 0.1}),
+        DefenseSpec("elle-a", {"epochs": _FULL_EPOCHS, "eps": 0.1}),
+        DefenseSpec("trades", {"epochs": _FULL_EPOCHS, **_ADV}),
+        DefenseSpec("mart", {"epochs": _FULL_EPOCHS, **_ADV}),
+        DefenseSpec("arow", {"epochs": _FULL_EPOCHS, **_ADV}),
+    ),
+    grid=((_linf(0.1), _BASIC),),
+    n=1000,
+    paired=(
+        (ModelSpec("one-hidden-relu", {"hidden": 400}), DefenseSpec("convex-standard", {**_FULL_CONVEX, "certify_eps": 0.1})),
+        (ModelSpec("one-hidden-relu", {"hidden": 400}), DefenseSpec("convex-robust", {**_FULL_CONVEX, "eps": 0.1})),
+    ),
+)
 
 
 def get_preset(name: str) -> Preset:
