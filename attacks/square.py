@@ -14,11 +14,11 @@ No gradient is ever taken: the model is only queried for scores.
   pattern ``±η``, rescaled per channel so the total norm becomes eps), then clips to [0, 1].
 * ``p`` schedule (§3 / appendix): start at ``p_init`` and halve it at iterations
   10, 50, 200, 500, 1000, 2000, 4000, 6000, 8000 of a 10,000-query budget, rescaled to
-  ``n_queries`` (iteration ``i`` is read as ``10000 · i / n_queries``).
+  ``queries`` (iteration ``i`` is read as ``10000 · i / queries``).
 
 Changed from the paper: points already misclassified are not queried again (as in the
 authors' code); the paper's resampling when a Linf window already holds the proposed values is
-left out.  ``n_queries`` counts model queries per point, the initial one included.
+left out.  ``queries`` counts model queries per point, the initial one included.
 """
 
 from __future__ import annotations
@@ -38,10 +38,10 @@ from robustbench_lite.threat import Norm
 HALVING_AT = (10, 50, 200, 500, 1000, 2000, 4000, 6000, 8000)  # iterations of a 10,000 budget
 
 
-def p_schedule(p_init: float, it: int, n_queries: int) -> float:
+def p_schedule(p_init: float, it: int, queries: int) -> float:
     """The fraction of pixels changed at iteration ``it``: ``p_init / 2^k``, ``k`` the number
-    of the paper's halving points passed, the 10,000-query schedule rescaled to ``n_queries``."""
-    scaled = int(it / n_queries * 10000)
+    of the paper's halving points passed, the 10,000-query schedule rescaled to ``queries``."""
+    scaled = int(it / queries * 10000)
     return p_init / 2 ** sum(scaled > t for t in HALVING_AT)
 
 
@@ -96,25 +96,25 @@ class Square(EvasionAttack):
 
     needs_grad: ClassVar[bool] = False
     randomized: ClassVar[bool] = True
-    n_queries: int = setting(1000, low=2)
+    queries: int = setting(1000, low=2)
     p_init: float = setting(0.05, low=0.0, high=1.0, low_open=True)
 
     @property
     def grad_budget(self) -> float:
         # no gradients; a query is about a third of a forward+backward pass, and the harness
         # orders attacks by this number (cheapest first)
-        return self.n_queries / 3.0
+        return self.queries / 3.0
 
     def _perturb(self, model, x, y, target, gen):
         x_best = self._init(x, gen)
         loss = ops.margin(model(x_best), y)
         _, c, h, w = x.shape
-        for it in range(1, self.n_queries):
+        for it in range(1, self.queries):
             todo = (loss > 0).nonzero().flatten()
             if todo.numel() == 0:
                 break
             xs, xb = x[todo], x_best[todo]
-            p = p_schedule(self.p_init, it, self.n_queries)
+            p = p_schedule(self.p_init, it, self.queries)
             if self.norm is Norm.LINF:
                 cand = self._linf_step(xs, xb, p, gen)
             else:
