@@ -16,9 +16,10 @@ No gradient is ever taken: the model is only queried for scores.
   10, 50, 200, 500, 1000, 2000, 4000, 6000, 8000 of a 10,000-query budget, rescaled to
   ``queries`` (iteration ``i`` is read as ``10000 · i / queries``).
 
-Changed from the paper: points already misclassified are not queried again (as in the
-authors' code); the paper's resampling when a Linf window already holds the proposed values is
-left out.  ``queries`` counts model queries per point, the initial one included.
+As in the paper, a Linf proposal that would leave the image unchanged (the window already
+holds those values) is redrawn before it is queried (up to 10 times).  Points already
+misclassified are not queried again (as in the authors' code).  ``queries`` counts model
+queries per point, the initial one included.
 """
 
 from __future__ import annotations
@@ -117,6 +118,11 @@ class Square(EvasionAttack):
             p = p_schedule(self.p_init, it, self.queries)
             if self.norm is Norm.LINF:
                 cand = self._linf_step(xs, xb, p, gen)
+                for _ in range(10):  # redraw proposals that change nothing (they waste a query)
+                    same = (cand - xb).flatten(1).abs().amax(dim=1) < 1e-7
+                    if not same.any():
+                        break
+                    cand[same] = self._linf_step(xs[same], xb[same], p, gen)
             else:
                 cand = self._l2_step(xs, xb, p, gen)
             new = ops.margin(model(cand), y[todo])

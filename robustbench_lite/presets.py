@@ -88,13 +88,12 @@ PRESETS: dict[str, Preset] = {
     ),
     "smoke": Preset(
         name="smoke",
-        description="digits (8x8), small-cnn trained briefly; the basic attacks and Square at Linf 0.1, PGD-L2 at 1.0; 200 points. For tests.",
+        description="digits (8x8), small-cnn trained briefly; the basic attacks at Linf 0.1 and PGD-L2 at 1.0; 200 points. For tests.",
         data=(DataSpec("digits"),),
         models=(ModelSpec("small-cnn"),),
         defenses=(DefenseSpec("standard", {"epochs": 4, "batch_size": 64}),),
         grid=(
-            (_linf(0.1), (AttackSpec("fgsm"), AttackSpec("ifgsm"), AttackSpec("least-likely"), AttackSpec("pgd", {"steps": 10}),
-                          AttackSpec("square", {"queries": 100}))),
+            (_linf(0.1), (AttackSpec("fgsm"), AttackSpec("ifgsm"), AttackSpec("least-likely"), AttackSpec("pgd", {"steps": 10}))),
             (ThreatModel("l2", 1.0), (AttackSpec("pgd", {"steps": 10}),)),
         ),
         n=200,
