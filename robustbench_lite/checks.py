@@ -40,7 +40,7 @@ FLAGS: dict[str, str] = {
     "while the short run left points unbroken that a black-box or unbounded attack can break",
     ADAPTED: "a masking check fired and the gradient attacks were rerun through wrappers (bpda: straight-through "
     "backward for marked non-differentiable layers; eot: mean over forward passes; log-outputs: attack log p; "
-    "rescale: logits divided by their spread); the row keeps the per-point worst of the plain and adaptive runs",
+    "rescale: logits divided by the gap between their two largest); the row keeps the per-point worst of the plain and adaptive runs",
 }
 
 

@@ -34,7 +34,7 @@ _CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Roboto,sans-serif;margin:2rem auto;max-width:1100px;color:#222}
 h1{margin-bottom:.2rem} h2{border-bottom:2px solid #ddd;padding-bottom:.2rem;margin-top:2rem}
 table{border-collapse:collapse;margin:.6rem 0 1.2rem;font-size:.9rem}
-th,td{border:1px solid #ccc;padding:.25rem .5rem;text-align:right} th{background:#f3f3f3}
+th,td{border:1px solid #ccc;padding:.25rem .5rem;text-align:right} th{background:#f3f3f3;text-align:center}
 td.row-name,td.flags{text-align:left} tr.flagged{background:#fff4d6} .warn{color:#b45309;font-weight:600}
 .summary td{text-align:left} .muted{color:#666;font-size:.85rem} img{max-width:100%;border:1px solid #eee}
 dt{font-family:monospace;font-weight:600;margin-top:.5rem} dd{margin-left:1.2rem}
@@ -109,21 +109,28 @@ def make_plots(rows: Sequence[CellResult]) -> list[Plot]:
     fig.suptitle("Per-attack strength and time (over all cells)")
     plots.append(Plot("attack_strength_time", "Per-attack strength and time", _png(fig, plt)))
 
-    # 3. clean vs robust accuracy, one point per model/defense/threat
-    fig, ax = plt.subplots(figsize=(6.2, 4.6))
-    for (model, defense), g in wc.groupby(["model", "defense"], sort=True):
-        ax.scatter(g["clean_acc"], g["robust_acc"], label=row_label(model, defense), s=40)
+    # 3. clean vs robust accuracy: colour = model/defense, marker = threat
+    from matplotlib.lines import Line2D
+
+    fig, ax = plt.subplots(figsize=(7.2, 4.8))
+    threats = list(dict.fromkeys(f"{n} {e:g}" for n, e in wc[["norm", "eps"]].itertuples(index=False)))
+    markers = dict(zip(threats, "osD^vPX*<>ph" * 4, strict=False))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    handles = []
+    for k, ((model, defense), g) in enumerate(wc.groupby(["model", "defense"], sort=True)):
+        color = colors[k % len(colors)]
         for r in g.itertuples():
-            ax.annotate(f"{r.norm} {r.eps:g}", (r.clean_acc, r.robust_acc), fontsize=7, xytext=(3, 3),
-                        textcoords="offset points")
+            ax.scatter(r.clean_acc, r.robust_acc, color=color, marker=markers[f"{r.norm} {r.eps:g}"], s=45, alpha=0.85)
+        handles.append(Line2D([], [], color=color, marker="o", ls="", label=row_label(model, defense)))
+    handles += [Line2D([], [], color="#555", marker=markers[t], ls="", label=t) for t in threats]
+    ax.legend(handles=handles, fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
     ax.plot([0, 1], [0, 1], color="#999", lw=0.8, ls="--")
     ax.set_xlabel("clean accuracy")
     ax.set_ylabel("worst-case robust accuracy")
     ax.set_xlim(-0.02, 1.02)
     ax.set_ylim(-0.02, 1.02)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    ax.set_title("Clean vs robust accuracy")
+    ax.set_title("Clean vs robust accuracy (worst case per threat)")
     plots.append(Plot("clean_vs_robust", "Clean vs robust accuracy", _png(fig, plt)))
     return plots
 
