@@ -38,7 +38,8 @@ def test_randomized_outputs_check():
 def test_black_box_beats_white_box_check():
     needs_grad = {"fgsm": True, "pgd": True, "square": False}
     assert checks.black_box_beats_white_box({"fgsm": 0.9, "pgd": 0.5, "square": 0.4}, needs_grad) == {"fgsm", "pgd"}
-    assert checks.black_box_beats_white_box({"fgsm": 0.6, "pgd": 0.41, "square": 0.4}, needs_grad) == {"fgsm"}
+    # PGD keeps up with Square: FGSM alone being weaker is not masking
+    assert checks.black_box_beats_white_box({"fgsm": 0.6, "pgd": 0.41, "square": 0.4}, needs_grad) == set()
     assert checks.black_box_beats_white_box({"fgsm": 0.6, "pgd": 0.41}, {"fgsm": True, "pgd": True}) == set()
 
 
