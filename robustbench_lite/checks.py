@@ -15,6 +15,12 @@ from torch import Tensor
 ZERO_GRAD = "zero-grad"
 SINGLE_STEP_WINS = "single-step-beats-iterative"
 INCOMPLETE = "incomplete"
+PROBABILITY_OUTPUTS = "probability-outputs"
+RANDOMIZED = "randomized-outputs"
+BLACK_BOX_WINS = "black-box-beats-white-box"
+LARGE_EPS = "large-eps-not-zero"
+MORE_STEPS_NO_HELP = "more-iterations-no-help"
+ADAPTED = "adapted"  # prefix: "adapted:bpda+rescale" says which wrappers an adaptive rerun used
 
 FLAGS: dict[str, str] = {
     ZERO_GRAD: "the loss gradient w.r.t. the input is zero or non-finite on a share of the evaluated points: "
@@ -22,7 +28,76 @@ FLAGS: dict[str, str] = {
     SINGLE_STEP_WINS: "a single-step attack left lower robust accuracy than an iterative one at the same threat: "
     "the iterative attack is failing, a classic sign of gradient masking",
     INCOMPLETE: "at least one attack of this threat failed with an error, so the worst case covers fewer attacks",
+    PROBABILITY_OUTPUTS: "the model's outputs look like probabilities (non-negative rows summing to 1), so CE-based "
+    "attacks apply a second softmax and get tiny or vanishing gradients; attack log-probabilities instead",
+    RANDOMIZED: "the same input gave different outputs on two forward passes: the model is randomized, single "
+    "gradient samples are noisy and robust accuracy varies run to run; use EOT (average over passes)",
+    BLACK_BOX_WINS: "a black-box (gradient-free) attack left lower robust accuracy than a gradient attack at the "
+    "same threat: the gradients are misleading the white-box attack (gradient masking)",
+    LARGE_EPS: "a PGD probe at a very large eps (any image reachable) did not bring accuracy near 0 on a few "
+    "points: the gradient attacks cannot find even trivial adversarial examples (gradient masking)",
+    MORE_STEPS_NO_HELP: "a PGD probe with 10x more iterations did not lower robust accuracy below the short run "
+    "while the short run left points unbroken that a black-box or unbounded attack can break",
+    ADAPTED: "a masking check fired and the gradient attacks were rerun through wrappers (bpda: straight-through "
+    "backward for marked non-differentiable layers; eot: mean over forward passes; log-outputs: attack log p; "
+    "rescale: logits divided by the gap between their two largest); the row keeps the per-point worst of the plain and adaptive runs",
 }
+
+
+def probability_outputs(outputs: Tensor, atol: float = 1e-3) -> str | None:
+    """Flag outputs whose rows are non-negative and sum to 1 (a softmax output layer)."""
+    if outputs.numel() == 0 or outputs.dim() != 2:
+        return None
+    sums = outputs.sum(dim=1)
+    looks = bool((outputs >= 0).all()) and bool(((sums - 1).abs() <= atol).all())
+    return PROBABILITY_OUTPUTS if looks else None
+
+
+def randomized_outputs(first: Tensor, second: Tensor, rtol: float = 1e-5, atol: float = 1e-6) -> str | None:
+    """Flag when two forward passes of the same inputs differ (beyond float noise)."""
+    if first.shape != second.shape:
+        return RANDOMIZED
+    return None if torch.allclose(first, second, rtol=rtol, atol=atol) else RANDOMIZED
+
+
+def black_box_beats_white_box(
+    robust_acc: Mapping[str, float], needs_grad: Mapping[str, bool], tolerance: float = 0.02
+) -> set[str]:
+    """When even the best gradient attack leaves more than ``tolerance`` higher robust accuracy
+    than the best gradient-free attack (all of one threat model), the gradient attacks that do.
+    A weak single-step attack losing to Square on its own is no sign of masking."""
+    free = [acc for name, acc in robust_acc.items() if not needs_grad[name]]
+    grad = [acc for name, acc in robust_acc.items() if needs_grad[name]]
+    if not free or not grad or min(grad) <= min(free) + tolerance:
+        return set()
+    best_free = min(free)
+    return {name for name, acc in robust_acc.items() if needs_grad[name] and acc > best_free + tolerance}
+
+
+def large_eps_not_zero(robust_acc: float, max_acc: float = 0.1) -> str | None:
+    """Flag when accuracy under an attack at a huge eps (e.g. Linf 1) stays above ``max_acc``."""
+    return LARGE_EPS if robust_acc > max_acc else None
+
+
+def more_iterations_no_help(acc_short: float, acc_long: float, acc_reference: float, margin: float = 0.05) -> str | None:
+    """Flag when a 10x longer run is no better than the short one although a reference attack
+    (black-box or unbounded) shows that ``margin`` more points can be broken."""
+    stuck = acc_long >= acc_short - 1e-9
+    return MORE_STEPS_NO_HELP if stuck and acc_reference < acc_short - margin else None
+
+
+def adapted(wrappers: Iterable[str]) -> str | None:
+    """The flag recording an adaptive rerun, e.g. ``adapted:bpda+rescale``."""
+    names = list(wrappers)
+    return f"{ADAPTED}:{'+'.join(names)}" if names else None
+
+
+def explain(code: str) -> str:
+    """The explanation of a flag code (``adapted:...`` and ``error:...`` included)."""
+    base = code.split(":", 1)[0]
+    if base == "error":
+        return "this attack raised an error; see the cell's error column"
+    return FLAGS.get(code, FLAGS.get(base, "unknown flag"))
 
 
 def zero_gradients(grad_norms: Tensor, max_share: float = 0.05) -> str | None:

@@ -7,6 +7,7 @@ not broken), so worst cases can be recomputed from stored masks after a resumed 
 
 from __future__ import annotations
 
+import dataclasses
 import time
 import traceback
 from collections.abc import Callable, Mapping, Sequence
@@ -15,12 +16,16 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from . import checks
+from . import checks, wrappers
 from .attack import EvasionAttack
 from .data import DataSplit
 from .defense import predict
 from .ops import ce
-from .threat import ThreatModel
+from .registry import create_attack
+from .threat import Norm, ThreatModel
+
+# model-level checks whose firing makes an adaptive evaluation rerun the gradient attacks
+MASKING = (checks.ZERO_GRAD, checks.PROBABILITY_OUTPUTS, checks.RANDOMIZED, checks.LARGE_EPS, checks.BLACK_BOX_WINS)
 
 
 @dataclass(frozen=True)
@@ -53,6 +58,8 @@ class Evaluation:
     records: list[AttackRecord]  # in the order of the attacks passed in
     worst_case: dict[ThreatModel, Tensor]  # bool [n] per threat
     flags: dict[str, set[str]]  # attack name or "worst_case:<threat>" -> flags
+    plain_records: list[AttackRecord] | None = None  # before an adaptive rerun (None: no rerun)
+    model_flags: frozenset[str] = frozenset()  # codes of the model-level checks that fired
 
     @property
     def clean_acc(self) -> float:
@@ -72,6 +79,27 @@ def input_grad_norms(model: nn.Module, split: DataSplit, device: torch.device, b
     return torch.cat(out)
 
 
+@torch.no_grad()
+def model_checks(
+    model: nn.Module, split: DataSplit, device: torch.device, *, points: int = 32, probe_steps: int = 20
+) -> set[str]:
+    """Model-level checks on (up to ``points``) clean-correct points: probability-like outputs,
+    randomized outputs (two passes of the same inputs), and a PGD-CE probe at Linf eps 1 with no
+    random start (every image is reachable, so an honest gradient gets accuracy near 0)."""
+    if len(split) == 0:
+        return set()
+    probe = split.head(points)
+    x, y = probe.x.to(device), probe.y.to(device)
+    first, second = model(x), model(x)
+    found = {checks.probability_outputs(first), checks.randomized_outputs(first, second)}
+    # a randomized model is probed in expectation (EOT), so that luck does not fire this check
+    probed = wrappers.EOT(model, 8) if checks.RANDOMIZED in found else model
+    pgd = create_attack("pgd", norm=Norm.LINF, eps=1.0, steps=probe_steps, random_start=False)
+    x_adv = pgd.run(probed, x, y).x_adv
+    found.add(checks.large_eps_not_zero(float((probed(x_adv).argmax(1) == y).float().mean())))
+    return {f for f in found if f}
+
+
 def run_attack(
     model: nn.Module,
     attack: EvasionAttack,
@@ -81,8 +109,12 @@ def run_attack(
     device: torch.device,
     batch_size: int = 500,
     scope: str = "all",
+    attack_model: nn.Module | None = None,
 ) -> AttackRecord:
-    """Run ``attack`` on the points where ``attack_mask`` is set; others count as not robust."""
+    """Run ``attack`` on the points where ``attack_mask`` is set; others count as not robust.
+
+    ``attack_model`` (e.g. a BPDA/EOT wrapper of ``model``) is what the attack sees; the
+    adversarial points are always judged on ``model``."""
     robust = torch.zeros(len(split), dtype=torch.bool)
     idx = attack_mask.nonzero().flatten()
     gen = torch.Generator(device=device).manual_seed(attack.seed)
@@ -91,7 +123,7 @@ def run_attack(
     for i in range(0, len(idx), batch_size):
         sel = idx[i : i + batch_size]
         x, y = split.x[sel].to(device), split.y[sel].to(device)
-        out = attack.run(model, x, y, gen)
+        out = attack.run(attack_model if attack_model is not None else model, x, y, gen)
         t0 = time.perf_counter()
         with torch.no_grad():
             pred = model(out.x_adv).argmax(1)
@@ -127,6 +159,8 @@ def evaluate(
     survivors_only: bool = False,
     precomputed: Mapping[int, AttackRecord] | None = None,
     on_record: Callable[[int, AttackRecord, float], None] | None = None,
+    adaptive: bool = True,
+    eot_samples: int = 8,
 ) -> Evaluation:
     """Evaluate ``attacks`` on the first ``n`` points of ``split``.
 
@@ -138,6 +172,13 @@ def evaluate(
     ``precomputed`` maps positions in ``attacks`` to records already measured (a resumed run);
     ``on_record(position, record, clean_acc)`` is called as each new record is done (to store it
     at once).  ``Evaluation.records`` follows the order of ``attacks``.
+
+    Every cell gets the checks of :mod:`checks` (flags per attack and per worst case).  With
+    ``adaptive`` (default), when a masking check fires (zero gradients, probability outputs,
+    randomized outputs, large eps not reaching 0, black-box beating white-box) each gradient
+    attack is rerun through :func:`wrappers.adapt` (BPDA for marked layers, EOT with
+    ``eot_samples`` passes, log-probabilities, logit rescaling) on the points it left unbroken;
+    its record becomes the per-point worst of both runs and carries an ``adapted:...`` flag.
     """
     device = torch.device(device)
     for a in attacks:
@@ -148,7 +189,11 @@ def evaluate(
     split = split.head(n)
     model = model.to(device).eval()
     correct = predict(model, split.x, device) == split.y
-    grad_flag = checks.zero_gradients(input_grad_norms(model, split.subset(correct.nonzero().flatten()), device))
+    correct_split = split.subset(correct.nonzero().flatten())
+    grad_flag = checks.zero_gradients(input_grad_norms(model, correct_split, device))
+    found = model_checks(model, correct_split, device)
+    if grad_flag:
+        found.add(grad_flag)
     records: list[AttackRecord | None] = [None] * len(attacks)
     worst: dict[ThreatModel, Tensor] = {}
     precomputed = precomputed or {}
@@ -171,11 +216,51 @@ def evaluate(
         if rec.robust is not None:
             worst[attack.threat] = alive & rec.robust
     done = [r for r in records if r is not None]
-    return Evaluation(len(split), correct, done, worst, cell_flags(done, grad_flag))
+    flags = cell_flags(done, found)
+    fired = set(found) | {f for fs in flags.values() for f in fs}
+    if not adaptive or not fired & set(MASKING):
+        return Evaluation(len(split), correct, done, worst, flags, model_flags=frozenset(found))
+    wrapped, names = wrappers.adapt(
+        model,
+        bpda=bool(fired & {checks.ZERO_GRAD, checks.LARGE_EPS, checks.BLACK_BOX_WINS}),
+        eot_samples=eot_samples if checks.RANDOMIZED in fired else 0,
+        log_outputs=checks.PROBABILITY_OUTPUTS in fired,
+        rescale=bool(fired & {checks.ZERO_GRAD, checks.LARGE_EPS, checks.BLACK_BOX_WINS}),
+    )
+    if not names:
+        return Evaluation(len(split), correct, done, worst, flags, model_flags=frozenset(found))
+    tag = checks.adapted(names)
+    merged = list(done)
+    for i in order:
+        rec = merged[i]
+        if i in precomputed or rec.robust is None or not rec.attack.needs_grad or not rec.robust.any():
+            continue
+        try:
+            again = run_attack(
+                model, rec.attack, split, rec.robust, device=device, batch_size=batch_size, scope=rec.scope,
+                attack_model=wrapped,
+            )
+        except Exception as exc:  # keep the plain record; say the rerun failed
+            flags.setdefault(f"{rec.attack.name}@{rec.attack.threat.label}", set()).add(f"error:adaptive:{type(exc).__name__}")
+            continue
+        merged[i] = dataclasses.replace(
+            rec, robust=rec.robust & again.robust, seconds=rec.seconds + again.seconds,
+            grad_evals=rec.grad_evals + again.grad_evals, forward_evals=rec.forward_evals + again.forward_evals,
+        )
+        flags.setdefault(f"{rec.attack.name}@{rec.attack.threat.label}", set()).add(tag)
+        flags.setdefault(f"worst_case@{rec.attack.threat.label}", set()).add(tag)
+        worst[rec.attack.threat] = worst[rec.attack.threat] & merged[i].robust
+    return Evaluation(len(split), correct, merged, worst, flags, plain_records=done, model_flags=frozenset(found))
 
 
-def cell_flags(records: Sequence[AttackRecord], grad_flag: str | None) -> dict[str, set[str]]:
-    """Flags per attack (keyed ``name@threat``) and per worst case (keyed ``worst_case@threat``)."""
+def cell_flags(records: Sequence[AttackRecord], model_flags: set[str] | str | None) -> dict[str, set[str]]:
+    """Flags per attack (keyed ``name@threat``) and per worst case (keyed ``worst_case@threat``).
+
+    ``model_flags`` are the model-level codes (zero-grad, probability-outputs, large-eps-not-zero
+    go on gradient attacks; randomized-outputs on every attack); both go on the worst case."""
+    if isinstance(model_flags, str):
+        model_flags = {model_flags}
+    model_flags = set(model_flags or ())
     flags: dict[str, set[str]] = {}
     by_threat: dict[ThreatModel, list[AttackRecord]] = {}
     for r in records:
@@ -188,16 +273,24 @@ def cell_flags(records: Sequence[AttackRecord], grad_flag: str | None) -> dict[s
         # cumulative (survivor) numbers are not comparable, and a targeted attack is weaker by design
         own = [r for r in ok if r.scope == "all" and not r.attack.targeted]
         losers = checks.single_step_beats_iterative(
-            {r.attack.name: r.robust_acc for r in own}, {r.attack.name: r.attack.iterative for r in own}
+            {r.attack.name: r.robust_acc for r in own if r.attack.needs_grad},
+            {r.attack.name: r.attack.iterative for r in own if r.attack.needs_grad},
+        )
+        blind = checks.black_box_beats_white_box(
+            {r.attack.name: r.robust_acc for r in own}, {r.attack.name: r.attack.needs_grad for r in own}
         )
         for r in recs:
             f = flags.setdefault(f"{r.attack.name}@{threat.label}", set())
-            if grad_flag and r.attack.needs_grad:
-                f.add(grad_flag)
-                wc.add(grad_flag)
+            for code in model_flags:
+                if r.attack.needs_grad or code == checks.RANDOMIZED:
+                    f.add(code)
+                    wc.add(code)
             if r.attack.name in losers:
                 f.add(checks.SINGLE_STEP_WINS)
                 wc.add(checks.SINGLE_STEP_WINS)
+            if r.attack.name in blind:
+                f.add(checks.BLACK_BOX_WINS)
+                wc.add(checks.BLACK_BOX_WINS)
     return flags
 
 

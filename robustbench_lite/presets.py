@@ -75,15 +75,21 @@ def _linf(eps: float) -> ThreatModel:
 
 
 _BASIC = (AttackSpec("fgsm"), AttackSpec("ifgsm"), AttackSpec("least-likely"), AttackSpec("pgd"))
+# the gradient-free sanity check against gradient masking joins every threat's worst case
+_SQUARE = AttackSpec("square", {"queries": 1000})
 
 PRESETS: dict[str, Preset] = {
     "quick": Preset(
         name="quick",
-        description="Fashion-MNIST, standard-trained small-cnn; FGSM, I-FGSM, least-likely, PGD at Linf 0.05/0.1, PGD-L2 at 1.5; 1000 test points",
+        description="Fashion-MNIST, standard-trained small-cnn; FGSM, I-FGSM, least-likely, PGD, Square at Linf 0.05/0.1, PGD and Square L2 at 1.5; 1000 test points",
         data=(DataSpec("fashion-mnist"),),
         models=(ModelSpec("small-cnn"),),
         defenses=(DefenseSpec("standard", {"epochs": 3}),),
-        grid=((_linf(0.05), _BASIC), (_linf(0.1), _BASIC), (ThreatModel("l2", 1.5), (AttackSpec("pgd"),))),
+        grid=(
+            (_linf(0.05), (*_BASIC, _SQUARE)),
+            (_linf(0.1), (*_BASIC, _SQUARE)),
+            (ThreatModel("l2", 1.5), (AttackSpec("pgd"), _SQUARE)),
+        ),
         n=1000,
     ),
     "smoke": Preset(
