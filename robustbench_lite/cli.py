@@ -1,4 +1,4 @@
-"""``robustbench-lite run | list | leaderboard``."""
+"""``robustbench-lite run | list | leaderboard | report``."""
 
 from __future__ import annotations
 
@@ -52,6 +52,10 @@ def build_parser() -> argparse.ArgumentParser:
     lb = sub.add_parser("leaderboard", help="rebuild the leaderboard CSVs from the store and print them")
     lb.add_argument("--workdir", default=".rbl")
     lb.add_argument("--out", default="leaderboards")
+
+    rp = sub.add_parser("report", help="write report.html (self-contained) and report.md from the store")
+    rp.add_argument("--workdir", default=".rbl")
+    rp.add_argument("--out", default="report", help="folder for report.html, report.md and plots/ (default report)")
     return p
 
 
@@ -65,6 +69,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _list(args)
         if args.command == "leaderboard":
             return _leaderboard(args.workdir, args.out)
+        if args.command == "report":
+            return _report(args.workdir, args.out)
         return _run(args)
     except (ValueError, TypeError, KeyError, FileNotFoundError) as exc:
         msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
@@ -88,6 +94,16 @@ def _list(args: argparse.Namespace) -> int:
         if reg is ATTACKS:
             extra = f" [{','.join(n.value for n in obj.norms)}]"
         print(f"{name:16s}{extra} {doc[0] if doc else ''}")
+    return 0
+
+
+def _report(workdir: str, out: str) -> int:
+    from .report import write_report  # matplotlib is needed only here
+
+    with Store(f"{workdir}/store.sqlite") as store:
+        rows = store.rows()
+    html_path, md_path = write_report(rows, out)
+    print(f"wrote {html_path} and {md_path}")
     return 0
 
 
