@@ -125,6 +125,15 @@ class Attack:
         """Gradient evaluations per point at most; the harness runs cheaper attacks first."""
         return 1.0
 
+    def _prepare(
+        self, model: object, x: object, y: object, gen: torch.Generator | None
+    ) -> tuple[Tensor, Tensor, torch.Generator, _Counter]:
+        """The call-time checks every attack kind shares: model, images, labels, generator."""
+        check_model(model)
+        x = check_images(x)
+        y = check_labels(y, x.shape[0]).to(x.device)
+        return x, y, seeded(gen, self.seed, x.device), _Counter(model)
+
 
 # -------------------------------------------------------------------------------------------------
 # input checks shared by every kind of attack
@@ -217,11 +226,7 @@ class EvasionAttack(Attack):
     def run(
         self, model: nn.Module, x: Tensor, y: Tensor, gen: torch.Generator | None = None
     ) -> AttackOutput:
-        check_model(model)
-        x = check_images(x)
-        y = check_labels(y, x.shape[0]).to(x.device)
-        gen = seeded(gen, self.seed, x.device)
-        counted = _Counter(model)
+        x, y, gen, counted = self._prepare(model, x, y, gen)
         start = time.perf_counter()
         with eval_mode(model), torch.no_grad():
             target = self._choose_target(counted, x, y, gen) if self.targeted else None
@@ -343,12 +348,7 @@ class UniversalAttack(Attack):
         return self.run(model, data, gen).delta
 
     def run(self, model: nn.Module, data: object, gen: torch.Generator | None = None) -> UniversalOutput:
-        check_model(model)
-        x, y = _as_split(data)
-        x = check_images(x)
-        y = check_labels(y, x.shape[0]).to(x.device)
-        gen = seeded(gen, self.seed, x.device)
-        counted = _Counter(model)
+        x, y, gen, counted = self._prepare(model, *_as_split(data), gen)
         start = time.perf_counter()
         with eval_mode(model), torch.no_grad():
             delta = self._fit(counted, x, y, gen)
