@@ -25,7 +25,6 @@ from torch import Tensor
 from robustbench_lite import ops
 from robustbench_lite.attack import UniversalAttack, setting
 from robustbench_lite.registry import register_attack
-from robustbench_lite.threat import Norm
 
 
 def bounded_ce_grad(model, x: Tensor, delta: Tensor, y: Tensor, beta: float) -> Tensor:
@@ -58,12 +57,10 @@ class SGA(UniversalAttack):
         return float(self.epochs)
 
     def _ascend(self, d: Tensor, g: Tensor) -> Tensor:
-        if self.norm is Norm.LINF:
-            return ops.project_linf(d + self.step_size * g.sign(), self.eps)
-        return ops.project_l2(d + self.step_size * ops.normalize_l2(g), self.eps)
+        return ops.project_ball(d + self.step_size * ops.ascent_direction(g, self.norm), self.norm, self.eps)
 
     def _fit(self, model, x, y, gen):
-        pred = torch.cat([model(x[i : i + 1000]).argmax(1) for i in range(0, len(x), 1000)])
+        pred = ops.predictions(model, x)
         delta = torch.zeros_like(x[:1])
         for _ in range(self.epochs):
             order = torch.randperm(len(x), generator=gen, device=gen.device).to(x.device)

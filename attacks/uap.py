@@ -22,7 +22,6 @@ from torch import Tensor, nn
 from robustbench_lite import ops
 from robustbench_lite.attack import UniversalAttack, apply_delta, setting
 from robustbench_lite.registry import register_attack
-from robustbench_lite.threat import Norm
 
 
 def deepfool(model: nn.Module, x: Tensor, label: Tensor, steps: int, overshoot: float) -> Tensor:
@@ -76,10 +75,10 @@ class UAP(UniversalAttack):
         return float(self.passes * self.df_steps * 10)
 
     def _project(self, v: Tensor) -> Tensor:
-        return ops.project_linf(v, self.eps) if self.norm is Norm.LINF else ops.project_l2(v, self.eps)
+        return ops.project_ball(v, self.norm, self.eps)
 
     def _fit(self, model, x, y, gen):
-        clean = torch.cat([model(x[i : i + 1000]).argmax(1) for i in range(0, len(x), 1000)])
+        clean = ops.predictions(model, x)
         v = torch.zeros_like(x[:1])
         for _ in range(self.passes):
             order = torch.randperm(len(x), generator=gen, device=gen.device).to(x.device)
@@ -92,9 +91,7 @@ class UAP(UniversalAttack):
                 r = deepfool(model, xs[keep], clean[sel][keep], self.df_steps, self.overshoot)
                 for dv in r:
                     v = self._project(v + dv.unsqueeze(0))
-            fooled = torch.cat(
-                [model(apply_delta(x[i : i + 1000], v)).argmax(1) for i in range(0, len(x), 1000)]
-            ) != clean
+            fooled = ops.predictions(model, apply_delta(x, v)) != clean
             if float(fooled.float().mean()) >= 1 - self.delta:
                 break
         return v

@@ -106,6 +106,20 @@ def project_l2(delta: Tensor, eps: float) -> Tensor:
     return delta * _view(factor, delta)
 
 
+def project_ball(delta: Tensor, norm: Norm, eps: float) -> Tensor:
+    """Project a perturbation onto the Linf or L2 ball of radius ``eps`` (no box)."""
+    if norm is Norm.LINF:
+        return project_linf(delta, eps)
+    if norm is Norm.L2:
+        return project_l2(delta, eps)
+    raise ValueError(f"project_ball supports Linf and L2, not {norm}")
+
+
+def predictions(model, x: Tensor, chunk: int = 1000) -> Tensor:
+    """``argmax`` of ``model`` over ``x`` in chunks of ``chunk`` images (call under ``no_grad``)."""
+    return torch.cat([model(x[i : i + chunk]).argmax(1) for i in range(0, len(x), chunk)])
+
+
 def project(x_adv: Tensor, x: Tensor, norm: Norm, eps: float) -> Tensor:
     """Project ``x_adv`` onto the ``eps`` ball around ``x`` intersected with the box [0, 1].
 
