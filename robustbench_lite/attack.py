@@ -58,17 +58,23 @@ class AttackOutput:
 
 
 class _Counter(nn.Module):
-    """Wraps a model and counts forward passes and input-gradient evaluations per image."""
+    """Wraps a model and counts forward passes and input-gradient evaluations per image.
+
+    A module that runs the network several times per call (EOT) says so with an integer
+    ``passes_per_forward`` attribute; the counts are multiplied by it (nested ones multiply)."""
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model
         self.forwards = 0
         self.backwards = 0
+        self.passes = 1
+        for m in model.modules():
+            self.passes *= int(getattr(m, "passes_per_forward", 1))
 
     def forward(self, x: Tensor) -> Tensor:
         out = self.model(x)
-        n = x.shape[0]
+        n = x.shape[0] * self.passes
         self.forwards += n
         if out.requires_grad:
             out.register_hook(self._count_backward(n))

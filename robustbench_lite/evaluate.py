@@ -25,7 +25,11 @@ from .registry import create_attack
 from .threat import Norm, ThreatModel
 
 # model-level checks whose firing makes an adaptive evaluation rerun the gradient attacks
-MASKING = (checks.ZERO_GRAD, checks.PROBABILITY_OUTPUTS, checks.RANDOMIZED, checks.LARGE_EPS, checks.BLACK_BOX_WINS)
+MASKING = (
+    checks.ZERO_GRAD, checks.PROBABILITY_OUTPUTS, checks.RANDOMIZED, checks.LARGE_EPS, checks.BLACK_BOX_WINS,
+    checks.MORE_STEPS_NO_HELP,
+)
+_STUCK = {checks.ZERO_GRAD, checks.LARGE_EPS, checks.BLACK_BOX_WINS, checks.MORE_STEPS_NO_HELP}  # -> bpda + rescale
 
 
 @dataclass(frozen=True)
@@ -100,6 +104,26 @@ def model_checks(
     return {f for f in found if f}
 
 
+def iterations_probe(
+    model: nn.Module, split: DataSplit, threat: ThreatModel, reference: Tensor, device: torch.device,
+    *, points: int = 64, short: int = 10, factor: int = 10,
+) -> str | None:
+    """The more-iterations check on (up to) ``points`` clean-correct points of ``split``: PGD-CE
+    with ``short`` and ``factor x short`` steps, against ``reference`` (the per-point robust mask
+    of every attack of the threat, e.g. Square included) on the same points."""
+    k = min(points, len(split))
+    if k == 0:
+        return None
+    probe = split.head(k)
+    x, y = probe.x.to(device), probe.y.to(device)
+    accs = []
+    for steps in (short, short * factor):
+        pgd = create_attack("pgd", norm=threat.norm, eps=threat.eps, steps=steps)
+        with torch.no_grad():
+            accs.append(float((model(pgd.run(model, x, y).x_adv).argmax(1) == y).float().mean()))
+    return checks.more_iterations_no_help(accs[0], accs[1], float(reference[:k].float().mean()))
+
+
 def run_attack(
     model: nn.Module,
     attack: EvasionAttack,
@@ -161,6 +185,7 @@ def evaluate(
     on_record: Callable[[int, AttackRecord, float], None] | None = None,
     adaptive: bool = True,
     eot_samples: int = 8,
+    probe_iterations: bool = True,
 ) -> Evaluation:
     """Evaluate ``attacks`` on the first ``n`` points of ``split``.
 
@@ -179,6 +204,8 @@ def evaluate(
     attack is rerun through :func:`wrappers.adapt` (BPDA for marked layers, EOT with
     ``eot_samples`` passes, log-probabilities, logit rescaling) on the points it left unbroken;
     its record becomes the per-point worst of both runs and carries an ``adapted:...`` flag.
+    With ``probe_iterations`` (default) each threat with an iterative gradient attack also gets
+    the more-iterations check (:func:`iterations_probe`, 110 PGD steps on 64 points).
     """
     device = torch.device(device)
     for a in attacks:
@@ -217,15 +244,17 @@ def evaluate(
             worst[attack.threat] = alive & rec.robust
     done = [r for r in records if r is not None]
     flags = cell_flags(done, found)
+    if probe_iterations:
+        _probe_iterations(model, done, correct, correct_split, worst, flags, device)
     fired = set(found) | {f for fs in flags.values() for f in fs}
     if not adaptive or not fired & set(MASKING):
         return Evaluation(len(split), correct, done, worst, flags, model_flags=frozenset(found))
     wrapped, names = wrappers.adapt(
         model,
-        bpda=bool(fired & {checks.ZERO_GRAD, checks.LARGE_EPS, checks.BLACK_BOX_WINS}),
+        bpda=bool(fired & _STUCK),
         eot_samples=eot_samples if checks.RANDOMIZED in fired else 0,
         log_outputs=checks.PROBABILITY_OUTPUTS in fired,
-        rescale=bool(fired & {checks.ZERO_GRAD, checks.LARGE_EPS, checks.BLACK_BOX_WINS}),
+        rescale=bool(fired & _STUCK),
     )
     if not names:
         return Evaluation(len(split), correct, done, worst, flags, model_flags=frozenset(found))
@@ -251,6 +280,24 @@ def evaluate(
         flags.setdefault(f"worst_case@{rec.attack.threat.label}", set()).add(tag)
         worst[rec.attack.threat] = worst[rec.attack.threat] & merged[i].robust
     return Evaluation(len(split), correct, merged, worst, flags, plain_records=done, model_flags=frozenset(found))
+
+
+def _probe_iterations(
+    model: nn.Module, records: Sequence[AttackRecord], correct: Tensor, correct_split: DataSplit,
+    worst: Mapping[ThreatModel, Tensor], flags: dict[str, set[str]], device: torch.device,
+) -> None:
+    """Run :func:`iterations_probe` per threat; a flag goes on the threat's iterative gradient
+    attacks and its worst case."""
+    for threat, mask in worst.items():
+        stuck = [r for r in records if r.attack.threat == threat and r.attack.needs_grad and r.attack.iterative]
+        if not stuck:
+            continue
+        code = iterations_probe(model, correct_split, threat, mask[correct], device)
+        if code is None:
+            continue
+        flags.setdefault(f"worst_case@{threat.label}", set()).add(code)
+        for r in stuck:
+            flags.setdefault(f"{r.attack.name}@{threat.label}", set()).add(code)
 
 
 def cell_flags(records: Sequence[AttackRecord], model_flags: set[str] | str | None) -> dict[str, set[str]]:

@@ -114,6 +114,11 @@ class EOT(nn.Module):
         self.model = model
         self.samples = samples
 
+    @property
+    def passes_per_forward(self) -> int:
+        """Network passes per call, so attacks count EOT's true cost (see ``attack._Counter``)."""
+        return self.samples
+
     def forward(self, x: Tensor) -> Tensor:
         # one batched pass over ``samples`` copies: each copy draws its own randomness
         out = self.model(x.repeat(self.samples, *([1] * (x.dim() - 1))))

@@ -57,7 +57,13 @@ def torchattacks_apgd(loss):
     return run
 
 
-def linf_table(models, x, y):
+def _keep(rows, only):
+    """Rows whose label contains one of the comma-separated substrings of ``only`` (all if empty)."""
+    keys = [k for k in only.split(",") if k]
+    return [r for r in rows if not keys or any(k in r[0] for k in keys)]
+
+
+def linf_table(models, x, y, only=""):
     rows = [
         ("ours apgd-ce", ours("apgd-ce", steps=STEPS)),
         ("torchattacks APGD ce", torchattacks_apgd("ce")),
@@ -67,6 +73,7 @@ def linf_table(models, x, y):
         ("ours acg ce", ours("acg", steps=STEPS, loss="ce")),
         ("ours acg dlr", ours("acg", steps=STEPS, loss="dlr")),
     ]
+    rows = _keep(rows, only)
     print(f"\n## Linf eps {EPS}, {STEPS} iterations, 1 restart, n = {len(x)} test points")
     print(f"{'model':<10} {'attack':<24} {'robust_acc':>10} {'seconds':>8}")
     results = {}
@@ -117,18 +124,27 @@ def cw_art(model, x, y):
     return torch.from_numpy(attack.generate(x.numpy())).float(), None
 
 
-def cw_table(models, x, y):
+CW_EPS = (0.5, 1.0, 1.5, 2.0, 2.5)  # L2 radii for the robust-accuracy curve of each minimum-norm attack
+
+
+def cw_table(models, x, y, only=""):
     rows = [
-        ("ours cw-l2 lr=0.01", cw_ours(lr=0.01)),
-        ("ours cw-l2 lr.01 c0=1e-3", cw_ours(lr=0.01, c0=1e-3)),
         ("ours cw-l2 (default)", cw_ours()),
+        ("ours cw-l2 c0=1e-3", cw_ours(c0=1e-3)),
+        ("ours cw-l2 lr=0.01", cw_ours(lr=0.01)),
         ("foolbox L2CW (c0=1e-3)", cw_foolbox),
         ("ART CarliniL2 (c0=0.01)", cw_art),
     ]
+    rows = _keep(rows, only)
     print(f"\n## CW-L2, {CW_SEARCH} binary-search steps x {CW_STEPS} steps, n = {len(x)} test points "
           "(rates and medians over clean-correct points)")
-    print("common: median L2 of the first row / of this row over the points both broke (count)")
-    print(f"{'model':<10} {'attack':<24} {'success':>8} {'median_l2':>9} {'seconds':>8}  common")
+    print("median_l2: over this row's successes; med_all: over all clean-correct points, a failure counting as")
+    print("infinite distance; common: median L2 of the first row / of this row over the points both broke (count);")
+    print("not_shorter: share of points where this row found an adversarial at least 2% shorter than the first row")
+    print("(a failure is infinitely long); acc@r: share of clean-correct points with no adversarial within L2 radius r")
+    curve = " ".join(f"acc@{r:g}" for r in CW_EPS)
+    print(f"{'model':<10} {'attack':<24} {'success':>8} {'median_l2':>9} {'med_all':>8} {'seconds':>8}  {curve}  "
+          "not_shorter  common")
     results = {}
     for mname, model in models.items():
         correct = predict(model, x) == y
@@ -145,13 +161,19 @@ def cw_table(models, x, y):
                 assert torch.allclose(reported[ok], l2[ok], atol=1e-5)
             rate = float(ok.float().mean())
             med = float(l2[ok].median()) if ok.any() else float("nan")
-            if not results or label == rows[0][0]:
-                base_ok, base_l2 = ok, l2
+            dist = torch.where(ok, l2, torch.full_like(l2, float("inf")))
+            # torch.median picks the lower middle value; a median that is a failure prints inf
+            med_all = float(dist.median())
+            if label == rows[0][0]:
+                base_ok, base_l2, base_dist = ok, l2, dist
             both = ok & base_ok
             common = (f"{float(base_l2[both].median()):.4f} / {float(l2[both].median()):.4f} ({int(both.sum())})"
                       if both.any() else "-")
+            shorter = float((dist < base_dist / 1.02).float().mean())
+            accs = " ".join(f"{float((dist > r).float().mean()):>{len(f'acc@{r:g}')}.3f}" for r in CW_EPS)
             results[(mname, label)] = (rate, med)
-            print(f"{mname:<10} {label:<24} {rate:>8.3f} {med:>9.4f} {sec:>8.1f}  {common}", flush=True)
+            print(f"{mname:<10} {label:<24} {rate:>8.3f} {med:>9.4f} {med_all:>8.4f} {sec:>8.1f}  {accs}  "
+                  f"{shorter:>11.3f}  {common}", flush=True)
     return results
 
 
@@ -174,6 +196,7 @@ def main() -> None:
     ap.add_argument("--n-cw", type=int, default=100, help="test points for the CW table")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--skip", default="", help="comma list of tables to skip: linf,cw,di")
+    ap.add_argument("--rows", default="", help="comma list of substrings: keep only the rows whose label has one")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     np.random.seed(0)
@@ -187,9 +210,9 @@ def main() -> None:
     test = load("fashion-mnist", train_limit=1).test
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}")
     if "linf" not in skip:
-        linf_table(models, test.x[: args.n], test.y[: args.n])
+        linf_table(models, test.x[: args.n], test.y[: args.n], args.rows)
     if "cw" not in skip:
-        cw_table(models, test.x[: args.n_cw], test.y[: args.n_cw])
+        cw_table(models, test.x[: args.n_cw], test.y[: args.n_cw], args.rows)
     if "di" not in skip:
         diversity_table(models, test.x, test.y)
 

@@ -123,7 +123,10 @@ def test_an_honest_model_raises_no_flag(honest):
 
 
 WRAPPED = {
-    "logits-x1e4": (lambda m: nn.Sequential(m, Scale()), {checks.ZERO_GRAD, checks.BLACK_BOX_WINS, checks.LARGE_EPS}),
+    "logits-x1e4": (
+        lambda m: nn.Sequential(m, Scale()),
+        {checks.ZERO_GRAD, checks.BLACK_BOX_WINS, checks.LARGE_EPS, checks.MORE_STEPS_NO_HELP},
+    ),
     "softmax-output": (lambda m: nn.Sequential(m, nn.Softmax(dim=1)), {checks.PROBABILITY_OUTPUTS}),
     "quantized-input": (lambda m: nn.Sequential(bpda(_quantize), m), {checks.ZERO_GRAD, checks.LARGE_EPS}),
     "input-noise": (lambda m: nn.Sequential(InputNoise(), m), {checks.RANDOMIZED}),
@@ -146,3 +149,11 @@ def test_lying_gradients_are_flagged_and_the_worst_case_stays_honest(name, hones
     pgd = next(r for r in ev.records if r.attack.name == "pgd").robust_acc
     assert pgd <= pgd_plain
     assert expected - {checks.BLACK_BOX_WINS} <= ev.flags[f"pgd@linf_{EPS:g}"]
+
+
+def test_eot_passes_are_counted_per_network_pass(digits_model, digits):
+    x, y = digits.test.x[:16], digits.test.y[:16]
+    plain = create_attack("fgsm", eps=EPS).run(digits_model, x, y)
+    eot = create_attack("fgsm", eps=EPS).run(EOT(digits_model, 4), x, y)
+    assert plain.grad_evals == 16 and eot.grad_evals == 4 * plain.grad_evals
+    assert eot.forward_evals == 4 * plain.forward_evals
