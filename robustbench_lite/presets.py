@@ -79,7 +79,7 @@ _BASIC = (AttackSpec("fgsm"), AttackSpec("ifgsm"), AttackSpec("least-likely"), A
 # on 28x28 Fashion-MNIST in scripts/bench_square.py)
 _SQUARE = AttackSpec("square", {"queries": 1000, "p_init": 0.3})
 # the strong white-box attacks (issue 4): run on the survivors of the cheap ones
-_STRONG = (AttackSpec("apgd-ce"), AttackSpec("apgd-dlr"), AttackSpec("apgd-t-dlr", {"n_targets": 3}), AttackSpec("acg"))
+_STRONG = (AttackSpec("apgd-ce"), AttackSpec("apgd-dlr"), AttackSpec("apgd-t-dlr", {"n_targets": 3}), AttackSpec("acg", {"loss": "cw"}))
 
 PRESETS: dict[str, Preset] = {
     "quick": Preset(

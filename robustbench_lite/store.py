@@ -86,5 +86,25 @@ class Store:
         cur = self._db.execute("SELECT row FROM cells ORDER BY key")
         return [CellResult.from_row(json.loads(r[0])) for r in cur.fetchall()]
 
+    def merge_from(self, other: str | Path) -> int:
+        """Copy the cells of the store at ``other`` into this one (runs split across machines or
+        processes, each with its own workdir).  A finished (``ok``) cell replaces whatever is
+        here; an error row is copied only where this store has nothing for that key.  Returns
+        the number of rows copied."""
+        other = Path(other)
+        if not other.is_file():
+            raise ValueError(f"no results store at {other}: pass a workdir's store.sqlite")
+        before = self._db.total_changes
+        self._db.execute("ATTACH DATABASE ? AS src", (str(other),))
+        try:
+            with self._db:
+                self._db.execute("INSERT OR REPLACE INTO cells SELECT * FROM src.cells WHERE status = 'ok'")
+                self._db.execute(
+                    "INSERT OR IGNORE INTO cells SELECT * FROM src.cells WHERE status != 'ok'"
+                )
+        finally:
+            self._db.execute("DETACH DATABASE src")
+        return self._db.total_changes - before
+
     def __len__(self) -> int:
         return int(self._db.execute("SELECT COUNT(*) FROM cells").fetchone()[0])

@@ -69,8 +69,8 @@ def linf_table(models, x, y, only=""):
         ("torchattacks APGD ce", torchattacks_apgd("ce")),
         ("ours apgd-dlr", ours("apgd-dlr", steps=STEPS)),
         ("torchattacks APGD dlr", torchattacks_apgd("dlr")),
-        ("ours acg (cw loss)", ours("acg", steps=STEPS)),
-        ("ours acg ce", ours("acg", steps=STEPS, loss="ce")),
+        ("ours acg (default: ce)", ours("acg", steps=STEPS)),
+        ("ours acg cw", ours("acg", steps=STEPS, loss="cw")),
         ("ours acg dlr", ours("acg", steps=STEPS, loss="dlr")),
     ]
     rows = _keep(rows, only)
@@ -140,11 +140,11 @@ def cw_table(models, x, y, only=""):
           "(rates and medians over clean-correct points)")
     print("median_l2: over this row's successes; med_all: over all clean-correct points, a failure counting as")
     print("infinite distance; common: median L2 of the first row / of this row over the points both broke (count);")
-    print("not_shorter: share of points where this row found an adversarial at least 2% shorter than the first row")
+    print("shorter: share of points where this row found an adversarial at least 2% shorter than the first row")
     print("(a failure is infinitely long); acc@r: share of clean-correct points with no adversarial within L2 radius r")
     curve = " ".join(f"acc@{r:g}" for r in CW_EPS)
     print(f"{'model':<10} {'attack':<24} {'success':>8} {'median_l2':>9} {'med_all':>8} {'seconds':>8}  {curve}  "
-          "not_shorter  common")
+          "shorter  common")
     results = {}
     for mname, model in models.items():
         correct = predict(model, x) == y
@@ -173,7 +173,7 @@ def cw_table(models, x, y, only=""):
             accs = " ".join(f"{float((dist > r).float().mean()):>{len(f'acc@{r:g}')}.3f}" for r in CW_EPS)
             results[(mname, label)] = (rate, med)
             print(f"{mname:<10} {label:<24} {rate:>8.3f} {med:>9.4f} {med_all:>8.4f} {sec:>8.1f}  {accs}  "
-                  f"{shorter:>11.3f}  {common}", flush=True)
+                  f"{shorter:>7.3f}  {common}", flush=True)
     return results
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import shutil
 import textwrap
 
 import pandas as pd
@@ -215,3 +217,25 @@ def test_min_norm_cells_report_success_rate_and_median_l2(digits_model, digits):
     assert rec.median_l2 is not None and rec.median_l2 > 0
     # robust at eps = no adversarial within eps, so at least the points never broken stay robust
     assert rec.robust_acc >= (1 - rec.success_rate) * rec.attacked / 60 - 1e-6
+
+
+def test_stores_of_split_runs_merge_and_the_merged_run_recomputes_nothing(tmp_path):
+    _smoke(tmp_path / "a", attacks=["fgsm"])
+    _smoke(tmp_path / "b", attacks=["pgd"])
+    with Store(tmp_path / "c" / "store.sqlite") as merged:
+        assert merged.merge_from(tmp_path / "a" / "store.sqlite") > 0
+        assert merged.merge_from(tmp_path / "b" / "store.sqlite") > 0
+        ok = {r.key: r for r in merged.rows()}
+        # an error row elsewhere never replaces a finished cell
+        some = next(r for r in ok.values() if r.attack == "pgd")
+        with Store(tmp_path / "d.sqlite") as broken:
+            broken.put(dataclasses.replace(some, status="error", error="boom", robust_acc=None))
+        merged.merge_from(tmp_path / "d.sqlite")
+        assert merged.get(some.key)[0].status == "ok"
+    with pytest.raises(ValueError, match="no results store"):
+        Store(tmp_path / "e.sqlite").merge_from(tmp_path / "missing.sqlite")
+    # the models are cached per workdir: copy them so the merged workdir needs no training either
+    shutil.copytree(tmp_path / "a" / "models", tmp_path / "c" / "models")
+    plan = get_preset("smoke").plan(attacks=["fgsm", "pgd"])
+    again = run_plan(plan, workdir=tmp_path / "c", progress=False)
+    assert again.computed == 0 and again.skipped == len(plan.cells)

@@ -85,7 +85,7 @@ def test_search_keeps_each_points_best_iterate(digits, digits_model, method, los
     assert float((res.x_adv - x).abs().max()) <= eps + 1e-6
 
 
-@pytest.mark.parametrize(("name", "kw"), [("apgd-ce", {}), ("apgd-dlr", {}), ("acg", {"loss": "ce"}),
+@pytest.mark.parametrize(("name", "kw"), [("apgd-ce", {}), ("apgd-dlr", {}), ("acg", {"loss": "cw"}),
                                           ("acg", {"loss": "dlr"}), ("acg", {})])
 def test_attacks_return_a_point_no_worse_than_the_start(digits, digits_model, name, kw):
     """Points not broken come back at their best iterate; for ACG (start at x) that means a loss
@@ -93,7 +93,7 @@ def test_attacks_return_a_point_no_worse_than_the_start(digits, digits_model, na
     x, y = _correct(digits_model, digits.test.x[:120], digits.test.y[:120])
     attack = create_attack(name, eps=0.02, steps=20, **kw)
     x_adv = attack.perturb(digits_model, x, y)
-    loss_fn = {"ce": ops.ce, "dlr": ops.dlr, "cw": ops.cw_loss}[kw.get("loss", "cw" if name == "acg" else name[5:])]
+    loss_fn = {"ce": ops.ce, "dlr": ops.dlr, "cw": ops.cw_loss}[kw.get("loss", "ce" if name == "acg" else name[5:])]
     with torch.no_grad():
         broken = digits_model(x_adv).argmax(1) != y
         gain = loss_fn(digits_model(x_adv), y) - loss_fn(digits_model(x), y)
