@@ -116,7 +116,7 @@ PRESETS["full"] = Preset(
     description=(
         "Fashion-MNIST Linf 0.1: every defense (small-cnn, 2 epochs on 60k images, 5-step inner searches; the convex pair "
         "one-vs-rest on a one-hidden-relu with 20 patterns per class, 2000 training points) x the basic attacks, "
-        "then APGD-CE/DLR/T-DLR, ACG and Square on the survivors; 1000 test points. Not yet timed end to end."
+        "then APGD-CE/DLR/T-DLR, ACG and Square on the survivors; 500 test points. Not yet timed end to end."
     ),
     data=(DataSpec("fashion-mnist"),),
     models=(ModelSpec("small-cnn"),),
@@ -132,7 +132,7 @@ PRESETS["full"] = Preset(
         DefenseSpec("arow", {"epochs": _FULL_EPOCHS, **_ADV}),
     ),
     grid=((_linf(0.1), (*_BASIC, *_STRONG, _SQUARE)),),
-    n=1000,
+    n=500,
     survivors=True,
     paired=(
         (ModelSpec("one-hidden-relu", {"hidden": 400}), DefenseSpec("convex-standard", {**_FULL_CONVEX, "certify_eps": 0.1})),
