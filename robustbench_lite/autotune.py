@@ -32,7 +32,8 @@ from .ops import ce
 log = logging.getLogger(__name__)
 
 CANDIDATES = (64, 128, 256, 500, 1000, 2000)
-KINDS = ("grad", "forward")  # attacks that take input gradients | forward-only (score/decision based)
+KINDS = ("grad", "forward")
+CLOCKS = {"wall": time.perf_counter, "process": time.process_time}  # process: CPU time of this process  # attacks that take input gradients | forward-only (score/decision based)
 T = TypeVar("T")
 
 
@@ -78,13 +79,19 @@ def attack_kind(attack: object) -> str:
     return "grad" if getattr(attack, "needs_grad", True) else "forward"
 
 
-def time_pass(model: nn.Module, x: Tensor, y: Tensor, batch: int, kind: str, policy: DevicePolicy) -> float:
+def time_pass(
+    model: nn.Module, x: Tensor, y: Tensor, batch: int, kind: str, policy: DevicePolicy, clock: str = "wall"
+) -> float:
     """Seconds for one PGD-like step (``grad``: forward + input gradient; ``forward``: forward only)
-    over all of ``x`` in batches of ``batch``."""
+    over all of ``x`` in batches of ``batch``.  ``clock``: ``wall``, or ``process`` (this process's
+    CPU time: steadier on a shared CPU, blind to GPU time)."""
     if kind not in KINDS:
         raise ValueError(f"unknown kind {kind!r}; use one of {KINDS}")
+    if clock not in CLOCKS:
+        raise ValueError(f"unknown clock {clock!r}; use one of {sorted(CLOCKS)}")
+    now = CLOCKS[clock]
     model.eval()
-    start = time.perf_counter()
+    start = now()
     for i in range(0, len(x), batch):
         xb, yb = policy.batch_to(x[i : i + batch]), policy.batch_to(y[i : i + batch])
         if kind == "grad":
@@ -97,13 +104,13 @@ def time_pass(model: nn.Module, x: Tensor, y: Tensor, batch: int, kind: str, pol
                 model(xb)
     if policy.is_cuda:
         torch.cuda.synchronize(policy.device)
-    return time.perf_counter() - start
+    return now() - start
 
 
 def probe(
     model: nn.Module, x: Tensor, y: Tensor, *, kind: str = "grad", policy: DevicePolicy,
     candidates: tuple[int, ...] = CANDIDATES, rounds: int = 3,
-    timer: Callable[[nn.Module, Tensor, Tensor, int, str, DevicePolicy], float] = time_pass,
+    timer: Callable[..., float] = time_pass, clock: str = "wall",
 ) -> dict[int, float]:
     """Median seconds of one step over ``x`` per candidate batch size (bounded by ``len(x)``).
 
@@ -113,7 +120,7 @@ def probe(
     if rounds < 1:
         raise ValueError(f"rounds must be >= 1, got {rounds}")
     cands = list(candidate_batches(len(x), candidates))
-    timer(model, x, y, cands[0], kind, policy)  # warm-up: allocator, kernels, caches
+    timer(model, x, y, cands[0], kind, policy, clock)  # warm-up: allocator, kernels, caches
     times: dict[int, list[float]] = {b: [] for b in cands}
     too_big: int | None = None
     for r in range(rounds):
@@ -121,7 +128,7 @@ def probe(
             if too_big is not None and b >= too_big:
                 continue
             try:
-                times[b].append(timer(model, x, y, b, kind, policy))
+                times[b].append(timer(model, x, y, b, kind, policy, clock))
             except Exception as exc:
                 if not is_oom(exc):
                     raise
@@ -144,12 +151,14 @@ class BatchTuner:
     """Picks and caches the evaluation batch size per (model, attack kind, device, probe size).
 
     ``path`` is the JSON cache (``None``: no cache); the probe uses the first
-    ``min(n, probe_points)`` evaluation points."""
+    ``min(n, probe_points)`` evaluation points and times them with ``clock`` (see
+    :func:`time_pass`)."""
 
     path: Path | None
     candidates: tuple[int, ...] = CANDIDATES
     rounds: int = 3
     probe_points: int = 2000
+    clock: str = "wall"
 
     def cache_key(self, model_key: str, kind: str, policy: DevicePolicy, points: int) -> str:
         dtype = policy.attack_dtype
@@ -172,10 +181,14 @@ class BatchTuner:
         hit = self.load().get(key)
         if hit is not None and int(hit["batch"]) in candidate_batches(points, self.candidates):
             return int(hit["batch"])
-        timings = probe(model, x[:points], y[:points], kind=kind, policy=policy, candidates=self.candidates, rounds=self.rounds)
+        timings = probe(
+            model, x[:points], y[:points], kind=kind, policy=policy, candidates=self.candidates, rounds=self.rounds,
+            clock=self.clock,
+        )
         batch = pick(timings)
         log.info("autotune %s: batch %d (%s)", key, batch, {b: round(t, 4) for b, t in timings.items()})
-        self._save(key, {"batch": batch, "seconds": {str(b): t for b, t in timings.items()}, "rounds": self.rounds})
+        entry = {"batch": batch, "seconds": {str(b): t for b, t in timings.items()}, "rounds": self.rounds, "clock": self.clock}
+        self._save(key, entry)
         return batch
 
     def _save(self, key: str, entry: dict) -> None:

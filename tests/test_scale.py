@@ -14,14 +14,15 @@ import pytest
 import torch
 
 from robustbench_lite import autotune, leaderboard
-from robustbench_lite.cli import main
+from robustbench_lite.cli import build_parser, main
 from robustbench_lite.device import DevicePolicy, decide_policy, make_policy
 from robustbench_lite.evaluate import evaluate
 from robustbench_lite.model_cache import ModelCache, ModelSpec, train_or_load
 from robustbench_lite.plan import Plan
 from robustbench_lite.presets import get_preset
+from robustbench_lite.ray_executor import RayExecutor
 from robustbench_lite.registry import create_attack, create_defense
-from robustbench_lite.run import LocalExecutor, run_plan
+from robustbench_lite.run import LocalExecutor, RunContext, run_group, run_plan
 from robustbench_lite.store import Store
 
 evaluate_mod = importlib.import_module("robustbench_lite.evaluate")  # the package re-exports the function
@@ -160,7 +161,7 @@ def test_probe_picks_the_fastest_and_skips_batches_above_an_oom():
     cost = {64: 3.0, 128: 1.0, 256: 2.0, 500: 1.5}
     calls = []
 
-    def timer(model, x, y, b, kind, policy):
+    def timer(model, x, y, b, kind, policy, clock):
         calls.append(b)
         return _oom() if b >= 1000 else cost[b]
 
@@ -193,6 +194,26 @@ def test_batch_size_auto_end_to_end(tmp_path):
     assert table[key]["batch"] in autotune.candidate_batches(100)
     with pytest.raises(ValueError, match="auto"):
         run_plan(get_preset("smoke").plan(), workdir=tmp_path, batch_size=0, progress=False)
+    # the per-group function returns rows and leaves the store alone (only the driver writes it)
+    plan = get_preset("smoke").plan(n=100)
+    with Store(tmp_path / "store.sqlite") as s:
+        before = {r.key: r for r in s.rows()}
+    ctx = RunContext(workdir=str(tmp_path), batch_size="auto", progress=False)
+    rows = run_group(plan.cells, ctx)
+    with Store(tmp_path / "store.sqlite") as s:
+        assert {r.key: r for r in s.rows()} == before
+    attack_rows = [r for r, _ in rows if r.attack != "worst_case"]
+    assert sorted(r.key for r in attack_rows) == sorted(c.key for c in plan.cells)
+    assert {r.key for r, _ in rows} == set(before)  # the same cells and worst cases the driver stored
+    assert all(before[r.key].robust_acc == r.robust_acc for r in attack_rows)  # same model, same batch: same numbers
+
+
+def test_cli_batch_size_and_ray_executor_resources():
+    assert build_parser().parse_args(["run", "--batch-size", "auto"]).batch_size == "auto"
+    assert build_parser().parse_args(["run", "--batch-size", "256", "--executor", "ray"]).batch_size == 256
+    ex = RayExecutor(num_cpus=2)
+    assert ex.resources({"CPU": 8.0}) == {"num_cpus": 1}
+    assert ex.resources({"CPU": 8.0, "GPU": 4.0}) == {"num_gpus": 1.0, "num_cpus": 1}
 
 
 def test_cli_takes_batch_size_auto_and_rejects_a_bad_one(tmp_path, capsys):
@@ -270,8 +291,6 @@ def test_killed_driver_local_rerun_recomputes_no_finished_cell(tmp_path):
 
 def _ray_executor():
     pytest.importorskip("ray")
-    from robustbench_lite.ray_executor import RayExecutor
-
     return RayExecutor(num_cpus=2)
 
 
