@@ -308,20 +308,24 @@ def test_ray_smoke_gives_the_local_csvs_and_a_killed_driver_recomputes_no_finish
 @pytest.mark.slow
 def test_quick_preset_through_ray_gives_the_local_leaderboards(tmp_path):
     """Both runs at once (the Ray run's work is in its worker process), to halve the wall time."""
-    pytest.importorskip("ray")
+    ray = pytest.importorskip("ray")
     plan = get_preset("quick").plan()
     errors = []
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)  # in the main thread
 
     def on_ray():
         try:
-            run_plan(plan, workdir=tmp_path / "ray", progress=False, executor=_ray_executor())
+            run_plan(plan, workdir=tmp_path / "ray", progress=False, executor=RayExecutor())
         except BaseException as exc:  # surfaced below
             errors.append(exc)
 
-    thread = threading.Thread(target=on_ray)
-    thread.start()
-    local = run_plan(plan, workdir=tmp_path / "local", progress=False)
-    thread.join()
+    try:
+        thread = threading.Thread(target=on_ray)
+        thread.start()
+        local = run_plan(plan, workdir=tmp_path / "local", progress=False)
+        thread.join()
+    finally:
+        ray.shutdown()
     assert not errors, errors
     assert local.errors == 0 and local.computed == len(plan.cells)
     a, b = _csvs(tmp_path / "local"), _csvs(tmp_path / "ray")
