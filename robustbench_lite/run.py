@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
+import torch
 from torch import Tensor
 
 from . import __version__
@@ -65,6 +66,7 @@ class RunContext:
     batch_size: int | str = 500
     progress: bool = True
     plugins: tuple[str, ...] = ()
+    threads: int | None = None  # torch CPU threads where the group runs (float sums depend on it)
 
 
 @dataclass(frozen=True)
@@ -127,7 +129,7 @@ def run_plan(
     ctx = RunContext(
         workdir=str(workdir), device=str(device), autocast=autocast, autocast_eval=autocast_eval,
         data_root=None if data_root is None else str(Path(data_root).resolve()), batch_size=batch_size,
-        progress=progress, plugins=tuple(str(Path(p).resolve()) for p in plugins),
+        progress=progress, plugins=tuple(str(Path(p).resolve()) for p in plugins), threads=torch.get_num_threads(),
     )
     executor = executor if executor is not None else LocalExecutor()
     summary = RunSummary()
@@ -181,6 +183,10 @@ def run_group(
     done = dict(done or {})
     emit: OnRow = on_row if on_row is not None else (lambda row, mask: None)
     first = cells[0]
+    if ctx.threads is not None and torch.get_num_threads() != ctx.threads:
+        # CPU reductions split by thread, so the thread count changes the last bits of training and
+        # attacks: a worker uses the driver's count, so every executor gives the same numbers
+        torch.set_num_threads(ctx.threads)
     try:
         for path in ctx.plugins:
             load_plugin_file(path)
