@@ -10,6 +10,7 @@ from collections.abc import Sequence
 
 from . import leaderboard
 from .data import list_datasets
+from .device import AUTOCAST_CHOICES
 from .presets import PRESETS, get_preset
 from .registry import ATTACKS, DEFENSES, MODELS, load_plugin_file
 from .run import run_plan
@@ -19,6 +20,18 @@ from .threat import ThreatModel
 
 def _csv(text: str) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
+
+
+def _batch_size(text: str) -> int | str:
+    if text.strip().lower() == "auto":
+        return "auto"
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--batch-size takes a positive int or 'auto', got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"--batch-size must be >= 1 (or 'auto'), got {value}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -35,11 +48,21 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--threats", type=_csv,
                    help="comma-separated NORM:EPS, e.g. linf:0.1,l2:1.5")
     r.add_argument("--n", type=int, help="number of test points")
-    r.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    r.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (with --executor ray: where each task runs)")
+    r.add_argument("--autocast", default="auto", choices=AUTOCAST_CHOICES,
+                   help="mixed precision for training and attacks: auto (bf16/fp16 on CUDA, off on CPU), off, bf16, fp16")
+    r.add_argument("--autocast-eval", action="store_true",
+                   help="also autocast evaluation (clean and adversarial predictions); off by default")
     r.add_argument("--data-root", help="where dataset files are (else RBL_DATA_ROOT or the default place)")
     r.add_argument("--workdir", default=".rbl", help="store and model cache folder (default .rbl)")
     r.add_argument("--out", default="leaderboards", help="folder for the leaderboard CSVs")
-    r.add_argument("--batch-size", type=int, default=500)
+    r.add_argument("--batch-size", type=_batch_size, default=500,
+                   help="evaluation batch size, or 'auto' to probe and cache the fastest per model, attack kind and device")
+    r.add_argument("--executor", default="local", choices=["local", "ray"],
+                   help="local: one process (default); ray: one Ray task per (data, model, defense) group")
+    r.add_argument("--address", help="with --executor ray: join this Ray cluster (e.g. 'auto' or HOST:6379); "
+                   "default: start a local Ray instance")
+    r.add_argument("--ray-cpus", type=int, default=2, help="CPUs of a local Ray instance (default 2)")
     r.add_argument("--no-progress", action="store_true")
     for q in (r,):
         q.add_argument("--plugin", action="append", default=argparse.SUPPRESS, metavar="FILE.py")
@@ -117,14 +140,18 @@ def _leaderboard(workdir: str, out: str) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    if args.batch_size < 1:
-        raise ValueError("--batch-size must be >= 1")
     threats = [ThreatModel.parse(t) for t in args.threats] if args.threats else None
     plan = get_preset(args.preset).plan(attacks=args.attacks, threats=threats, n=args.n, defenses=args.defenses)
+    executor = None
+    if args.executor == "ray":
+        from .ray_executor import RayExecutor  # ray is an optional extra
+
+        executor = RayExecutor(address=args.address, num_cpus=args.ray_cpus)
     start = time.perf_counter()
     summary = run_plan(
         plan, workdir=args.workdir, device=args.device, data_root=args.data_root, batch_size=args.batch_size,
-        progress=not args.no_progress,
+        progress=not args.no_progress, autocast=args.autocast, autocast_eval=args.autocast_eval, executor=executor,
+        plugins=args.plugin,
     )
     elapsed = time.perf_counter() - start
     print(

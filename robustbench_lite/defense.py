@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from .config import params_of, setting, validate_settings
 from .data import Data, DataSplit
+from .device import DevicePolicy, as_policy
 
 
 @dataclass
@@ -122,11 +123,18 @@ class Defense:
         return {"pgd_acc": correct / len(split)}
 
     # -- the loop -------------------------------------------------------------------------------
-    def fit(self, model: nn.Module, data: Data, *, device: torch.device | str = "cpu", progress: bool = True) -> TrainLog:
-        """Train ``model`` in place on ``data.train``; return the per-epoch log."""
-        device = torch.device(device)
+    def fit(
+        self, model: nn.Module, data: Data, *, device: torch.device | str = "cpu", progress: bool = True,
+        policy: DevicePolicy | None = None,
+    ) -> TrainLog:
+        """Train ``model`` in place on ``data.train``; return the per-epoch log.
+
+        ``policy`` (default: float32 on ``device``) says where the model and batches go and how:
+        autocast for the losses, a loss scaler for fp16, cudnn.benchmark, pinned copies."""
+        policy = policy if policy is not None else as_policy(device)
+        device = policy.device
         torch.manual_seed(self.seed)
-        model.to(device)
+        policy.model_to(model)
         params = [p for p in model.parameters() if p.requires_grad]
         if self.optimizer == "adam":
             opt: torch.optim.Optimizer = torch.optim.Adam(params, lr=self.lr, weight_decay=self.weight_decay)
@@ -144,39 +152,43 @@ class Defense:
         records: list[EpochRecord] = []
         start = time.perf_counter()
         bar = tqdm(total=total_steps, desc=f"train {self.name}", disable=not progress, leave=False)
+        scaler = policy.grad_scaler()
         try:
-            for epoch in range(self.epochs):
-                state.epoch = epoch
-                t0 = time.perf_counter()
-                perm = torch.randperm(n, generator=gen)
-                total, count = 0.0, 0
-                model.train()
-                for i in range(steps_per_epoch):
-                    idx = perm[i * self.batch_size : (i + 1) * self.batch_size]
-                    xb = x_all[idx].to(device, non_blocking=True)
-                    yb = y_all[idx].to(device, non_blocking=True)
-                    loss = self.batch_loss(model, xb, yb, state)
-                    if not torch.isfinite(loss):
-                        raise FloatingPointError(
-                            f"{self.name}: training loss became {float(loss)} at epoch {epoch}, step {i}; lower lr"
-                        )
-                    opt.zero_grad(set_to_none=True)
-                    loss.backward()
-                    if self.grad_clip > 0:
-                        nn.utils.clip_grad_norm_(params, self.grad_clip)
-                    opt.step()
-                    if sched is not None:
-                        sched.step()
-                    state.step += 1
-                    total += float(loss.detach()) * len(idx)
-                    count += len(idx)
-                    bar.update(1)
-                model.eval()
-                val_acc = accuracy(model, data.val, device) if data.val is not None else None
-                metrics = {**state.metrics, **self.epoch_metrics(model, data, device)}
-                state.metrics.clear()
-                records.append(EpochRecord(epoch, total / max(count, 1), val_acc, time.perf_counter() - t0, metrics))
-                bar.set_postfix(loss=f"{total / max(count, 1):.3f}", val=f"{val_acc:.3f}" if val_acc is not None else "-")
+            with policy.training():
+                for epoch in range(self.epochs):
+                    state.epoch = epoch
+                    t0 = time.perf_counter()
+                    perm = torch.randperm(n, generator=gen)
+                    total, count = 0.0, 0
+                    model.train()
+                    for i in range(steps_per_epoch):
+                        idx = perm[i * self.batch_size : (i + 1) * self.batch_size]
+                        xb, yb = policy.batch_to(x_all[idx]), policy.batch_to(y_all[idx])
+                        with policy.autocast("train"):
+                            loss = self.batch_loss(model, xb, yb, state)
+                        if not torch.isfinite(loss):
+                            raise FloatingPointError(
+                                f"{self.name}: training loss became {float(loss)} at epoch {epoch}, step {i}; lower lr"
+                            )
+                        opt.zero_grad(set_to_none=True)
+                        scaler.scale(loss).backward()
+                        if self.grad_clip > 0:
+                            scaler.unscale_(opt)
+                            nn.utils.clip_grad_norm_(params, self.grad_clip)
+                        scaler.step(opt)
+                        scaler.update()
+                        if sched is not None:
+                            sched.step()
+                        state.step += 1
+                        total += float(loss.detach()) * len(idx)
+                        count += len(idx)
+                        bar.update(1)
+                    model.eval()
+                    val_acc = accuracy(model, data.val, device) if data.val is not None else None
+                    metrics = {**state.metrics, **self.epoch_metrics(model, data, device)}
+                    state.metrics.clear()
+                    records.append(EpochRecord(epoch, total / max(count, 1), val_acc, time.perf_counter() - t0, metrics))
+                    bar.set_postfix(loss=f"{total / max(count, 1):.3f}", val=f"{val_acc:.3f}" if val_acc is not None else "-")
         finally:
             bar.close()
         model.eval()

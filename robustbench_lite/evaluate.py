@@ -18,8 +18,10 @@ from torch import Tensor, nn
 
 from . import checks, wrappers
 from .attack import EvasionAttack
+from .autotune import halving_on_oom
 from .data import DataSplit
 from .defense import predict
+from .device import DevicePolicy, as_policy
 from .ops import ce
 from .registry import create_attack
 from .threat import Norm, ThreatModel
@@ -134,11 +136,14 @@ def run_attack(
     batch_size: int = 500,
     scope: str = "all",
     attack_model: nn.Module | None = None,
+    policy: DevicePolicy | None = None,
 ) -> AttackRecord:
     """Run ``attack`` on the points where ``attack_mask`` is set; others count as not robust.
 
     ``attack_model`` (e.g. a BPDA/EOT wrapper of ``model``) is what the attack sees; the
-    adversarial points are always judged on ``model``."""
+    adversarial points are always judged on ``model``.  ``policy`` (default: float32 on
+    ``device``) moves the batches and sets the attack's and the judging's autocast."""
+    policy = policy if policy is not None else as_policy(device)
     robust = torch.zeros(len(split), dtype=torch.bool)
     idx = attack_mask.nonzero().flatten()
     gen = torch.Generator(device=device).manual_seed(attack.seed)
@@ -146,10 +151,11 @@ def run_attack(
     dists: list[Tensor] = []
     for i in range(0, len(idx), batch_size):
         sel = idx[i : i + batch_size]
-        x, y = split.x[sel].to(device), split.y[sel].to(device)
-        out = attack.run(attack_model if attack_model is not None else model, x, y, gen)
+        x, y = policy.batch_to(split.x[sel]), policy.batch_to(split.y[sel])
+        with policy.autocast("attack"):
+            out = attack.run(attack_model if attack_model is not None else model, x, y, gen)
         t0 = time.perf_counter()
-        with torch.no_grad():
+        with torch.no_grad(), policy.autocast("eval"):
             pred = model(out.x_adv).argmax(1)
         seconds += out.seconds + (time.perf_counter() - t0)
         grads += out.grad_evals
@@ -179,13 +185,14 @@ def evaluate(
     *,
     n: int = 1000,
     device: torch.device | str = "cpu",
-    batch_size: int = 500,
+    batch_size: int | Callable[[EvasionAttack], int] = 500,
     survivors_only: bool = False,
     precomputed: Mapping[int, AttackRecord] | None = None,
     on_record: Callable[[int, AttackRecord, float], None] | None = None,
     adaptive: bool = True,
     eot_samples: int = 8,
     probe_iterations: bool = True,
+    policy: DevicePolicy | None = None,
 ) -> Evaluation:
     """Evaluate ``attacks`` on the first ``n`` points of ``split``.
 
@@ -206,16 +213,27 @@ def evaluate(
     its record becomes the per-point worst of both runs and carries an ``adapted:...`` flag.
     With ``probe_iterations`` (default) each threat with an iterative gradient attack also gets
     the more-iterations check (:func:`iterations_probe`, 110 PGD steps on 64 points).
+
+    ``batch_size`` is a number or a function of the attack (an autotuned choice per attack kind);
+    an attack that runs out of CUDA memory is rerun with half the batch (see
+    :func:`autotune.halving_on_oom`).  ``policy`` (default: float32 on ``device``) says where and
+    in which precision the model runs (:class:`device.DevicePolicy`).
     """
-    device = torch.device(device)
+    policy = policy if policy is not None else as_policy(device)
+    device = policy.device
+
+    def attack_batch(attack: EvasionAttack) -> int:
+        return batch_size(attack) if callable(batch_size) else batch_size
+
     for a in attacks:
         if not isinstance(a, EvasionAttack):
             raise TypeError(f"evaluate takes evasion attacks, got {type(a).__name__}")
     if not isinstance(n, int) or n < 1:
         raise ValueError(f"n must be a positive int, got {n!r}")
     split = split.head(n)
-    model = model.to(device).eval()
-    correct = predict(model, split.x, device) == split.y
+    model = policy.model_to(model).eval()
+    with policy.autocast("eval"):
+        correct = predict(model, split.x, device) == split.y
     correct_split = split.subset(correct.nonzero().flatten())
     grad_flag = checks.zero_gradients(input_grad_norms(model, correct_split, device))
     found = model_checks(model, correct_split, device)
@@ -234,7 +252,12 @@ def evaluate(
             rec = precomputed[i]
         else:
             try:
-                rec = run_attack(model, attack, split, mask, device=device, batch_size=batch_size, scope=scope)
+                rec, _ = halving_on_oom(
+                    lambda b, attack=attack, mask=mask, scope=scope: run_attack(
+                        model, attack, split, mask, device=device, batch_size=b, scope=scope, policy=policy
+                    ),
+                    attack_batch(attack),
+                )
             except Exception as exc:  # one failing attack must not lose the others
                 rec = AttackRecord(attack, None, 0.0, 0, 0, int(mask.sum()), scope, error=_describe(exc))
             if on_record is not None:
@@ -265,9 +288,12 @@ def evaluate(
         if i in precomputed or rec.robust is None or not rec.attack.needs_grad or not rec.robust.any():
             continue
         try:
-            again = run_attack(
-                model, rec.attack, split, rec.robust, device=device, batch_size=batch_size, scope=rec.scope,
-                attack_model=wrapped,
+            again, _ = halving_on_oom(
+                lambda b, rec=rec: run_attack(
+                    model, rec.attack, split, rec.robust, device=device, batch_size=b, scope=rec.scope,
+                    attack_model=wrapped, policy=policy,
+                ),
+                attack_batch(rec.attack),
             )
         except Exception as exc:  # keep the plain record; say the rerun failed
             flags.setdefault(f"{rec.attack.name}@{rec.attack.threat.label}", set()).add(f"error:adaptive:{type(exc).__name__}")

@@ -5,6 +5,7 @@ Loading uses safetensors (no pickle), so a cache folder from elsewhere cannot ru
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import time
@@ -19,6 +20,7 @@ from torch import nn
 from .config import config_hash
 from .data import Data
 from .defense import Defense, accuracy
+from .device import DevicePolicy, as_policy
 from .models import create_model
 
 
@@ -44,18 +46,20 @@ class TrainedModel:
     from_cache: bool
 
 
-def model_key(spec: ModelSpec, defense: Defense, data: Data) -> str:
-    """The cache key: model, defense and its settings, and the exact training data."""
-    return config_hash(
-        {
-            "model": spec.as_dict(),
-            "defense": defense.name,
-            "params": defense.get_params(),
-            "data": data.name,
-            "train": data.train.fingerprint(),
-            "val": data.val.fingerprint() if data.val is not None else None,
-        }
-    )
+def model_key(spec: ModelSpec, defense: Defense, data: Data, precision: str | None = None) -> str:
+    """The cache key: model, defense and its settings, the exact training data, and the training
+    precision when it is not float32 (``precision=None`` keeps the float32 keys unchanged)."""
+    fields = {
+        "model": spec.as_dict(),
+        "defense": defense.name,
+        "params": defense.get_params(),
+        "data": data.name,
+        "train": data.train.fingerprint(),
+        "val": data.val.fingerprint() if data.val is not None else None,
+    }
+    if precision is not None:
+        fields["precision"] = precision
+    return config_hash(fields)
 
 
 class ModelCache:
@@ -93,16 +97,27 @@ def train_or_load(
     *,
     device: torch.device | str = "cpu",
     progress: bool = True,
+    policy: DevicePolicy | None = None,
 ) -> TrainedModel:
-    """Return the model trained by ``defense`` on ``data``, from the cache when it is there."""
-    key = model_key(spec, defense, data)
+    """Return the model trained by ``defense`` on ``data``, from the cache when it is there.
+
+    ``policy`` (default: float32 on ``device``) is handed to defenses that use the base training
+    loop; a defense that overrides ``fit`` without a ``policy`` argument gets only the device."""
+    policy = policy if policy is not None else as_policy(device)
+    device = policy.device
+    takes_policy = "policy" in inspect.signature(defense.fit).parameters
+    key = model_key(spec, defense, data, policy.precision_tag() if takes_policy else None)
     model = spec.build(data)
     sidecar = cache.load(key, model)
     if sidecar is not None:
-        return TrainedModel(model.to(device).eval(), key, sidecar, True)
+        return TrainedModel(policy.model_to(model).eval(), key, sidecar, True)
     torch.manual_seed(defense.seed)
     model = spec.build(data)  # same seed, same initial weights
-    log = defense.fit(model, data, device=device, progress=progress)
+    if takes_policy:
+        log = defense.fit(model, data, device=device, progress=progress, policy=policy)
+    else:
+        log = defense.fit(model, data, device=device, progress=progress)
+        policy.model_to(model)
     sidecar = {
         "key": key,
         "model": spec.as_dict(),
@@ -116,6 +131,7 @@ def train_or_load(
         "curve": log.as_dict()["epochs"],
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "torch": torch.__version__,
+        "device": policy.describe(),
     }
     cache.save(key, model, sidecar)
     return TrainedModel(model.eval(), key, sidecar, False)
