@@ -18,6 +18,17 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
+class Extra:
+    """Non-evasion cells (universal, sparse, poisoning) on some of a preset's defenses: each of
+    ``attacks`` at ``threat`` on ``n`` test points, for the defenses named in ``defenses``."""
+
+    defenses: tuple[str, ...]
+    threat: ThreatModel
+    attacks: tuple[AttackSpec, ...]
+    n: int
+
+
+@dataclass(frozen=True)
 class Preset:
     name: str
     description: str
@@ -28,6 +39,7 @@ class Preset:
     n: int
     survivors: bool = False
     paired: tuple[tuple[ModelSpec, DefenseSpec], ...] = ()  # defenses that need their own model
+    extra: tuple[Extra, ...] = ()  # non-evasion cells (issue 6), on the defenses each names
 
     def plan(
         self,
@@ -65,9 +77,25 @@ class Preset:
                             log.info("%s does not support %s; left out", att.name, threat.norm.value)
                             continue
                         cells.append(Cell(data, model, defense, att, threat, n or self.n, self.survivors))
+                cells.extend(self._extra_cells(data, model, defense, attacks, threats))
         if not cells:
             raise ValueError("the plan has no cells: check --attacks and --threats (norms the attacks support)")
         return Plan(self.name, tuple(cells))
+
+    def _extra_cells(self, data, model, defense, attacks, threats) -> list[Cell]:
+        """The :attr:`extra` cells of one model/defense; ``--threats`` drops them, ``--attacks``
+        keeps the named ones."""
+        if threats is not None:
+            return []
+        out = []
+        for ex in self.extra:
+            if defense.name not in ex.defenses:
+                continue
+            for att in ex.attacks:
+                if attacks is not None and att.name not in attacks:
+                    continue
+                out.append(Cell(data, model, defense, att, ex.threat, ex.n))
+        return out
 
 
 def _linf(eps: float) -> ThreatModel:

@@ -24,6 +24,7 @@ from .evaluate import AttackRecord, Evaluation, evaluate
 from .model_cache import ModelCache, TrainedModel, train_or_load
 from .plan import Cell, DataSpec, Plan
 from .rows import WORST_CASE, CellResult
+from .run_other import is_other, run_other_cells
 from .store import Store
 from .threat import ThreatModel
 
@@ -87,14 +88,22 @@ def run_plan(
                     store.put(_error_row(c, f"training failed: {type(exc).__name__}: {exc}"))
                     summary.errors += 1
                 continue
-            _evaluate_group(store, cells, trained, data, dev, batch_size, summary)
+            _evaluate_group(store, cells, trained, data, dev, batch_size, summary, cache)
     return summary
 
 
 def _evaluate_group(
     store: Store, cells: list[Cell], trained: TrainedModel, data: Data, device: torch.device, batch_size: int,
-    summary: RunSummary,
+    summary: RunSummary, cache: ModelCache | None = None,
 ) -> None:
+    # universal / sparse (L0) / poisoning cells: their own evaluation and row metrics (run_other.py)
+    other = [c for c in cells if is_other(c) and not store.done(c.key)]
+    for row, mask in run_other_cells(other, trained, data, device, cache=cache, code_version=code_version()):
+        store.put(row, mask)
+        summary.computed += 1
+        summary.computed_keys.append(row.key)
+        summary.errors += row.status == "error"
+    cells = [c for c in cells if not is_other(c)]
     by_survivors: dict[bool, list[Cell]] = {}
     for c in cells:
         by_survivors.setdefault(c.survivors, []).append(c)
@@ -147,6 +156,8 @@ def _write_worst_cases(store: Store, cells: list[Cell], ev: Evaluation | None) -
     """One ``worst_case`` row per threat: the per-point AND of its stored robust masks."""
     by_threat: dict[ThreatModel, list[Cell]] = {}
     for c in cells:
+        if is_other(c):  # no per-point masks: not part of an evasion worst case
+            continue
         by_threat.setdefault(c.threat, []).append(c)
     for threat, tcells in by_threat.items():
         stored = [store.get(c.key) for c in tcells]
