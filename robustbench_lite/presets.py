@@ -1,7 +1,9 @@
 """Presets: named grids that expand to a :class:`~robustbench_lite.plan.Plan`.
 
 ``quick`` is the main job (Fashion-MNIST, a standard-trained small CNN, the basic attacks);
-``smoke`` is a seconds-long version on scikit-learn's digits for tests.
+``smoke`` is a seconds-long version on scikit-learn's digits for tests; ``full`` adds every defense
+and the strong attacks, plus (:class:`Extra`) universal, one-pixel and poisoning cells;
+``poisoning`` is the BadNets acceptance grid of issue 6.
 """
 
 from __future__ import annotations
@@ -172,3 +174,38 @@ def get_preset(name: str) -> Preset:
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
     return PRESETS[name]
+
+
+# -- issue 6: the non-evasion cells of `full`, and the `poisoning` acceptance grid ------------------
+# (kept apart from the evasion grid above; the defenses are looked up by name in the preset)
+_BADNETS_THREAT = ThreatModel("l0", 9)  # badnets changes up to patch² = 9 pixels (its 3x3 trigger)
+_FULL_OTHER = (
+    # universal perturbations (fit on 500 training points, evaluated on 1000 test points)
+    Extra(("standard", "pgd-at"), _linf(0.1), (AttackSpec("uap", {"passes": 1}), AttackSpec("sga")), 1000),
+    # one-pixel (k = 1): the paper's population 400, fewer generations to fit the budget
+    Extra(("standard",), ThreatModel("l0", 1), (AttackSpec("one-pixel", {"generations": 20}),), 100),
+    # poisoning: each cell trains its own model on the poisoned 60k split
+    Extra(("standard",), _BADNETS_THREAT, (AttackSpec("badnets", {"rate": 0.05}), AttackSpec("label-flip", {"rate": 0.1})), 10000),
+)
+PRESETS["full"] = replace(PRESETS["full"], extra=_FULL_OTHER)
+
+PRESETS["poisoning"] = Preset(
+    name="poisoning",
+    description=(
+        "Fashion-MNIST (all 60k training images), small-cnn: BadNets at poison rates 1% and 5% (3x3 trigger, target "
+        "class 0) under standard and PGD-AT training (the full preset's settings); clean accuracy, its drop and attack "
+        "success rate on the 10k test images."
+    ),
+    data=(DataSpec("fashion-mnist"),),
+    models=(ModelSpec("small-cnn"),),
+    defenses=(
+        DefenseSpec("standard", {"epochs": _FULL_EPOCHS}),
+        DefenseSpec("pgd-at", {"epochs": _FULL_EPOCHS, **_ADV}),
+    ),
+    grid=(),
+    n=10000,
+    extra=(
+        Extra(("standard", "pgd-at"), _BADNETS_THREAT,
+              (AttackSpec("badnets", {"rate": 0.01}), AttackSpec("badnets", {"rate": 0.05})), 10000),
+    ),
+)
