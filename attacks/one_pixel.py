@@ -46,9 +46,17 @@ def render(x: Tensor, cand: Tensor) -> Tensor:
 
 
 def distinct_triplets(b: int, n: int, gen: torch.Generator, device: torch.device) -> Tensor:
-    """For every member of ``b`` populations of size ``n``: three distinct member indices [b, n, 3]."""
-    keys = torch.rand(b, n, n, generator=gen, device=gen.device).to(device)
-    return keys.topk(3, dim=2).indices
+    """For every member of ``b`` populations of size ``n``: three distinct member indices [b, n, 3]
+    (uniform over ordered distinct triplets: draw from n, n - 1, n - 2 values and skip the ones taken)."""
+    u = torch.rand(3, b, n, generator=gen, device=gen.device).to(device)
+    r1 = (u[0] * n).long().clamp_(max=n - 1)
+    r2 = (u[1] * (n - 1)).long().clamp_(max=n - 2)
+    r2 += r2 >= r1
+    r3 = (u[2] * (n - 2)).long().clamp_(max=n - 3)
+    lo, hi = torch.minimum(r1, r2), torch.maximum(r1, r2)
+    r3 += r3 >= lo
+    r3 += r3 >= hi
+    return torch.stack([r1, r2, r3], 2)
 
 
 @register_attack("one-pixel")

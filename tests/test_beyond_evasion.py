@@ -269,3 +269,12 @@ def test_one_pixel_incremental_and_full_forward_agree(digits, digits_model):
             for inc in (True, False)]
     assert torch.equal(runs[0].x_adv, runs[1].x_adv)
     assert runs[0].forward_evals >= runs[1].forward_evals > 0
+
+
+def test_one_pixel_triplets_are_distinct_and_cover_every_ordering():
+    from robustbench_lite.attacks.one_pixel import distinct_triplets
+
+    t = distinct_triplets(300, 4, torch.Generator().manual_seed(0), torch.device("cpu"))
+    assert t.shape == (300, 4, 3) and int(t.min()) >= 0 and int(t.max()) <= 3
+    assert ((t[..., 0] != t[..., 1]) & (t[..., 0] != t[..., 2]) & (t[..., 1] != t[..., 2])).all()
+    assert len({tuple(v) for v in t.view(-1, 3).tolist()}) == 24  # all 4 * 3 * 2 ordered triplets occur
