@@ -71,10 +71,13 @@ class Preset:
             paired = tuple((m, d) for m, d in self.paired if d.name in defenses)
         combos = [(m, d) for m in self.models for d in defense_specs] + list(paired)
         cells = []
+        in_extra = {a.name for ex in self.extra for a in ex.attacks}  # these run only where their Extra says
         for data in self.data:
             for model, defense in combos:
                 for threat, atts in grid:
                     for att in atts:
+                        if att.name in in_extra:
+                            continue
                         if not att.supports(threat):
                             log.info("%s does not support %s; left out", att.name, threat.norm.value)
                             continue

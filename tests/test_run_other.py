@@ -106,3 +106,9 @@ def test_full_and_poisoning_presets_hold_the_issue6_cells():
     assert all(c.data.train_limit is None for c in pois.cells)  # the full 60k training set
     assert get_preset("full").plan(threats=[ThreatModel("linf", 0.1)]).cells  # --threats keeps only the evasion grid
     assert not {c.attack.name for c in get_preset("full").plan(threats=[ThreatModel("linf", 0.1)]).cells} & {"uap", "badnets"}
+
+
+def test_attacks_option_runs_extra_attacks_only_on_their_own_cells():
+    plan = get_preset("full").plan(attacks=["pgd", "uap", "badnets"], defenses=["standard"])
+    names = sorted((c.attack.name, c.threat.label) for c in plan.cells)
+    assert names == [("badnets", "l0_9"), ("pgd", "linf_0.1"), ("uap", "linf_0.1")]
