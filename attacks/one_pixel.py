@@ -12,8 +12,8 @@ one candidate is misclassified.  Initialization as in the paper: coordinates uni
 Batched design: the population is one tensor ``[B, NP, D]``; candidates are rendered by an index
 scatter and the whole batch is evaluated in one forward pass per generation (chunked by
 ``chunk`` images); images that succeeded drop out (done mask).  For k = 1 on a convolutional
-``nn.Sequential`` (e.g. small-cnn), ``incremental=True`` evaluates each candidate exactly but only
-on the window of the feature maps its pixel can change (:mod:`robustbench_lite.sparse_eval`,
+``nn.Sequential`` (e.g. small-cnn), ``incremental=True`` evaluates each candidate exactly but
+recomputes only the boxes of the feature maps its pixel can change (:mod:`robustbench_lite.sparse_eval`,
 ``window_chunk`` candidates at a time); each image's winning candidate is confirmed by a full
 forward pass before the image stops.  ``forward_evals`` counts one evaluation per candidate.
 """
@@ -27,7 +27,7 @@ from torch import Tensor
 
 from robustbench_lite.attack import EvasionAttack, setting
 from robustbench_lite.registry import register_attack
-from robustbench_lite.sparse_eval import WindowScorer, window_scorer
+from robustbench_lite.sparse_eval import BoxScorer, window_scorer
 from robustbench_lite.threat import Norm
 
 
@@ -71,7 +71,7 @@ class OnePixel(EvasionAttack):
     mutation: float = setting(0.5, low=0.0, low_open=True)
     chunk: int = setting(128, low=1)
     incremental: bool = setting(True)
-    window_chunk: int = setting(512, low=1)
+    window_chunk: int = setting(1024, low=1)
 
     norms = (Norm.L0,)
     needs_grad = False
@@ -81,7 +81,7 @@ class OnePixel(EvasionAttack):
     def grad_budget(self) -> float:
         return 0.0
 
-    def _fitness(self, model, x: Tensor, y: Tensor, cand: Tensor, scorer: WindowScorer | None = None,
+    def _fitness(self, model, x: Tensor, y: Tensor, cand: Tensor, scorer: BoxScorer | None = None,
                  index: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """True-class probability and misclassification flag per candidate, both [B, P]."""
         b, p = cand.shape[:2]

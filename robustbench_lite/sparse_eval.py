@@ -2,13 +2,15 @@
 
 Changing one input pixel changes a conv net's feature maps only inside that pixel's receptive
 field: with "same"-padded stride-1 convolutions, element-wise layers and non-overlapping pooling,
-the changed region of each map is a small box around the pixel (for the small-cnn on 28x28
-images: at most 3x3 of the final 7x7 map).  :class:`WindowScorer` therefore computes, per
-candidate, only a fixed-size window of the spatial part of the network (the box, aligned to the
-pooling grid, plus the receptive-field margin), pastes it into the clean image's final feature
-map and runs the remaining (dense) layers in full.  The logits equal ``model(x')`` up to float
-rounding (the window holds every input the changed outputs depend on; positions outside the
-image are zeroed at each stage, exactly as the layers' zero padding sees them).
+the changed region of each map is a small box around the pixel.  :class:`BoxScorer` keeps the
+clean image's activations at every stage and, per candidate, recomputes only the box of each
+stage from the layer's input window (the clean activations there with the previous stage's box
+pasted in; positions outside the map are zeroed before a convolution, exactly as its zero padding
+sees them).  For the small-cnn on 28x28 images the boxes are 1, 3, 3, 2, 4, 4 and 3 positions wide
+(vs 28, 28, 28, 14, 14, 14, 7): about 0.37 M instead of 4.2 M multiply-adds per candidate.  When
+``Flatten`` + ``Linear`` follow, the first dense layer is updated by the box's change times its
+weight columns; the layers after it run in full.  The logits equal ``model(x')`` up to float
+rounding (tested against the full forward pass at every pixel position class, corners included).
 
 Supported prefix: ``Conv2d`` (stride 1, dilation 1, odd kernel, padding ``k // 2``, zero padding),
 ``MaxPool2d``/``AvgPool2d`` with kernel = stride and no padding, and element-wise modules
@@ -31,10 +33,6 @@ _ELEMENTWISE = (
     nn.ReLU, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.Identity, nn.Dropout,
     nn.BatchNorm2d, Normalize,
 )
-
-
-# non-decreasing element-wise maps: max(f(a), f(b)) = f(max(a, b))
-_MONOTONE = (nn.ReLU, nn.LeakyReLU, nn.ELU, nn.Tanh, nn.Sigmoid, nn.Identity, nn.Dropout)
 
 
 @dataclass(frozen=True)
@@ -69,126 +67,125 @@ def _classify(m: nn.Module) -> _Layer | None:
     return None
 
 
-def _affected(pos: int, size: int, layers: list[_Layer]) -> tuple[int, int, int]:
-    """First and last index, along one axis, of the final map that a change at ``pos`` can reach
-    (and the final map's size)."""
-    lo = hi = pos
+def _box_plan(size: int, layers: list[_Layer]) -> tuple[list[int], list[Tensor], list[int]]:
+    """Per axis: for every stage (0 = input, l + 1 = after layer l) the length of the box that
+    holds every changed position and its start for each input position; and each map's size.
+    Each box is propagated from the previous *box*, so a layer's input window always holds it."""
+    starts = [torch.arange(size)]
+    lengths, sizes = [1], [size]
     for layer in layers:
+        s, n, m = starts[-1], lengths[-1], sizes[-1]
         if layer.kind == "conv":
-            lo, hi = max(lo - layer.k // 2, 0), min(hi + layer.k // 2, size - 1)
+            lo, hi, m2 = (s - layer.k // 2).clamp(min=0), (s + n - 1 + layer.k // 2).clamp(max=m - 1), m
         elif layer.kind == "pool":
-            lo, hi, size = lo // layer.k, hi // layer.k, size // layer.k
-    return lo, hi, size
+            m2 = m // layer.k
+            lo, hi = (s // layer.k).clamp(max=m2 - 1), ((s + n - 1) // layer.k).clamp(max=m2 - 1)
+        else:
+            lo, hi, m2 = s, s + n - 1, m
+        n2 = min(int((hi - lo + 1).max()), m2)
+        starts.append(lo.clamp(max=m2 - n2))
+        lengths.append(n2)
+        sizes.append(m2)
+    return lengths, starts, sizes
 
 
-class WindowScorer:
-    """Logits of one-pixel variants of a batch of images, computed window by window."""
+class BoxScorer:
+    """Logits of one-pixel variants of a batch of images, recomputing only the changed boxes.
+
+    The clean activations of every stage are kept; a layer's output box is computed from its
+    input window = the clean activations there with the previous stage's (recomputed) box
+    pasted in.  For the small-cnn on 28x28 images the boxes are 1, 3, 3, 2, 4, 4, 3 wide.
+    """
 
     def __init__(self, model: nn.Sequential, layers: list[_Layer], x: Tensor) -> None:
-        _, _, h, w = x.shape
         self.layers = layers
         self.rest = model[len(layers):]
-        self.x = x
         with torch.no_grad():
-            feats = x
+            acts = [x]
             for layer in layers:
-                feats = layer.module(feats)
-        self.base = feats  # [B, C_L, H_L, W_L]
-        self.axes = [self._plan(h), self._plan(w)]
-        # a monotone activation right before a max pool commutes with it: pool first (4x less work)
-        self.order = list(enumerate(layers))
-        for j in range(len(self.order) - 1):
-            (_, a), (_, b) = self.order[j], self.order[j + 1]
-            if isinstance(a.module, _MONOTONE) and isinstance(b.module, nn.MaxPool2d) and b.kind == "pool":
-                self.order[j], self.order[j + 1] = self.order[j + 1], self.order[j]
-        # Flatten then Linear after the prefix: keep the clean pre-activation and the weight as a map
+                acts.append(layer.module(acts[-1]))
+        self.base = acts[-1]
+        self.acts = [a.permute(0, 2, 3, 1).contiguous() for a in acts]  # [B, H, W, C]: gathers copy C-vectors
+        dev = x.device
+        self.plans = []
+        for size in x.shape[2:]:
+            lengths, starts, sizes = _box_plan(size, layers)
+            self.plans.append((lengths, [t.to(dev) for t in starts], sizes))
         self.head: tuple[nn.Linear, nn.Module] | None = None
         if len(self.rest) >= 2 and isinstance(self.rest[0], nn.Flatten) and isinstance(self.rest[1], nn.Linear):
             linear = self.rest[1]
             with torch.no_grad():
-                self.base_pre = linear(feats.flatten(1))
-            self.weight4 = linear.weight.view(linear.out_features, *feats.shape[1:])
+                self.base_pre = linear(self.base.flatten(1))
+            self.weight4 = linear.weight.view(linear.out_features, *self.base.shape[1:])
             self.head = (linear, self.rest[2:])
             self._weights: dict[int, Tensor] = {}
 
-    def _plan(self, size: int) -> dict[str, object]:
-        """Per axis: the final window length, its start for every input position, and per stage
-        the window's (multiplier, offset, length, map size) relative to that start."""
-        spans = [_affected(p, size, self.layers) for p in range(size)]
-        final = spans[0][2]
-        length = min(max(hi - lo + 1 for lo, hi, _ in spans), final)
-        start = torch.tensor([min(lo, final - length) for lo, _, _ in spans])
-        sizes = [size]  # the map size after each layer
-        for layer in self.layers:
-            sizes.append(sizes[-1] // layer.k if layer.kind == "pool" else sizes[-1])
-        stages = [(1, 0, length, sizes[-1])]  # stage L, then backwards to the input
-        mult, off, n = 1, 0, length
-        for i in range(len(self.layers) - 1, -1, -1):
-            layer = self.layers[i]
-            if layer.kind == "pool":
-                mult, off, n = mult * layer.k, off * layer.k, n * layer.k
-            elif layer.kind == "conv":
-                off, n = off - layer.k // 2, n + layer.k - 1
-            stages.append((mult, off, n, sizes[i]))
-        return {"start": start, "stages": stages[::-1]}  # stages[0]: the input, stages[l + 1]: after layer l
-
     def logits(self, img: Tensor, rows: Tensor, cols: Tensor, values: Tensor) -> Tensor:
         """Logits of ``x[img]`` with pixel ``(rows, cols)`` set to ``values`` [N, C]; all [N]."""
-        dev = self.x.device
-        ar, ac = self.axes
-        a_r, a_c = ar["start"].to(dev)[rows], ac["start"].to(dev)[cols]
-
-        def window(stage: int) -> tuple[Tensor, Tensor, int, int]:
-            (mr, orr, nr, hs), (mc, oc, nc, ws) = ar["stages"][stage], ac["stages"][stage]
-            r_idx = (mr * a_r + orr).view(-1, 1) + torch.arange(nr, device=dev)  # [N, nr] map rows
-            c_idx = (mc * a_c + oc).view(-1, 1) + torch.arange(nc, device=dev)
-            return r_idx, c_idx, hs, ws
-
-        r_idx, c_idx, h, w = window(0)
-        win = self.x[img.view(-1, 1, 1), :, r_idx.clamp(0, h - 1)[:, :, None], c_idx.clamp(0, w - 1)[:, None, :]]
-        win = win.permute(0, 3, 1, 2).contiguous()  # [N, C, nr, nc]
-        n = torch.arange(len(img), device=dev)
-        win[n, :, rows - r_idx[:, 0], cols - c_idx[:, 0]] = values
-        for i, layer in self.order:
-            if layer.kind == "conv":  # zero where the window sticks out of the map: the conv's padding
-                r_idx, c_idx, hs, ws = window(i)
-                win = win * self._mask(r_idx, c_idx, hs, ws)
-                conv = layer.module
-                win = F.conv2d(win, conv.weight, conv.bias, groups=conv.groups)
-            elif layer.kind == "pool" and isinstance(layer.module, nn.MaxPool2d):
-                win = _max_pool(win, layer.k)
-            elif isinstance(layer.module, nn.ReLU):
-                win = win.clamp_(min=0)  # our own tensor: in place
+        (len_r, st_r, size_r), (len_c, st_c, size_c) = self.plans
+        dev = img.device
+        n = torch.arange(len(img), device=dev).view(-1, 1, 1)
+        box = values.view(len(img), 1, 1, -1)  # stage 0: the pixel itself; boxes are [N, h, w, C]
+        for i, layer in enumerate(self.layers):
+            if layer.kind == "elem":
+                box = layer.module(box.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
+                continue
+            # the input window of the output box, at stage i
+            o_r, o_c = st_r[i + 1][rows], st_c[i + 1][cols]
+            if layer.kind == "conv":
+                p = layer.k // 2
+                w_r, w_c, n_r, n_c = o_r - p, o_c - p, len_r[i + 1] + 2 * p, len_c[i + 1] + 2 * p
             else:
-                win = layer.module(win)
-        r_idx, c_idx, _, _ = window(len(self.layers))
-        if self.head is not None:  # Flatten + Linear: add the window's change to the clean pre-activation
-            return self._head_logits(img, win, a_r, a_c)
-        feats = self.base[img].clone()
-        feats[n.view(-1, 1, 1), :, r_idx[:, :, None], c_idx[:, None, :]] = win.permute(0, 2, 3, 1)
-        return self.rest(feats)
+                w_r, w_c, n_r, n_c = o_r * layer.k, o_c * layer.k, len_r[i + 1] * layer.k, len_c[i + 1] * layer.k
+            r_idx = w_r.view(-1, 1) + torch.arange(n_r, device=dev)  # [N, n_r] map rows
+            c_idx = w_c.view(-1, 1) + torch.arange(n_c, device=dev)
+            h, w = size_r[i], size_c[i]
+            flat = self.acts[i].view(-1, self.acts[i].shape[3])  # [B H W, C]
+            src = (img.view(-1, 1, 1) * h + r_idx.clamp(0, h - 1)[:, :, None]) * w + c_idx.clamp(0, w - 1)[:, None, :]
+            win = torch.empty(src.numel() + 1, flat.shape[1], dtype=flat.dtype, device=dev)
+            torch.index_select(flat, 0, src.view(-1), out=win[:-1])
+            # paste the previous box (its positions that fall in the window; the others go to a spare row)
+            b_r = (st_r[i][rows] - w_r).view(-1, 1) + torch.arange(len_r[i], device=dev)  # box rows in window coords
+            b_c = (st_c[i][cols] - w_c).view(-1, 1) + torch.arange(len_c[i], device=dev)
+            ok = ((b_r >= 0) & (b_r < n_r))[:, :, None] & ((b_c >= 0) & (b_c < n_c))[:, None, :]
+            dst = (n * n_r + b_r[:, :, None]) * n_c + b_c[:, None, :]
+            dst = torch.where(ok, dst, src.numel())
+            win.index_copy_(0, dst.view(-1), box.reshape(-1, box.shape[3]))
+            win = win[:-1].view(len(img), n_r, n_c, -1).permute(0, 3, 1, 2)  # NCHW view, channels-last memory
+            if layer.kind == "conv":  # zero outside the map: the conv's padding
+                inside = ((r_idx >= 0) & (r_idx < h))[:, :, None] & ((c_idx >= 0) & (c_idx < w))[:, None, :]
+                conv = layer.module
+                out = F.conv2d(win * inside.unsqueeze(1), conv.weight, conv.bias, groups=conv.groups)
+            elif isinstance(layer.module, nn.MaxPool2d):
+                out = _max_pool(win, layer.k)
+            else:
+                out = layer.module(win)
+            box = out.permute(0, 2, 3, 1)
+        s_r, s_c = st_r[-1][rows], st_c[-1][cols]
+        if self.head is not None:
+            return self._head_logits(img, box, s_r, s_c)
+        r_idx = s_r.view(-1, 1) + torch.arange(len_r[-1], device=dev)
+        c_idx = s_c.view(-1, 1) + torch.arange(len_c[-1], device=dev)
+        feats = self.acts[-1][img].clone()
+        feats[n, r_idx[:, :, None], c_idx[:, None, :]] = box
+        return self.rest(feats.permute(0, 3, 1, 2))
 
-    def _head_logits(self, img: Tensor, win: Tensor, a_r: Tensor, a_c: Tensor) -> Tensor:
-        linear, after = self.head
-        nr, nc = win.shape[2:]
+    def _head_logits(self, img: Tensor, box: Tensor, s_r: Tensor, s_c: Tensor) -> Tensor:
+        """The first Linear after Flatten, as the clean pre-activation plus the box's change."""
+        _, after = self.head
+        nr, nc = box.shape[1:3]
+        width = self.base.shape[3]
         pre = self.base_pre[img].clone()
-        key = a_r * self.base.shape[3] + a_c
-        for k in torch.unique(key).tolist():  # one small matmul per window position
+        key = s_r * width + s_c
+        for k in torch.unique(key).tolist():  # one small matmul per box position
             sel = (key == k).nonzero().flatten()
-            r0, c0 = divmod(k, self.base.shape[3])
-            if k not in self._weights:  # the head's weight rows of this window, [window features, out]
-                w4 = self.weight4[:, :, r0 : r0 + nr, c0 : c0 + nc]
+            r0, c0 = divmod(k, width)
+            if k not in self._weights:  # the head's weights on this box, [box features (h, w, C), out]
+                w4 = self.weight4.permute(0, 2, 3, 1)[:, r0 : r0 + nr, c0 : c0 + nc, :]
                 self._weights[k] = w4.reshape(w4.shape[0], -1).t().contiguous()
-            base_win = self.base[img[sel], :, r0 : r0 + nr, c0 : c0 + nc]
-            pre[sel] += (win[sel] - base_win).flatten(1) @ self._weights[k]
+            base_box = self.acts[-1][img[sel], r0 : r0 + nr, c0 : c0 + nc]
+            pre[sel] += (box[sel] - base_box).reshape(len(sel), -1) @ self._weights[k]
         return after(pre)
-
-    @staticmethod
-    def _mask(r_idx: Tensor, c_idx: Tensor, h: int, w: int) -> Tensor:
-        """1 inside the map, 0 where the window sticks out (the layers' zero padding)."""
-        mr = (r_idx >= 0) & (r_idx < h)
-        mc = (c_idx >= 0) & (c_idx < w)
-        return (mr[:, :, None] & mc[:, None, :]).unsqueeze(1).to(torch.float32)
 
 
 def _max_pool(x: Tensor, k: int) -> Tensor:
@@ -203,8 +200,8 @@ def _max_pool(x: Tensor, k: int) -> Tensor:
     return out
 
 
-def window_scorer(model: nn.Module, x: Tensor) -> WindowScorer | None:
-    """A :class:`WindowScorer` for ``model`` on images ``x`` [B, C, H, W], or ``None`` when the
+def window_scorer(model: nn.Module, x: Tensor) -> BoxScorer | None:
+    """A :class:`BoxScorer` for ``model`` on images ``x`` [B, C, H, W], or ``None`` when the
     model is not an ``nn.Sequential`` starting with a supported spatial prefix that has a conv or
     pooling layer (then evaluate candidates with the whole model)."""
     if not isinstance(model, nn.Sequential) or x.dim() != 4:
@@ -219,4 +216,4 @@ def window_scorer(model: nn.Module, x: Tensor) -> WindowScorer | None:
         return None
     if any(isinstance(layer.module, nn.BatchNorm2d) and layer.module.training for layer in layers):
         return None
-    return WindowScorer(model, layers, x)
+    return BoxScorer(model, layers, x)
