@@ -190,7 +190,13 @@ _FULL_OTHER = (
     # poisoning: each cell trains its own model on the poisoned 60k split
     Extra(("standard",), _BADNETS_THREAT, (AttackSpec("badnets", {"rate": 0.05}), AttackSpec("label-flip", {"rate": 0.1})), 10000),
 )
-PRESETS["full"] = replace(PRESETS["full"], extra=_FULL_OTHER)
+PRESETS["full"] = replace(
+    PRESETS["full"], extra=_FULL_OTHER,
+    description=PRESETS["full"].description + (
+        " Plus: UAP and SGA at Linf 0.1 (standard, pgd-at), one-pixel k=1 on 100 points and BadNets 5% / label-flip "
+        "10% (standard)."
+    ),
+)
 
 PRESETS["poisoning"] = Preset(
     name="poisoning",
