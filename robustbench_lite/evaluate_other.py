@@ -206,6 +206,7 @@ class PoisonResult:
     attack_params: str
     dataset: str = ""
     model: str = ""
+    model_key: str = ""  # cache key of the model trained on the poisoned split (scratch only)
 
 
 def split_head(model: nn.Module) -> tuple[nn.Module, nn.Linear]:
@@ -278,11 +279,15 @@ def evaluate_poisoning(
     poison_seconds = time.perf_counter() - t0
     pdata = Data(name=data.name, train=poisoned, test=data.test, num_classes=data.num_classes, val=data.val)
     t0 = time.perf_counter()
+    key = ""
     if retrain == "scratch":
-        trained = train_or_load(spec, defense, pdata, cache or ModelCache(None), device=device, progress=False).model
+        fit = train_or_load(spec, defense, pdata, cache or ModelCache(None), device=device, progress=False)
+        trained, key = fit.model, fit.key
     else:
         trained = retrain_last_layer(model, pdata, defense, device=device, feature_space=feature_space)
     train_seconds = time.perf_counter() - t0
+    if retrain == "scratch" and fit.from_cache and fit.sidecar.get("train_seconds") is not None:
+        train_seconds = float(fit.sidecar["train_seconds"])  # a cached model: report its original training time
     goal = attack.success_points(data.test)
     asr = None
     if goal is not None and len(goal) > 0:
@@ -296,7 +301,7 @@ def evaluate_poisoning(
         poison_linf=float(lp_norm(moved, Norm.LINF).max()), poison_l2=float(lp_norm(moved, Norm.L2).max()),
         poison_seconds=poison_seconds, train_seconds=train_seconds,
         attack_params=json.dumps(attack.get_params(), sort_keys=True),
-        dataset=data.name, model=spec.name if spec is not None else type(model).__name__,
+        dataset=data.name, model=spec.name if spec is not None else type(model).__name__, model_key=key,
     )
 
 

@@ -1,7 +1,9 @@
 """Presets: named grids that expand to a :class:`~robustbench_lite.plan.Plan`.
 
 ``quick`` is the main job (Fashion-MNIST, a standard-trained small CNN, the basic attacks);
-``smoke`` is a seconds-long version on scikit-learn's digits for tests.
+``smoke`` is a seconds-long version on scikit-learn's digits for tests; ``full`` adds every defense
+and the strong attacks, plus (:class:`Extra`) universal, one-pixel and poisoning cells;
+``poisoning`` is the BadNets acceptance grid of issue 6.
 """
 
 from __future__ import annotations
@@ -18,6 +20,17 @@ log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
+class Extra:
+    """Non-evasion cells (universal, sparse, poisoning) on some of a preset's defenses: each of
+    ``attacks`` at ``threat`` on ``n`` test points, for the defenses named in ``defenses``."""
+
+    defenses: tuple[str, ...]
+    threat: ThreatModel
+    attacks: tuple[AttackSpec, ...]
+    n: int
+
+
+@dataclass(frozen=True)
 class Preset:
     name: str
     description: str
@@ -28,6 +41,7 @@ class Preset:
     n: int
     survivors: bool = False
     paired: tuple[tuple[ModelSpec, DefenseSpec], ...] = ()  # defenses that need their own model
+    extra: tuple[Extra, ...] = ()  # non-evasion cells (issue 6), on the defenses each names
 
     def plan(
         self,
@@ -57,17 +71,36 @@ class Preset:
             paired = tuple((m, d) for m, d in self.paired if d.name in defenses)
         combos = [(m, d) for m in self.models for d in defense_specs] + list(paired)
         cells = []
+        in_extra = {a.name for ex in self.extra for a in ex.attacks}  # these run only where their Extra says
         for data in self.data:
             for model, defense in combos:
                 for threat, atts in grid:
                     for att in atts:
+                        if att.name in in_extra:
+                            continue
                         if not att.supports(threat):
                             log.info("%s does not support %s; left out", att.name, threat.norm.value)
                             continue
                         cells.append(Cell(data, model, defense, att, threat, n or self.n, self.survivors))
+                cells.extend(self._extra_cells(data, model, defense, attacks, threats))
         if not cells:
             raise ValueError("the plan has no cells: check --attacks and --threats (norms the attacks support)")
         return Plan(self.name, tuple(cells))
+
+    def _extra_cells(self, data, model, defense, attacks, threats) -> list[Cell]:
+        """The :attr:`extra` cells of one model/defense; ``--threats`` drops them, ``--attacks``
+        keeps the named ones."""
+        if threats is not None:
+            return []
+        out = []
+        for ex in self.extra:
+            if defense.name not in ex.defenses:
+                continue
+            for att in ex.attacks:
+                if attacks is not None and att.name not in attacks:
+                    continue
+                out.append(Cell(data, model, defense, att, ex.threat, ex.n))
+        return out
 
 
 def _linf(eps: float) -> ThreatModel:
@@ -145,3 +178,44 @@ def get_preset(name: str) -> Preset:
     if name not in PRESETS:
         raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
     return PRESETS[name]
+
+
+# -- issue 6: the non-evasion cells of `full`, and the `poisoning` acceptance grid ------------------
+# (kept apart from the evasion grid above; the defenses are looked up by name in the preset)
+_BADNETS_THREAT = ThreatModel("l0", 9)  # badnets changes up to patch² = 9 pixels (its 3x3 trigger)
+_FULL_OTHER = (
+    # universal perturbations (fit on 500 training points, evaluated on 1000 test points)
+    Extra(("standard", "pgd-at"), _linf(0.1), (AttackSpec("uap", {"passes": 1}), AttackSpec("sga")), 1000),
+    # one-pixel (k = 1): the paper's population 400, fewer generations to fit the budget
+    Extra(("standard",), ThreatModel("l0", 1), (AttackSpec("one-pixel", {"generations": 20}),), 100),
+    # poisoning: each cell trains its own model on the poisoned 60k split
+    Extra(("standard",), _BADNETS_THREAT, (AttackSpec("badnets", {"rate": 0.05}), AttackSpec("label-flip", {"rate": 0.1})), 10000),
+)
+PRESETS["full"] = replace(
+    PRESETS["full"], extra=_FULL_OTHER,
+    description=PRESETS["full"].description + (
+        " Plus: UAP and SGA at Linf 0.1 (standard, pgd-at), one-pixel k=1 on 100 points and BadNets 5% / label-flip "
+        "10% (standard)."
+    ),
+)
+
+PRESETS["poisoning"] = Preset(
+    name="poisoning",
+    description=(
+        "Fashion-MNIST (all 60k training images), small-cnn: BadNets at poison rates 1% and 5% (3x3 trigger, target "
+        "class 0) under standard and PGD-AT training (the full preset's settings); clean accuracy, its drop and attack "
+        "success rate on the 10k test images."
+    ),
+    data=(DataSpec("fashion-mnist"),),
+    models=(ModelSpec("small-cnn"),),
+    defenses=(
+        DefenseSpec("standard", {"epochs": _FULL_EPOCHS}),
+        DefenseSpec("pgd-at", {"epochs": _FULL_EPOCHS, **_ADV}),
+    ),
+    grid=(),
+    n=10000,
+    extra=(
+        Extra(("standard", "pgd-at"), _BADNETS_THREAT,
+              (AttackSpec("badnets", {"rate": 0.01}), AttackSpec("badnets", {"rate": 0.05})), 10000),
+    ),
+)

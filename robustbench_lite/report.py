@@ -67,7 +67,7 @@ def make_plots(rows: Sequence[CellResult]) -> list[Plot]:
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
 
-    df = long_table([r for r in rows if r.status == "ok" and r.robust_acc is not None])
+    df = long_table([r for r in rows if r.status == "ok" and r.robust_acc is not None and r.kind == "evasion"])
     if df.empty:
         return []
     plots = []

@@ -19,7 +19,7 @@ class CellResult:
     attack: str  # registry name, or "worst_case" for the per-point minimum over a threat's attacks
     norm: str
     eps: float
-    kind: str  # evasion | universal | poisoning
+    kind: str  # evasion | universal | sparse (L0 evasion) | poisoning
     n: int  # evaluated points
     clean_acc: float  # fraction of the n points classified correctly
     robust_acc: float | None  # fraction correct and not broken by this attack
@@ -39,6 +39,9 @@ class CellResult:
     key: str  # the cell's config hash (store key)
     model_key: str  # the trained model's cache key
     code_version: str
+    # the metrics of the non-evasion kinds (JSON object; "" for evasion). Defaulted, so rows stored
+    # before it existed still load; see run_other.METRICS for the keys of each kind.
+    metrics: str = ""
 
     def as_row(self) -> dict[str, Any]:
         return asdict(self)

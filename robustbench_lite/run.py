@@ -34,6 +34,7 @@ from .model_cache import ModelCache, TrainedModel, train_or_load
 from .plan import Cell, DataSpec, Plan
 from .registry import load_plugin_file
 from .rows import WORST_CASE, CellResult
+from .run_other import is_other, run_other_cells
 from .store import Store
 from .threat import ThreatModel
 
@@ -204,6 +205,12 @@ def run_group(
         return [(_error_row(c, f"training failed: {type(exc).__name__}: {exc}"), None) for c in cells if c.key not in done]
     rows: list[Row] = []
     tuner = BatchTuner(Path(ctx.workdir) / "autotune.json") if ctx.batch_size == "auto" else None
+    # universal / sparse (L0) / poisoning cells: their own evaluation and row metrics (run_other.py)
+    other = [c for c in cells if is_other(c) and c.key not in done]
+    for row in run_other_cells(other, trained, data, policy.device, cache=cache, code_version=code_version()):
+        emit(*row)
+        rows.append(row)
+    cells = [c for c in cells if not is_other(c)]
     by_survivors: dict[bool, list[Cell]] = {}
     for c in cells:
         by_survivors.setdefault(c.survivors, []).append(c)
@@ -279,6 +286,8 @@ def worst_case_rows(cells: Iterable[Cell], latest: Mapping[str, Row], flags: Map
     flags = flags or {}
     by_threat: dict[ThreatModel, list[Cell]] = {}
     for c in cells:
+        if is_other(c):  # no per-point masks: not part of an evasion worst case
+            continue
         by_threat.setdefault(c.threat, []).append(c)
     out: list[Row] = []
     for threat, tcells in by_threat.items():

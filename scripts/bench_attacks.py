@@ -5,6 +5,13 @@ Fashion-MNIST small-cnn (the quick preset's standard-trained model, cached in .r
 2000 test points, Linf eps 0.1, 20 steps of 2.5*eps/20, batch 500.  Each implementation runs
 `--rounds` times, interleaved; the table shows the median seconds, the ratio to the bare loop
 and the robust accuracy.  Targets: ours <= 1.05x the bare loop, faster than torchattacks.
+
+``--one-pixel`` instead compares the one-pixel attack (k = 1, untargeted) with ART's PixelAttack
+(issue 6) on the same first ``--images`` correctly classified test images of the same model, at
+equal population x generations (ART: popsize 133 x 3 parameters = 399 members; ours: population
+399), both with early stopping; it reports success rate, wall and CPU seconds, model forward
+evaluations (ART's counted by a wrapper) and CPU milliseconds per forward.  Ours runs twice: with
+the incremental window evaluation (default) and with full forwards (``incremental=False``).
 """
 
 from __future__ import annotations
@@ -32,20 +39,78 @@ def bare_pgd(model, x, y, eps, alpha, steps, gen):
     return x_adv
 
 
+class _CountForwards(torch.nn.Module):
+    def __init__(self, model: torch.nn.Module) -> None:
+        super().__init__()
+        self.model, self.n = model, 0
+
+    def forward(self, x):
+        self.n += x.shape[0]
+        return self.model(x)
+
+
+def one_pixel_side_by_side(model, data, images: int, generations: int) -> None:
+    import numpy as np
+    from art.attacks.evasion import PixelAttack
+    from art.estimators.classification import PyTorchClassifier
+
+    from robustbench_lite.defense import predict
+
+    test = data.test.head(2000)
+    idx = (predict(model, test.x, "cpu") == test.y).nonzero().flatten()[:images]
+    x, y = test.x[idx], test.y[idx]
+    print(f"one-pixel k=1 untargeted, first {len(y)} correctly classified test images, 399 members x {generations} "
+          f"generations (+ the initial population), early stop; torch threads={torch.get_num_threads()}")
+    rows = []
+
+    def record(name, adv, wall, cpu, forwards):
+        with torch.no_grad():
+            success = float((model(adv).argmax(1) != y).float().mean())
+        l0 = int((adv - x).abs().amax(1).flatten(1).gt(1e-6).sum(1).max())
+        rows.append((name, success, l0, wall, cpu, forwards, 1e3 * cpu / max(forwards, 1)))
+
+    counted = _CountForwards(model).eval()
+    clf = PyTorchClassifier(model=counted, loss=torch.nn.CrossEntropyLoss(), input_shape=tuple(x.shape[1:]),
+                            nb_classes=data.num_classes, clip_values=(0.0, 1.0))
+    art = PixelAttack(clf, th=1, es=1, max_iter=generations, targeted=False, verbose=False)
+    t0, c0 = time.perf_counter(), time.process_time()
+    adv = torch.from_numpy(art.generate(x.numpy(), y.numpy()).astype(np.float32))
+    record("ART PixelAttack", adv, time.perf_counter() - t0, time.process_time() - c0, counted.n)
+    for inc in (True, False):
+        ours = create_attack("one-pixel", eps=1, population=399, generations=generations, incremental=inc)
+        t0, c0 = time.perf_counter(), time.process_time()
+        out = ours.run(model, x, y)
+        record(f"ours (incremental={inc})", out.x_adv, time.perf_counter() - t0, time.process_time() - c0, out.forward_evals)
+    print(f"{'implementation':26s} {'success':>8s} {'max L0':>6s} {'wall s':>8s} {'CPU s':>8s} {'forwards':>10s} "
+          f"{'CPU ms/fwd':>10s} {'CPU speed-up':>12s}")
+    for name, success, l0, wall, cpu, fwd, ms in rows:
+        print(f"{name:26s} {success:8.3f} {l0:6d} {wall:8.1f} {cpu:8.1f} {fwd:10d} {ms:10.4f} {rows[0][4] / cpu:11.1f}x")
+    print(f"success difference (ours incremental - ART): {rows[1][1] - rows[0][1]:+.3f}")
+
+
 def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--n", type=int, default=2000)
     p.add_argument("--eps", type=float, default=0.1)
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--batch", type=int, default=500)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--workdir", default=".rbl")
+    p.add_argument("--one-pixel", action="store_true", help="run the one-pixel vs ART comparison instead of PGD")
+    p.add_argument("--images", type=int, default=100)
+    p.add_argument("--generations", type=int, default=10)
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     data = load("fashion-mnist")
     model = train_or_load(
         ModelSpec("small-cnn"), create_defense("standard", epochs=3), data, ModelCache(f"{args.workdir}/models")
     ).model.eval()
+    if args.one_pixel:
+        one_pixel_side_by_side(model, data, args.images, args.generations)
+        return
     x_all, y_all = data.test.x[: args.n], data.test.y[: args.n]
     alpha = 2.5 * args.eps / args.steps
     import torchattacks

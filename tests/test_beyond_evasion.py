@@ -221,3 +221,60 @@ def test_last_layer_retraining_changes_only_the_head(digits, digits_model):
         assert all(torch.equal(before[k], after[k]) for k in after if k not in last)
         assert not torch.equal(before[last[0]], after[last[0]])
         assert (fresh(digits.test.x).argmax(1) == digits.test.y).float().mean() > 0.8
+
+
+@pytest.mark.parametrize("shape", [(1, 28, 28), (3, 15, 13), (1, 8, 8)])
+def test_window_scorer_gives_the_full_models_logits(shape):
+    from torch import nn
+
+    from robustbench_lite.models import Normalize, create_model
+    from robustbench_lite.sparse_eval import window_scorer
+
+    torch.manual_seed(0)
+    c, h, w = shape
+    if shape == (3, 15, 13):  # BatchNorm, GELU, avg pooling, a 5x5 conv, a 3x3 max pool, odd sizes
+        model = nn.Sequential(Normalize([0.5] * 3, [0.2] * 3), nn.Conv2d(3, 8, 5, padding=2), nn.BatchNorm2d(8), nn.GELU(),
+                              nn.AvgPool2d(2), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(3), nn.Flatten(),
+                              nn.Linear(8 * 2 * 2, 10))
+        model[2].running_mean.uniform_(-0.5, 0.5)
+    else:
+        model = create_model("small-cnn", shape, 10)
+    model.eval()
+    x = torch.rand(4, c, h, w)
+    n = 300
+    img, rows, cols, vals = torch.randint(0, 4, (n,)), torch.randint(0, h, (n,)), torch.randint(0, w, (n,)), torch.rand(n, c)
+    rows[:4], cols[:4] = torch.tensor([0, 0, h - 1, h - 1]), torch.tensor([0, w - 1, 0, w - 1])  # the corners
+    full = x[img].clone()
+    full[torch.arange(n), :, rows, cols] = vals
+    with torch.no_grad():
+        got = window_scorer(model, x).logits(img, rows, cols, vals)
+        want = model(full)
+        assert torch.allclose(got, want, atol=1e-5), float((got - want).abs().max())
+        assert (got - model(x[img])).abs().max() > 1e-3  # the candidates do change the logits
+
+
+def test_window_scorer_declines_models_it_cannot_window():
+    from torch import nn
+
+    from robustbench_lite.sparse_eval import window_scorer
+
+    x = torch.rand(2, 1, 8, 8)
+    assert window_scorer(nn.Sequential(nn.Flatten(), nn.Linear(64, 10)), x) is None
+    assert window_scorer(nn.Sequential(nn.Conv2d(1, 4, 3, stride=2), nn.Flatten(), nn.LazyLinear(10)), x) is None
+
+
+def test_one_pixel_incremental_and_full_forward_agree(digits, digits_model):
+    x, y = digits.test.x[:12], digits.test.y[:12]
+    runs = [create_attack("one-pixel", eps=1, population=40, generations=4, incremental=inc).run(digits_model, x, y)
+            for inc in (True, False)]
+    assert torch.equal(runs[0].x_adv, runs[1].x_adv)
+    assert runs[0].forward_evals >= runs[1].forward_evals > 0
+
+
+def test_one_pixel_triplets_are_distinct_and_cover_every_ordering():
+    from robustbench_lite.attacks.one_pixel import distinct_triplets
+
+    t = distinct_triplets(300, 4, torch.Generator().manual_seed(0), torch.device("cpu"))
+    assert t.shape == (300, 4, 3) and int(t.min()) >= 0 and int(t.max()) <= 3
+    assert ((t[..., 0] != t[..., 1]) & (t[..., 0] != t[..., 2]) & (t[..., 1] != t[..., 2])).all()
+    assert len({tuple(v) for v in t.view(-1, 3).tolist()}) == 24  # all 4 * 3 * 2 ordered triplets occur
