@@ -27,7 +27,7 @@ def _preset(extra: tuple[Extra, ...], grid=()) -> Preset:
 
 
 EXTRA = (
-    Extra(("standard",), ThreatModel("linf", 0.15), (AttackSpec("uap", {"passes": 1}), AttackSpec("sga", {"epochs": 3})), 150),
+    Extra(("standard",), ThreatModel("linf", 0.15), (AttackSpec("uap", {"passes": 1, "df_steps": 3, "batch_size": 64}), AttackSpec("sga", {"epochs": 1})), 150),
     Extra(("standard",), ThreatModel("l0", 1), (AttackSpec("one-pixel", {"population": 40, "generations": 5}),), 40),
     Extra(("standard",), ThreatModel("l0", 9), (AttackSpec("badnets", {"rate": 0.1, "target": 7}),
                                                 AttackSpec("label-flip", {"rate": 0.1}),
