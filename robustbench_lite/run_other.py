@@ -21,6 +21,7 @@ these cells share the evasion cells' resume (the caller skips stored ``ok`` keys
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -85,6 +86,8 @@ def run_other_cells(
         except Exception as exc:  # error isolation: the cell is stored as an error, the run goes on
             log.warning("%s cell %s failed: %s", cell_kind(cell), cell.attack.name, exc)
             row = error_row(cell, f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=3)}", code_version)
+            # it ran on the group's model and raised: the driver counts it as measured, with its error
+            row = dataclasses.replace(row, model_key=trained.key)
         yield row, None
 
 
