@@ -79,7 +79,7 @@ def large_eps_not_zero(robust_acc: float, max_acc: float = 0.1) -> str | None:
     return LARGE_EPS if robust_acc > max_acc else None
 
 
-def more_iterations_no_help(acc_short: float, acc_long: float, acc_reference: float, margin: float = 0.05) -> str | None:
+def more_iterations_no_help(acc_short: float, acc_long: float, acc_reference: float, margin: float = 0.10) -> str | None:
     """Flag when a 10x longer run is no better than the short one although a reference attack
     (black-box or unbounded) shows that ``margin`` more points can be broken."""
     stuck = acc_long >= acc_short - 1e-9
