@@ -21,7 +21,6 @@ these cells share the evasion cells' resume (the caller skips stored ``ok`` keys
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import math
@@ -85,9 +84,10 @@ def run_other_cells(
             row = _run_cell(cell, trained, data, torch.device(device), cache, code_version)
         except Exception as exc:  # error isolation: the cell is stored as an error, the run goes on
             log.warning("%s cell %s failed: %s", cell_kind(cell), cell.attack.name, exc)
-            row = error_row(cell, f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=3)}", code_version)
             # it ran on the group's model and raised: the driver counts it as measured, with its error
-            row = dataclasses.replace(row, model_key=trained.key)
+            row = error_row(
+                cell, f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=3)}", code_version, model_key=trained.key
+            )
         yield row, None
 
 
@@ -148,7 +148,7 @@ def _finite(m: dict[str, Any]) -> dict[str, Any]:
     return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in m.items()}
 
 
-def error_row(cell: Cell, error: str, version: str = "") -> CellResult:
+def error_row(cell: Cell, error: str, version: str = "", model_key: str = "") -> CellResult:
     """The stored row of a non-evasion cell that raised (retried on the next run)."""
     try:
         kind = cell_kind(cell)
@@ -159,5 +159,5 @@ def error_row(cell: Cell, error: str, version: str = "") -> CellResult:
         norm=cell.threat.norm.value, eps=cell.threat.eps, kind=kind, n=cell.n, clean_acc=float("nan"), robust_acc=None,
         seconds=0.0, grad_evals=0, forward_evals=0, attacked=0, scope="all", target_hit_rate=None, success_rate=None,
         median_l2=None, flags="", status="error", error=error[:4000], train_seconds=None,
-        attack_params=json.dumps(cell.attack.params, sort_keys=True), key=cell.key, model_key="", code_version=version,
+        attack_params=json.dumps(cell.attack.params, sort_keys=True), key=cell.key, model_key=model_key, code_version=version,
     )
