@@ -168,7 +168,7 @@ class Defense:
                             loss = self.batch_loss(model, xb, yb, state)
                         if not torch.isfinite(loss):
                             raise FloatingPointError(
-                                f"{self.name}: training loss became {float(loss)} at epoch {epoch}, step {i}; lower lr"
+                                f"{self.name}: training loss became {float(loss.detach())} at epoch {epoch}, step {i}; lower lr"
                             )
                         opt.zero_grad(set_to_none=True)
                         scaler.scale(loss).backward()

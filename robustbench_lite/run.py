@@ -34,7 +34,7 @@ from .model_cache import ModelCache, TrainedModel, train_or_load
 from .plan import Cell, DataSpec, Plan
 from .registry import load_plugin_file
 from .rows import WORST_CASE, CellResult
-from .run_other import is_other, run_other_cells
+from .run_other import error_row, is_other, run_other_cells
 from .store import Store
 from .threat import ThreatModel
 
@@ -202,7 +202,7 @@ def run_group(
         trained = train_or_load(first.model, first.defense.build(), data, cache, policy=policy, progress=ctx.progress)
     except Exception as exc:  # no model: every pending cell of the group records why
         log.exception("training %s/%s failed", first.model.name, first.defense.name)
-        return [(_error_row(c, f"training failed: {type(exc).__name__}: {exc}"), None) for c in cells if c.key not in done]
+        return [(error_row(c, f"training failed: {type(exc).__name__}: {exc}", code_version()), None) for c in cells if c.key not in done]
     rows: list[Row] = []
     tuner = BatchTuner(Path(ctx.workdir) / "autotune.json") if ctx.batch_size == "auto" else None
     # universal / sparse (L0) / poisoning cells: their own evaluation and row metrics (run_other.py)
@@ -222,7 +222,7 @@ def run_group(
             try:
                 attacks.append(c.build_attack())
             except Exception as exc:
-                row = _error_row(c, f"bad attack config: {type(exc).__name__}: {exc}")
+                row = error_row(c, f"bad attack config: {type(exc).__name__}: {exc}", code_version())
                 emit(row, None)
                 rows.append((row, None))
                 latest[c.key] = (row, None)
@@ -320,7 +320,7 @@ def worst_case_rows(cells: Iterable[Cell], latest: Mapping[str, Row], flags: Map
 
 def error_rows(task: GroupTask, error: str) -> list[Row]:
     """Error rows for a group's pending cells (its task died before returning rows)."""
-    return [(_error_row(c, error), None) for c in task.cells if c.key not in task.done]
+    return [(error_row(c, error, code_version()), None) for c in task.cells if c.key not in task.done]
 
 
 def _write_worst_cases(store: Store, cells: list[Cell]) -> None:
@@ -344,14 +344,4 @@ def _attack_row(cell: Cell, trained: TrainedModel, rec: AttackRecord, clean_acc:
         status="error" if rec.error else "ok", error=rec.error, train_seconds=trained.sidecar.get("train_seconds"),
         attack_params=json.dumps(rec.attack.get_params(), sort_keys=True), key=cell.key, model_key=trained.key,
         code_version=code_version(),
-    )
-
-
-def _error_row(cell: Cell, error: str) -> CellResult:
-    return CellResult(
-        dataset=cell.data.name, model=cell.model.name, defense=cell.defense.name, attack=cell.attack.name,
-        norm=cell.threat.norm.value, eps=cell.threat.eps, kind="evasion", n=cell.n, clean_acc=float("nan"),
-        robust_acc=None, seconds=0.0, grad_evals=0, forward_evals=0, attacked=0, scope="all", target_hit_rate=None,
-        success_rate=None, median_l2=None, flags="", status="error", error=error[:4000], train_seconds=None,
-        attack_params=json.dumps(cell.attack.params, sort_keys=True), key=cell.key, model_key="", code_version=code_version(),
     )

@@ -149,7 +149,8 @@ def _finite(m: dict[str, Any]) -> dict[str, Any]:
 
 
 def error_row(cell: Cell, error: str, version: str = "", model_key: str = "") -> CellResult:
-    """The stored row of a non-evasion cell that raised (retried on the next run)."""
+    """The stored row of a cell that raised or could not run (retried on the next run), filed
+    under its kind (evasion, sparse, universal or poisoning)."""
     try:
         kind = cell_kind(cell)
     except Exception:  # unknown attack name

@@ -112,3 +112,22 @@ def test_attacks_option_runs_extra_attacks_only_on_their_own_cells():
     plan = get_preset("full").plan(attacks=["pgd", "uap", "badnets"], defenses=["standard"])
     names = sorted((c.attack.name, c.threat.label) for c in plan.cells)
     assert names == [("badnets", "l0_9"), ("pgd", "linf_0.1"), ("uap", "linf_0.1")]
+
+
+def test_a_group_whose_training_fails_files_each_error_under_its_own_kind(tmp_path):
+    broken = DefenseSpec("standard", {"epochs": 1, "lr": 1e12})  # the loss diverges: the loop raises
+    plan = Preset(
+        name="broken", description="digits, training that fails", data=(DataSpec("digits"),),
+        models=(ModelSpec("small-cnn"),), defenses=(broken,), n=50,
+        grid=((ThreatModel("linf", 0.1), (AttackSpec("fgsm"),)),),
+        extra=(Extra(("standard",), ThreatModel("linf", 0.1), (AttackSpec("uap", {"passes": 1}),), 50),
+               Extra(("standard",), ThreatModel("l0", 1), (AttackSpec("one-pixel", {"generations": 2}),), 20)),
+    ).plan()
+    result = run_plan(plan, workdir=tmp_path, progress=False)
+    assert result.errors == len(plan.cells) == 3
+    with Store(tmp_path / "store.sqlite") as s:
+        rows = {r.attack: r for r in s.rows()}
+    assert {a: r.kind for a, r in rows.items()} == {"fgsm": "evasion", "uap": "universal", "one-pixel": "sparse"}
+    assert all(r.status == "error" and r.error.startswith("training failed") and r.code_version for r in rows.values())
+    leaderboard.write(list(rows.values()), tmp_path / "lb")
+    assert list(pd.read_csv(tmp_path / "lb" / "digits_universal.csv")["status"]) == ["error"]
