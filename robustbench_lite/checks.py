@@ -20,6 +20,7 @@ RANDOMIZED = "randomized-outputs"
 BLACK_BOX_WINS = "black-box-beats-white-box"
 LARGE_EPS = "large-eps-not-zero"
 MORE_STEPS_NO_HELP = "more-iterations-no-help"
+CERTIFIED_BROKEN = "certified-broken"
 ADAPTED = "adapted"  # prefix: "adapted:bpda+rescale" says which wrappers an adaptive rerun used
 
 FLAGS: dict[str, str] = {
@@ -38,6 +39,8 @@ FLAGS: dict[str, str] = {
     "points: the gradient attacks cannot find even trivial adversarial examples (gradient masking)",
     MORE_STEPS_NO_HELP: "a PGD probe with 10x more iterations did not lower robust accuracy below the short run "
     "while the short run left points unbroken that a black-box or unbounded attack can break",
+    CERTIFIED_BROKEN: "an attack broke a point that the defense's certificate counts as robust: the certificate "
+    "(or the model recovered from the training program) is unsound; do not trust the certified column",
     ADAPTED: "a masking check fired and the gradient attacks were rerun through wrappers (bpda: straight-through "
     "backward for marked non-differentiable layers; eot: mean over forward passes; log-outputs: attack log p; "
     "rescale: logits divided by the gap between their two largest); the row keeps the per-point worst of the plain and adaptive runs",

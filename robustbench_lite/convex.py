@@ -249,6 +249,12 @@ def _defense_base():
         certify_points: int = setting(1000, low=0)
         epochs: int = setting(5, low=1)
 
+        def certify(self, model, x, y, threat):
+            """The certificate of :func:`certify` (Linf threats only)."""
+            from .threat import Norm
+
+            return certify(model, x, y, threat.eps) if threat.norm is Norm.LINF else None
+
         def fit(self, model, data, *, device="cpu", progress=True):
             import time
 

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 from .config import params_of, setting, validate_settings
 from .data import Data, DataSplit
 from .device import DevicePolicy, as_policy
+from .threat import ThreatModel
 
 
 @dataclass
@@ -98,6 +99,12 @@ class Defense:
     def batch_loss(self, model: nn.Module, x: Tensor, y: Tensor, state: TrainState) -> Tensor:
         """The scalar training loss on one batch (model is in train mode)."""
         raise NotImplementedError
+
+    def certify(self, model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel) -> Tensor | None:
+        """Which of ``(x, y)`` are certified robust under ``threat`` (bool per point), or ``None``
+        when this defense has no certificate (the default).  The harness reports the certified
+        share next to the attacked one and flags any certified point an attack breaks."""
+        return None
 
     def epoch_metrics(self, model: nn.Module, data: Data, device: torch.device) -> dict[str, float]:
         """Extra per-epoch numbers for the curve.

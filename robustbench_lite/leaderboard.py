@@ -20,6 +20,7 @@ import pandas as pd
 from .rows import WORST_CASE, CellResult
 
 ID_COLUMNS = ["dataset", "model", "defense", "norm", "eps", "n"]
+CERTIFIED = "certified"  # wide-table column: the certified share, for defenses with a certificate
 OTHER_KINDS = ("universal", "sparse", "poisoning")
 # per kind: the columns of its CSV after dataset/model/defense/attack (metrics come from the row's
 # JSON ``metrics``), and how rows are sorted
@@ -67,6 +68,9 @@ def wide_tables(rows: Sequence[CellResult]) -> dict[str, pd.DataFrame]:
                 row[a] = r.robust_acc if r is not None and r.status == "ok" else float("nan")
             wc = by_attack.get(WORST_CASE)
             row[WORST_CASE] = wc.robust_acc if wc is not None else float("nan")
+            certified = json.loads(wc.metrics).get("certified_acc") if wc is not None and wc.metrics else None
+            if certified is not None:  # a defense with a certificate (convex-robust): the certified share
+                row[CERTIFIED] = certified
             row["seconds"] = float(g.loc[g["attack"] != WORST_CASE, "seconds"].sum())
             row["train_seconds"] = first["train_seconds"]
             flags = set()
@@ -77,6 +81,10 @@ def wide_tables(rows: Sequence[CellResult]) -> dict[str, pd.DataFrame]:
             row["flags"] = ";".join(sorted(flags))
             table_rows.append(row)
         table = pd.DataFrame(table_rows).sort_values(WORST_CASE, ascending=False, kind="stable").reset_index(drop=True)
+        if CERTIFIED in table:  # right after the worst case it lower-bounds
+            cols = [c for c in table.columns if c != CERTIFIED]
+            cols.insert(cols.index(WORST_CASE) + 1, CERTIFIED)
+            table = table[cols]
         out[f"{dataset}_{norm}_{eps:g}"] = table
     return out
 

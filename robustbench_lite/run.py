@@ -17,7 +17,7 @@ import json
 import logging
 import subprocess
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Protocol
 
@@ -26,8 +26,10 @@ from torch import Tensor
 
 from . import __version__
 from .autotune import BatchTuner, attack_kind
+from .checks import CERTIFIED_BROKEN
 from .config import config_hash
-from .data import Data, load
+from .data import Data, DataSplit, load
+from .defense import Defense
 from .device import make_policy
 from .evaluate import AttackRecord, evaluate
 from .model_cache import ModelCache, TrainedModel, train_or_load
@@ -199,7 +201,8 @@ def run_group(
             )
         data = datasets[first.data]
         cache = ModelCache(Path(ctx.workdir) / "models")
-        trained = train_or_load(first.model, first.defense.build(), data, cache, policy=policy, progress=ctx.progress)
+        defense = first.defense.build()
+        trained = train_or_load(first.model, defense, data, cache, policy=policy, progress=ctx.progress)
     except Exception as exc:  # no model: every pending cell of the group records why
         log.exception("training %s/%s failed", first.model.name, first.defense.name)
         return [(error_row(c, f"training failed: {type(exc).__name__}: {exc}", code_version()), None) for c in cells if c.key not in done]
@@ -258,8 +261,25 @@ def run_group(
             row = (_attack_row(cell, trained, rec, ev.clean_acc, flags), rec.robust)
             rows.append(row)
             latest[cell.key] = row
-        rows.extend(worst_case_rows(group, latest, ev.flags))
+        rows.extend(with_certificate(defense, trained.model, data.test.head(n), policy.device, worst_case_rows(group, latest, ev.flags)))
     return rows
+
+
+def with_certificate(defense: Defense, model: torch.nn.Module, points: DataSplit, device, wc_rows: list[Row]) -> list[Row]:
+    """Worst-case rows with the defense's certified share of the same points (``certified_acc``
+    in their metrics) where it has a certificate, flagged ``certified-broken`` when an attack
+    broke a point the certificate counts as robust."""
+    out = []
+    for row, mask in wc_rows:
+        cert = defense.certify(model, points.x.to(device), points.y.to(device), ThreatModel(row.norm, row.eps))
+        if cert is None or mask is None:
+            out.append((row, mask))
+            continue
+        cert = cert.cpu().bool()
+        flags = set(row.flags.split(";")) | ({CERTIFIED_BROKEN} if bool((cert & ~mask.cpu()).any()) else set())
+        metrics = json.dumps({"certified_acc": float(cert.float().mean())})
+        out.append((replace(row, flags=_join(flags), metrics=metrics), mask))
+    return out
 
 
 def _batch_rule(batch_size, tuner, trained, data, n, policy):
@@ -327,6 +347,10 @@ def _write_worst_cases(store: Store, cells: list[Cell]) -> None:
     """The worst-case rows of ``cells`` from what the store holds (a group with nothing pending)."""
     latest = {c.key: hit for c in cells if (hit := store.get(c.key)) is not None}
     for row, mask in worst_case_rows(cells, latest):
+        old = store.get(row.key)
+        if old is not None and old[0].metrics:  # keep what only a live group measures: the certificate
+            kept = set(old[0].flags.split(";")) & {CERTIFIED_BROKEN}
+            row = replace(row, metrics=old[0].metrics, flags=_join(set(row.flags.split(";")) | kept))
         store.put(row, mask)
 
 

@@ -27,8 +27,10 @@ def main() -> None:
     ap.add_argument("--points", type=int, default=6000)
     ap.add_argument("--epochs", type=int, default=6)
     ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--optimizer", default="adam", choices=("adam", "sgd"))
     ap.add_argument("--schedule", default="cosine", choices=("cosine", "constant"))
     ap.add_argument("--alpha", type=float, default=1.25, help="FGSM-RS step as a multiple of eps (Wong et al.: 1.25)")
+    ap.add_argument("--steps", type=int, default=5, help="inner PGD steps of a multi-step defense (pgd-at, trades, ...)")
     ap.add_argument("--monitor-points", type=int, default=300)
     ap.add_argument("--defenses", nargs="+", default=["fgsm-rs", "elle-a"])
     ap.add_argument("--cache", default=".rbl/co-models")
@@ -37,12 +39,13 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     data = load("fashion-mnist", train_limit=args.points)
     print(f"Fashion-MNIST, {args.points} train images, small-cnn, Linf eps {args.eps}, {args.epochs} epochs, "
-          f"Adam lr {args.lr} {args.schedule}, FGSM step {args.alpha} eps; pgd_acc = PGD-10 accuracy on the first {args.monitor_points} test points")
+          f"{args.optimizer} lr {args.lr} {args.schedule}, FGSM step {args.alpha} eps; pgd_acc = PGD-10 accuracy on the first {args.monitor_points} test points")
     for name in args.defenses:
         t0 = time.time()
+        single_step = {"alpha": args.alpha} if name in ("fgsm-rs", "elle", "elle-a") else {"steps": args.steps}
         defense = create_defense(
-            name, eps=args.eps, epochs=args.epochs, lr=args.lr, schedule=args.schedule, alpha=args.alpha, monitor_eps=args.eps,
-            monitor_points=args.monitor_points, monitor_steps=10,
+            name, eps=args.eps, epochs=args.epochs, lr=args.lr, optimizer=args.optimizer, schedule=args.schedule,
+            monitor_eps=args.eps, monitor_points=args.monitor_points, monitor_steps=10, **single_step,
         )
         trained = train_or_load(ModelSpec("small-cnn"), defense, data, ModelCache(args.cache), progress=False)
         side = trained.sidecar

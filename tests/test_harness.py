@@ -239,3 +239,39 @@ def test_stores_of_split_runs_merge_and_the_merged_run_recomputes_nothing(tmp_pa
     plan = get_preset("smoke").plan(attacks=["fgsm", "pgd"])
     again = run_plan(plan, workdir=tmp_path / "c", progress=False)
     assert again.computed == 0 and again.skipped == len(plan.cells)
+
+
+def test_a_certified_defense_gets_a_certified_column_that_lower_bounds_the_worst_case(tmp_path):
+    """convex-standard through the harness: the worst-case row carries the certificate's share of
+    the same points, no certified point is broken, and the wide table shows it next to worst_case."""
+    import json
+
+    from robustbench_lite import leaderboard
+    from robustbench_lite.model_cache import ModelSpec
+    from robustbench_lite.plan import AttackSpec, DataSpec, DefenseSpec
+    from robustbench_lite.presets import Preset
+    from robustbench_lite.threat import ThreatModel
+
+    plan = Preset(
+        name="certified", description="digits, convex-standard with its certificate", data=(DataSpec("digits"),),
+        models=(ModelSpec("small-cnn"),), defenses=(DefenseSpec("standard", {"epochs": 2, "batch_size": 64}),),
+        grid=((ThreatModel("linf", 0.01), (AttackSpec("fgsm"), AttackSpec("pgd", {"steps": 10}))),), n=150,
+        paired=((ModelSpec("one-hidden-relu", {"hidden": 100}),
+                 DefenseSpec("convex-standard", {"iterations": 300, "max_points": 300, "epochs": 1, "certify_points": 0})),),
+    ).plan()
+    run_plan(plan, workdir=tmp_path, progress=False)
+    with Store(tmp_path / "store.sqlite") as s:
+        wc = {r.defense: r for r in s.rows() if r.attack == "worst_case"}
+    certified = json.loads(wc["convex-standard"].metrics)["certified_acc"]
+    assert 0 < certified <= wc["convex-standard"].robust_acc  # not vacuous, and a lower bound
+    assert checks.CERTIFIED_BROKEN not in wc["convex-standard"].flags
+    assert wc["standard"].metrics == ""  # no certificate, no column value
+    table = leaderboard.wide_tables(list(wc.values()))["digits_linf_0.01"]
+    cols = list(table.columns)
+    assert cols[cols.index("worst_case") + 1] == "certified"
+    by_defense = table.set_index("defense")["certified"]
+    assert by_defense["convex-standard"] == pytest.approx(certified) and pd.isna(by_defense["standard"])
+    again = run_plan(plan, workdir=tmp_path, progress=False)  # nothing pending: the worst cases are rewritten
+    with Store(tmp_path / "store.sqlite") as s:
+        kept = {r.defense: r for r in s.rows() if r.attack == "worst_case"}["convex-standard"]
+    assert again.computed == 0 and json.loads(kept.metrics)["certified_acc"] == certified
