@@ -6,6 +6,11 @@ set: after every epoch, PGD-10 accuracy on held-out test points.  Collapse = PGD
 0 after it was high.
 
     python scripts/catastrophic_overfitting.py --eps 0.3 --points 6000 --epochs 6
+    python scripts/catastrophic_overfitting.py --eps 0.3 --points 20000 --epochs 3 --schedule constant \
+        --defenses fgsm-rs pgd-at elle-a --every 10     # also PGD accuracy every 10 steps
+
+Multi-step defenses (``pgd-at``, ...) get ``--steps`` inner steps: the reference the single-step
+ones should reach.
 """
 
 from __future__ import annotations
@@ -31,10 +36,13 @@ def main() -> None:
     ap.add_argument("--schedule", default="cosine", choices=("cosine", "constant"))
     ap.add_argument("--alpha", type=float, default=1.25, help="FGSM-RS step as a multiple of eps (Wong et al.: 1.25)")
     ap.add_argument("--steps", type=int, default=5, help="inner PGD steps of a multi-step defense (pgd-at, trades, ...)")
+    ap.add_argument("--lam", type=float, default=None, help="ELLE's fixed lambda (default: the paper's 1000)")
     ap.add_argument("--monitor-points", type=int, default=300)
     ap.add_argument("--defenses", nargs="+", default=["fgsm-rs", "elle-a"])
     ap.add_argument("--cache", default=".rbl/co-models")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--every", type=int, default=0,
+                    help="> 0: also PGD accuracy every this many training steps (a collapse can happen within an epoch)")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     data = load("fashion-mnist", train_limit=args.points)
@@ -43,11 +51,17 @@ def main() -> None:
     for name in args.defenses:
         t0 = time.time()
         single_step = {"alpha": args.alpha} if name in ("fgsm-rs", "elle", "elle-a") else {"steps": args.steps}
+        if name == "elle" and args.lam is not None:
+            single_step["lam"] = args.lam
         defense = create_defense(
             name, eps=args.eps, epochs=args.epochs, lr=args.lr, optimizer=args.optimizer, schedule=args.schedule,
             monitor_eps=args.eps, monitor_points=args.monitor_points, monitor_steps=10, **single_step,
         )
-        trained = train_or_load(ModelSpec("small-cnn"), defense, data, ModelCache(args.cache), progress=False)
+        by_step: list[tuple[int, float]] = []
+        cache = args.cache
+        if args.every > 0:
+            defense, cache = step_monitored(defense, data, args.every, by_step), f"{args.cache}/stepwise"
+        trained = train_or_load(ModelSpec("small-cnn"), defense, data, ModelCache(cache), progress=False)
         side = trained.sidecar
         print(f"\n{name}: clean_acc {side['clean_acc']:.3f}, train_seconds {side['train_seconds']:.0f}, "
               f"sidecar {args.cache}/{trained.key}.json ({time.time() - t0:.0f} s)")
@@ -56,6 +70,23 @@ def main() -> None:
         for row in side["curve"]:
             print("  " + "  ".join(f"{row[k]:>11.4g}" if isinstance(row[k], float) else f"{row[k]!s:>11}" for k in ["epoch", *keys]))
         print("  curve json:", json.dumps(side["curve"]))
+        if by_step:
+            print("  pgd_acc by step:", " ".join(f"{step}:{acc:.3f}" for step, acc in by_step))
+
+
+def step_monitored(defense, data, every: int, log: list):
+    """``defense`` that also records (step, held-out PGD accuracy) every ``every`` steps into
+    ``log`` (same settings, so the same cache key: pass it a cache of its own)."""
+
+    class StepMonitored(type(defense)):
+        def batch_loss(self, model, x, y, state):
+            if state.step % every == 0:
+                model.eval()
+                log.append((state.step, self.epoch_metrics(model, data, x.device)["pgd_acc"]))
+                model.train()
+            return super().batch_loss(model, x, y, state)
+
+    return StepMonitored(**defense.get_params())
 
 
 if __name__ == "__main__":
