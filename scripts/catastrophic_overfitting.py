@@ -83,6 +83,7 @@ def step_monitored(defense, data, every: int, log: list):
             if state.step % every == 0:
                 model.eval()
                 log.append((state.step, self.epoch_metrics(model, data, x.device)["pgd_acc"]))
+                print(f"  step {state.step}: pgd_acc {log[-1][1]:.3f}", flush=True)
                 model.train()
             return super().batch_loss(model, x, y, state)
 
