@@ -269,16 +269,17 @@ def with_certificate(defense: Defense, model: torch.nn.Module, points: DataSplit
     """Worst-case rows with the defense's certified share of the same points (``certified_acc``
     in their metrics) where it has a certificate, flagged ``certified-broken`` when an attack
     broke a point the certificate counts as robust."""
+    x, y = points.x.to(device), points.y.to(device)
     out = []
     for row, mask in wc_rows:
-        cert = defense.certify(model, points.x.to(device), points.y.to(device), ThreatModel(row.norm, row.eps))
+        cert = defense.certify(model, x, y, ThreatModel(row.norm, row.eps))
         if cert is None or mask is None:
             out.append((row, mask))
             continue
         cert = cert.cpu().bool()
-        flags = set(row.flags.split(";")) | ({CERTIFIED_BROKEN} if bool((cert & ~mask.cpu()).any()) else set())
+        broken = {CERTIFIED_BROKEN} if bool((cert & ~mask.cpu()).any()) else set()
         metrics = json.dumps({"certified_acc": float(cert.float().mean())})
-        out.append((replace(row, flags=_join(flags), metrics=metrics), mask))
+        out.append((replace(row, flags=_flags_with(row, broken), metrics=metrics), mask))
     return out
 
 
@@ -350,12 +351,17 @@ def _write_worst_cases(store: Store, cells: list[Cell]) -> None:
         old = store.get(row.key)
         if old is not None and old[0].metrics:  # keep what only a live group measures: the certificate
             kept = set(old[0].flags.split(";")) & {CERTIFIED_BROKEN}
-            row = replace(row, metrics=old[0].metrics, flags=_join(set(row.flags.split(";")) | kept))
+            row = replace(row, metrics=old[0].metrics, flags=_flags_with(row, kept))
         store.put(row, mask)
 
 
 def _join(flags: set[str]) -> str:
     return ";".join(sorted(f for f in flags if f))
+
+
+def _flags_with(row: CellResult, extra: set[str]) -> str:
+    """``row``'s flags with ``extra`` added."""
+    return _join(set(row.flags.split(";")) | extra)
 
 
 def _attack_row(cell: Cell, trained: TrainedModel, rec: AttackRecord, clean_acc: float, flags: str) -> CellResult:
