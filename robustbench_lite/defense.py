@@ -70,7 +70,7 @@ class Defense:
     lr: float = setting(1e-3, low=0.0, low_open=True)
     momentum: float = setting(0.9, low=0.0, high=1.0)
     weight_decay: float = setting(0.0, low=0.0)
-    schedule: str = setting("cosine", choices=("constant", "cosine"))
+    schedule: str = setting("cosine", choices=("constant", "cosine", "cyclic"))
     grad_clip: float = setting(0.0, low=0.0)
     seed: int = setting(0, low=0)
     monitor_eps: float = setting(0.0, low=0.0, high=1.0)  # > 0: PGD accuracy on held-out points per epoch
@@ -150,9 +150,8 @@ class Defense:
         n = len(data.train)
         steps_per_epoch = math.ceil(n / self.batch_size)
         total_steps = self.epochs * steps_per_epoch
-        sched = None
-        if self.schedule == "cosine":
-            sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total_steps) / total_steps)))
+        factor = lr_factor(self.schedule, total_steps)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, factor) if self.schedule != "constant" else None
         gen = torch.Generator().manual_seed(self.seed)
         x_all, y_all = data.train.x, data.train.y
         state = TrainState(gen=torch.Generator().manual_seed(self.seed + 1))
@@ -246,3 +245,20 @@ class AdversarialDefense(Defense):
             model, x, loss_fn, eps=self.eps, step=self.step_size, steps=self.steps, gen=self.generator(state),
             start=self.start, train_mode=self.attack_mode == "train",
         )
+
+
+def lr_factor(schedule: str, total_steps: int):
+    """The learning-rate multiplier at step ``s`` of ``total_steps`` (a pure function).
+
+    ``constant``: 1.  ``cosine``: half a cosine from 1 to 0.  ``cyclic``: one triangle, linear
+    from about 0 up to 1 at 2/5 of training and back down to 0 (the cyclic schedule of Wong, Rice &
+    Kolter's fast adversarial training, after Smith's one-cycle policy).
+    """
+    if schedule == "constant":
+        return lambda s: 1.0
+    if schedule == "cosine":
+        return lambda s: 0.5 * (1 + math.cos(math.pi * min(s, total_steps) / total_steps))
+    if schedule == "cyclic":
+        peak = max(1, round(0.4 * total_steps))
+        return lambda s: min(s + 1, peak) / peak if s < peak else max(0.0, (total_steps - s) / max(1, total_steps - peak))
+    raise ValueError(f"schedule must be 'constant', 'cosine' or 'cyclic', got {schedule!r}")

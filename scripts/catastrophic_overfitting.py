@@ -33,10 +33,12 @@ def main() -> None:
     ap.add_argument("--epochs", type=int, default=6)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--optimizer", default="adam", choices=("adam", "sgd"))
-    ap.add_argument("--schedule", default="cosine", choices=("cosine", "constant"))
+    ap.add_argument("--schedule", default="cosine", choices=("cosine", "constant", "cyclic"))
     ap.add_argument("--alpha", type=float, default=1.25, help="FGSM-RS step as a multiple of eps (Wong et al.: 1.25)")
     ap.add_argument("--steps", type=int, default=5, help="inner PGD steps of a multi-step defense (pgd-at, trades, ...)")
     ap.add_argument("--lam", type=float, default=None, help="ELLE's fixed lambda (default: the paper's 1000)")
+    ap.add_argument("--width", type=int, default=32, help="small-cnn's first conv width (the second has twice)")
+    ap.add_argument("--hidden", type=int, default=128, help="small-cnn's hidden dense units")
     ap.add_argument("--monitor-points", type=int, default=300)
     ap.add_argument("--defenses", nargs="+", default=["fgsm-rs", "elle-a"])
     ap.add_argument("--cache", default=".rbl/co-models")
@@ -46,7 +48,8 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     data = load("fashion-mnist", train_limit=args.points)
-    print(f"Fashion-MNIST, {args.points} train images, small-cnn, Linf eps {args.eps}, {args.epochs} epochs, "
+    model_kwargs = {k: v for k, v in (("width", args.width), ("hidden", args.hidden)) if v != {"width": 32, "hidden": 128}[k]}
+    print(f"Fashion-MNIST, {args.points} train images, small-cnn {model_kwargs or ''}, Linf eps {args.eps}, {args.epochs} epochs, "
           f"{args.optimizer} lr {args.lr} {args.schedule}, FGSM step {args.alpha} eps; pgd_acc = PGD-10 accuracy on the first {args.monitor_points} test points")
     for name in args.defenses:
         t0 = time.time()
@@ -61,7 +64,7 @@ def main() -> None:
         cache = args.cache
         if args.every > 0:
             defense, cache = step_monitored(defense, data, args.every, by_step), f"{args.cache}/stepwise"
-        trained = train_or_load(ModelSpec("small-cnn"), defense, data, ModelCache(cache), progress=False)
+        trained = train_or_load(ModelSpec("small-cnn", model_kwargs), defense, data, ModelCache(cache), progress=False)
         side = trained.sidecar
         print(f"\n{name}: clean_acc {side['clean_acc']:.3f}, train_seconds {side['train_seconds']:.0f}, "
               f"sidecar {args.cache}/{trained.key}.json ({time.time() - t0:.0f} s)")

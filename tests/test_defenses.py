@@ -19,7 +19,7 @@ from robustbench_lite.convex import (
     solve,
 )
 from robustbench_lite.data import Data
-from robustbench_lite.defense import Defense, TrainState
+from robustbench_lite.defense import Defense, TrainState, lr_factor
 from robustbench_lite.inner_max import local_linearity_error, maximize
 from robustbench_lite.model_cache import ModelSpec
 from robustbench_lite.registry import create_attack, create_defense, list_defenses
@@ -100,6 +100,23 @@ def test_elle_a_lambda_jumps_on_a_spike_and_decays_otherwise():
     assert state.extra["elle_lam"] == 0.0
     assert d.regularization_weight(50.0, state) == 4000.0
     assert d.regularization_weight(1.0, state) == pytest.approx(0.99 * 4000.0)
+
+
+@pytest.mark.parametrize("total", [1, 7, 100])
+def test_learning_rate_schedules(total):
+    steps = range(total)
+    assert [lr_factor("constant", total)(s) for s in steps] == [1.0] * total
+    cosine = [lr_factor("cosine", total)(s) for s in steps]
+    assert cosine[0] == 1.0 and all(a >= b for a, b in zip(cosine, cosine[1:]))
+    cyclic = [lr_factor("cyclic", total)(s) for s in steps]
+    peak = cyclic.index(max(cyclic))
+    assert max(cyclic) == 1.0 and all(0.0 <= f <= 1.0 for f in cyclic)
+    assert all(a < b for a, b in zip(cyclic[:peak], cyclic[1 : peak + 1]))  # up, then down
+    assert all(a >= b for a, b in zip(cyclic[peak:], cyclic[peak + 1 :]))
+    if total >= 10:
+        assert cyclic[0] < 0.1 and cyclic[-1] < 0.1 and abs(peak - 0.4 * total) <= 1
+    with pytest.raises(ValueError, match="cyclic"):
+        lr_factor("step", total)
 
 
 # --------------------------------------------------------------------------------------------
