@@ -8,7 +8,7 @@ from typing import Any
 from .config import config_hash
 from .model_cache import ModelSpec
 from .registry import ATTACKS, create_attack, create_defense
-from .threat import ThreatModel
+from .threat import AttackKind, Norm, ThreatModel
 
 
 @dataclass(frozen=True)
@@ -55,6 +55,15 @@ class Cell:
 
     def build_attack(self):
         return create_attack(self.attack.name, norm=self.threat.norm, eps=self.threat.eps, **self.attack.params)
+
+    @property
+    def kind(self) -> str:
+        """``evasion``, ``sparse`` (an evasion attack under L0), ``universal`` or ``poisoning``;
+        it names the leaderboard CSV the cell's row goes to."""
+        kind = ATTACKS.get(self.attack.name).kind
+        if kind is AttackKind.EVASION:
+            return "sparse" if self.threat.norm is Norm.L0 else "evasion"
+        return kind.value
 
     @property
     def group(self) -> tuple[str, str, str]:

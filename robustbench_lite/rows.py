@@ -5,8 +5,12 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass, fields
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .plan import Cell
 
 WORST_CASE = "worst_case"
 
@@ -50,3 +54,19 @@ class CellResult:
     def from_row(cls, row: dict[str, Any]) -> CellResult:
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in row.items() if k in names})
+
+
+def error_row(cell: Cell, error: str, version: str = "", model_key: str = "") -> CellResult:
+    """The stored row of a cell that raised or could not run (retried on the next run), filed
+    under its kind (evasion, sparse, universal or poisoning)."""
+    try:
+        kind = cell.kind
+    except Exception:  # unknown attack name
+        kind = "evasion"
+    return CellResult(
+        dataset=cell.data.name, model=cell.model.name, defense=cell.defense.name, attack=cell.attack.name,
+        norm=cell.threat.norm.value, eps=cell.threat.eps, kind=kind, n=cell.n, clean_acc=float("nan"), robust_acc=None,
+        seconds=0.0, grad_evals=0, forward_evals=0, attacked=0, scope="all", target_hit_rate=None, success_rate=None,
+        median_l2=None, flags="", status="error", error=error[:4000], train_seconds=None,
+        attack_params=json.dumps(cell.attack.params, sort_keys=True), key=cell.key, model_key=model_key, code_version=version,
+    )

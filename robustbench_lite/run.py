@@ -35,8 +35,8 @@ from .evaluate import AttackRecord, evaluate
 from .model_cache import ModelCache, TrainedModel, train_or_load
 from .plan import Cell, DataSpec, Plan
 from .registry import load_plugin_file
-from .rows import WORST_CASE, CellResult
-from .run_other import error_row, is_other, run_other_cells
+from .rows import WORST_CASE, CellResult, error_row
+from .run_other import is_other, run_other_cells
 from .store import Store
 from .threat import ThreatModel
 

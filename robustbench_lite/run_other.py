@@ -35,9 +35,7 @@ from .data import Data
 from .evaluate_other import evaluate_poisoning, evaluate_sparse, evaluate_universal
 from .model_cache import ModelCache, TrainedModel
 from .plan import Cell
-from .registry import ATTACKS
-from .rows import CellResult
-from .threat import AttackKind, Norm
+from .rows import CellResult, error_row
 
 log = logging.getLogger(__name__)
 
@@ -54,17 +52,9 @@ METRICS: dict[str, tuple[str, ...]] = {
 }
 
 
-def cell_kind(cell: Cell) -> str:
-    """``evasion``, ``sparse`` (an evasion attack under L0), ``universal`` or ``poisoning``."""
-    kind = ATTACKS.get(cell.attack.name).kind
-    if kind is AttackKind.EVASION:
-        return "sparse" if cell.threat.norm is Norm.L0 else "evasion"
-    return kind.value
-
-
 def is_other(cell: Cell) -> bool:
     """True for the cells :func:`run_other_cells` handles (everything but dense evasion)."""
-    return cell_kind(cell) != "evasion"
+    return cell.kind != "evasion"
 
 
 def run_other_cells(
@@ -83,7 +73,7 @@ def run_other_cells(
         try:
             row = _run_cell(cell, trained, data, torch.device(device), cache, code_version)
         except Exception as exc:  # error isolation: the cell is stored as an error, the run goes on
-            log.warning("%s cell %s failed: %s", cell_kind(cell), cell.attack.name, exc)
+            log.warning("%s cell %s failed: %s", cell.kind, cell.attack.name, exc)
             # it ran on the group's model and raised: the driver counts it as measured, with its error
             row = error_row(
                 cell, f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=3)}", code_version, model_key=trained.key
@@ -94,7 +84,7 @@ def run_other_cells(
 def _run_cell(
     cell: Cell, trained: TrainedModel, data: Data, device: torch.device, cache: ModelCache | None, version: str
 ) -> CellResult:
-    kind = cell_kind(cell)
+    kind = cell.kind
     attack = cell.build_attack()
     params = json.dumps(attack.get_params(), sort_keys=True)
     test = data.test.head(cell.n)
@@ -146,19 +136,3 @@ def _base(cell: Cell, kind: str, params: str, model_key: str, version: str, trai
 def _finite(m: dict[str, Any]) -> dict[str, Any]:
     """JSON has no NaN: store missing numbers as null."""
     return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in m.items()}
-
-
-def error_row(cell: Cell, error: str, version: str = "", model_key: str = "") -> CellResult:
-    """The stored row of a cell that raised or could not run (retried on the next run), filed
-    under its kind (evasion, sparse, universal or poisoning)."""
-    try:
-        kind = cell_kind(cell)
-    except Exception:  # unknown attack name
-        kind = "evasion"
-    return CellResult(
-        dataset=cell.data.name, model=cell.model.name, defense=cell.defense.name, attack=cell.attack.name,
-        norm=cell.threat.norm.value, eps=cell.threat.eps, kind=kind, n=cell.n, clean_acc=float("nan"), robust_acc=None,
-        seconds=0.0, grad_evals=0, forward_evals=0, attacked=0, scope="all", target_hit_rate=None, success_rate=None,
-        median_l2=None, flags="", status="error", error=error[:4000], train_seconds=None,
-        attack_params=json.dumps(cell.attack.params, sort_keys=True), key=cell.key, model_key=model_key, code_version=version,
-    )

@@ -107,12 +107,12 @@ def test_learning_rate_schedules(total):
     steps = range(total)
     assert [lr_factor("constant", total)(s) for s in steps] == [1.0] * total
     cosine = [lr_factor("cosine", total)(s) for s in steps]
-    assert cosine[0] == 1.0 and all(a >= b for a, b in zip(cosine, cosine[1:]))
+    assert cosine[0] == 1.0 and all(a >= b for a, b in zip(cosine[:-1], cosine[1:], strict=True))
     cyclic = [lr_factor("cyclic", total)(s) for s in steps]
     peak = cyclic.index(max(cyclic))
     assert max(cyclic) == 1.0 and all(0.0 <= f <= 1.0 for f in cyclic)
-    assert all(a < b for a, b in zip(cyclic[:peak], cyclic[1 : peak + 1]))  # up, then down
-    assert all(a >= b for a, b in zip(cyclic[peak:], cyclic[peak + 1 :]))
+    assert all(a < b for a, b in zip(cyclic[:peak], cyclic[1 : peak + 1], strict=True))  # up, then down
+    assert all(a >= b for a, b in zip(cyclic[peak:-1], cyclic[peak + 1 :], strict=True))
     if total >= 10:
         assert cyclic[0] < 0.1 and cyclic[-1] < 0.1 and abs(peak - 0.4 * total) <= 1
     with pytest.raises(ValueError, match="cyclic"):
