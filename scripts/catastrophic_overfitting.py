@@ -22,8 +22,9 @@ import time
 import torch
 
 from robustbench_lite.data import load
+from robustbench_lite.inner_max import local_linearity_error
 from robustbench_lite.model_cache import ModelCache, ModelSpec, train_or_load
-from robustbench_lite.registry import create_defense
+from robustbench_lite.registry import create_attack, create_defense
 
 
 def main() -> None:
@@ -39,10 +40,13 @@ def main() -> None:
     ap.add_argument("--lam", type=float, default=None, help="ELLE's fixed lambda (default: the paper's 1000)")
     ap.add_argument("--width", type=int, default=32, help="small-cnn's first conv width (the second has twice)")
     ap.add_argument("--hidden", type=int, default=128, help="small-cnn's hidden dense units")
+    ap.add_argument("--lam-max", type=float, default=None, help="ELLE-A's lambda_max (default: the paper's 4000)")
     ap.add_argument("--monitor-points", type=int, default=300)
     ap.add_argument("--defenses", nargs="+", default=["fgsm-rs", "elle-a"])
     ap.add_argument("--cache", default=".rbl/co-models")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--final-points", type=int, default=1000,
+                    help="after training: clean, FGSM and PGD-50 accuracy and E_lin on this many test points")
     ap.add_argument("--every", type=int, default=0,
                     help="> 0: also PGD accuracy every this many training steps (a collapse can happen within an epoch)")
     args = ap.parse_args()
@@ -56,6 +60,8 @@ def main() -> None:
         single_step = {"alpha": args.alpha} if name in ("fgsm-rs", "elle", "elle-a") else {"steps": args.steps}
         if name == "elle" and args.lam is not None:
             single_step["lam"] = args.lam
+        if name == "elle-a" and args.lam_max is not None:
+            single_step["lam_max"] = args.lam_max
         defense = create_defense(
             name, eps=args.eps, epochs=args.epochs, lr=args.lr, optimizer=args.optimizer, schedule=args.schedule,
             monitor_eps=args.eps, monitor_points=args.monitor_points, monitor_steps=10, **single_step,
@@ -73,8 +79,32 @@ def main() -> None:
         for row in side["curve"]:
             print("  " + "  ".join(f"{row[k]:>11.4g}" if isinstance(row[k], float) else f"{row[k]!s:>11}" for k in ["epoch", *keys]))
         print("  curve json:", json.dumps(side["curve"]))
+        final = final_check(trained.model, data, args.eps, args.final_points, defense.seed)
+        print(f"  final, first {args.final_points} test points: " + ", ".join(f"{k} {v:.4g}" for k, v in final.items()))
         if by_step:
             print("  pgd_acc by step:", " ".join(f"{step}:{acc:.3f}" for step, acc in by_step))
+            peak_step, peak = max(by_step, key=lambda sa: sa[1])
+            tail = [acc for _, acc in by_step[-5:]]
+            print(f"  peak {peak:.3f} at step {peak_step}; mean of the last {len(tail)} checks {sum(tail) / len(tail):.3f}")
+
+
+def final_check(model, data, eps: float, points: int, seed: int) -> dict[str, float]:
+    """The signature of catastrophic overfitting on held-out points: accuracy under the FGSM step
+    the model trained against stays high while PGD-50's falls, and the loss stops being locally
+    linear in the ball (ELLE's E_lin, eq. 5 of Rocamora et al., rises)."""
+    model.eval()
+    split = data.test.head(points)
+    fgsm, pgd = create_attack("fgsm", eps=eps), create_attack("pgd", eps=eps, steps=50, seed=seed)
+    gen = torch.Generator().manual_seed(seed)
+    hits = {"clean_acc": 0.0, "fgsm_acc": 0.0, "pgd50_acc": 0.0, "e_lin": 0.0}
+    for i in range(0, len(split), 500):
+        x, y = split.x[i : i + 500], split.y[i : i + 500]
+        points_by_key = {"clean_acc": x, "fgsm_acc": fgsm.perturb(model, x, y), "pgd50_acc": pgd.perturb(model, x, y)}
+        with torch.no_grad():
+            hits["e_lin"] += float(local_linearity_error(model, x, y, eps=eps, gen=gen).sum())
+            for key, xs in points_by_key.items():
+                hits[key] += int((model(xs).argmax(1) == y).sum())
+    return {k: v / len(split) for k, v in hits.items()}
 
 
 def step_monitored(defense, data, every: int, log: list):
