@@ -47,8 +47,8 @@ def main() -> None:
     ap.add_argument("--alpha", type=float, default=1.25, help="FGSM-RS step as a multiple of eps (Wong et al.: 1.25)")
     ap.add_argument("--steps", type=int, default=5, help="inner PGD steps of a multi-step defense (pgd-at, trades, ...)")
     ap.add_argument("--lam", type=float, default=None, help="ELLE's fixed lambda (default: the paper's 1000)")
-    ap.add_argument("--width", type=int, default=32, help="small-cnn's first conv width (the second has twice)")
-    ap.add_argument("--hidden", type=int, default=128, help="small-cnn's hidden dense units")
+    ap.add_argument("--width", type=int, default=None, help="small-cnn's first conv width (the second has twice; default 32)")
+    ap.add_argument("--hidden", type=int, default=None, help="small-cnn's hidden dense units (default 128)")
     ap.add_argument("--lam-max", type=float, default=None, help="ELLE-A's lambda_max (default: the paper's 4000)")
     ap.add_argument("--monitor-points", type=int, default=300)
     ap.add_argument("--defenses", nargs="+", default=["fgsm-rs", "elle-a"])
@@ -61,8 +61,9 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     data = load("fashion-mnist", train_limit=args.points)
-    model_kwargs = {k: v for k, v in (("width", args.width), ("hidden", args.hidden)) if v != {"width": 32, "hidden": 128}[k]}
-    print(f"Fashion-MNIST, {args.points} train images, small-cnn {model_kwargs or ''}, Linf eps {args.eps}, {args.epochs} epochs, "
+    # only what was asked for: the default model keeps its cache key
+    model_kwargs = {k: v for k, v in (("width", args.width), ("hidden", args.hidden)) if v is not None}
+    print(f"Fashion-MNIST, {args.points} train images, small-cnn{f' {model_kwargs}' if model_kwargs else ''}, Linf eps {args.eps}, {args.epochs} epochs, "
           f"{args.optimizer} lr {args.lr} {args.schedule}, FGSM step {args.alpha} eps; pgd_acc = PGD-10 accuracy on the first {args.monitor_points} test points")
     for name in args.defenses:
         t0 = time.time()
