@@ -6,14 +6,14 @@ without momentum; the step follows a conjugate direction ``s_k = g_k + β_k s_{k
 ``x_{k+1} = Π(x_k + η_k·sign(s_k))``, with ``β_k = ⟨g_k, y⟩/⟨s_{k−1}, y⟩``, ``y = g_k − g_{k−1}``,
 clamped to ``β ≥ 0`` with a guarded denominator (as in the authors' code; REFERENCES.md notes the
 paper's sign convention could not be checked).  A halving moves to ``x_max`` with the gradient
-and direction stored there.  See :mod:`robustbench_lite.apgd_core`.
+and direction stored there.  See :mod:`robustbench_lite.attacks._apgd`.
 
 Losses: ``ce`` (the default: the issue's loss list and the paper's comparison with APGD-CE, see
 the benchmark note in ``scripts/bench_strong_attacks.py``), ``dlr``, and ``cw`` (the authors' own
 configuration, margin ``max_{i≠y} Z_i − Z_y``; the ``full`` preset runs ACG with it, because APGD
 already covers CE and a different loss finds different points).  The
 first run starts at the centre of the ball (``x`` itself); restarts start uniformly in it.
-Linf only.  The Diversity Index lives in :mod:`robustbench_lite.diversity`.
+Linf only.  The Diversity Index lives in :mod:`robustbench_lite.eval.diversity`.
 """
 
 from __future__ import annotations
@@ -22,11 +22,9 @@ from dataclasses import dataclass
 
 import torch
 
-from robustbench_lite import ops
-from robustbench_lite.apgd_core import auto_search
-from robustbench_lite.attack import EvasionAttack, setting
-from robustbench_lite.registry import register_attack
-from robustbench_lite.threat import Norm
+from robustbench_lite import EvasionAttack, Norm, ops, register_attack, setting
+
+from ._apgd import auto_search
 
 LOSSES = {"cw": ops.cw_loss, "ce": ops.ce, "dlr": ops.dlr}
 
@@ -51,7 +49,7 @@ class ACG(EvasionAttack):
         todo = torch.arange(x.shape[0], device=x.device)
         for r in range(self.restarts):
             xs, ys = x[todo], y[todo]
-            start = xs.clone() if r == 0 else ops.random_start(xs, self.norm, self.eps, gen)
+            start = xs.clone() if r == 0 else self.geometry.random_start(xs, self.eps, gen)
             res = auto_search(
                 model, xs, ys, LOSSES[self.loss], norm=self.norm, eps=self.eps, steps=self.steps,
                 x_start=start, method="acg", rho=self.rho,

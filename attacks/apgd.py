@@ -2,7 +2,7 @@
 with an ensemble of diverse parameter-free attacks", ICML 2020, Algorithm 1, eq. 2 and 6).
 
 The search (checkpoints, step-size halving, momentum 0.75, best point kept) lives in
-:mod:`robustbench_lite.apgd_core`; this file picks the loss and the restarts.
+:mod:`robustbench_lite.attacks._apgd`; this file picks the loss and the restarts.
 
 * ``apgd-ce``: cross-entropy.  ``apgd-dlr``: the difference of logits ratio (eq. 6), which is
   invariant to shifting and scaling the logits.
@@ -22,10 +22,9 @@ from typing import ClassVar
 
 import torch
 
-from robustbench_lite import ops
-from robustbench_lite.apgd_core import auto_search, random_start
-from robustbench_lite.attack import EvasionAttack, LossFn, setting
-from robustbench_lite.registry import register_attack
+from robustbench_lite import EvasionAttack, LossFn, ops, register_attack, setting
+
+from ._apgd import auto_search
 
 
 def _dlr_targeted(logits, label):
@@ -61,7 +60,7 @@ class APGD(EvasionAttack):
             xs, ls = x[todo], label[todo]
             res = auto_search(
                 model, xs, ls, loss_fn, norm=self.norm, eps=self.eps, steps=self.steps,
-                x_start=random_start(xs, self.norm, self.eps, gen), method="apgd",
+                x_start=self.geometry.sphere_start(xs, self.eps, gen), method="apgd",
                 rho=self.rho, alpha=self.momentum, **kw,
             )
             out[todo] = res.x_adv

@@ -29,10 +29,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from robustbench_lite.attack import PoisoningAttack, setting
-from robustbench_lite.data import DataSplit
-from robustbench_lite.registry import register_attack
-from robustbench_lite.threat import Norm
+from robustbench_lite import DataSplit, Norm, PoisoningAttack, register_attack, setting
 
 CORNERS = ("bottom-right", "bottom-left", "top-right", "top-left")
 
@@ -49,12 +46,13 @@ class BadNets(PoisoningAttack):
     patch: int = setting(3, low=1)
     corner: str = setting("bottom-right", choices=CORNERS)
 
+    norms = (Norm.L0,)
     has_trigger = True
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.norm is not Norm.L0 or self.eps < self.patch**2:
-            raise ValueError(f"badnets changes up to patch² = {self.patch**2} pixels: use norm='l0', eps >= {self.patch**2}")
+        if self.eps < self.patch**2:
+            raise ValueError(f"badnets changes up to patch² = {self.patch**2} pixels: use eps >= {self.patch**2}")
 
     def n_poison(self, n_train: int) -> int:
         return int(round(self.rate * n_train))

@@ -34,10 +34,7 @@ from typing import ClassVar
 
 import torch
 
-from robustbench_lite import ops
-from robustbench_lite.attack import EvasionAttack, setting
-from robustbench_lite.registry import register_attack
-from robustbench_lite.threat import Norm
+from robustbench_lite import EvasionAttack, Norm, ops, register_attack, setting
 
 _B1, _B2, _ADAM_EPS = 0.9, 0.999, 1e-8
 

@@ -22,12 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from robustbench_lite import ops
-from robustbench_lite.attack import PoisoningAttack, setting
-from robustbench_lite.data import DataSplit
-from robustbench_lite.evaluate_other import split_head
-from robustbench_lite.registry import register_attack
-from robustbench_lite.threat import Norm
+from robustbench_lite import DataSplit, Norm, PoisoningAttack, register_attack, setting, split_head
 
 
 @register_attack("feature-collision")
@@ -88,7 +83,7 @@ class FeatureCollision(PoisoningAttack):
                 (g,) = torch.autograd.grad(feature_loss(xg).sum(), xg)
             x_hat = x - lam * g
             new = ((x_hat + lam * beta * base) / (1 + lam * beta)).clamp(0, 1)
-            new = ops.project(new, train.x[idx], self.norm, self.eps)
+            new = self.geometry.project(new, train.x[idx], self.eps)
             new_obj = objective(new)
             worse = new_obj > obj
             x = torch.where(worse.view(-1, 1, 1, 1), x, new)

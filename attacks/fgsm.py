@@ -9,9 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from robustbench_lite import ops
-from robustbench_lite.attack import EvasionAttack
-from robustbench_lite.registry import register_attack
+from robustbench_lite import EvasionAttack, ops, register_attack
 
 
 @register_attack("fgsm")
@@ -23,4 +21,4 @@ class FGSM(EvasionAttack):
 
     def _perturb(self, model, x, y, target, gen):
         _, _, grad = self.loss_grad(model, x, y, ops.ce)
-        return ops.project(x + self.eps * ops.ascent_direction(grad, self.norm), x, self.norm, self.eps)
+        return self.geometry.project(x + self.eps * self.geometry.ascent(grad), x, self.eps)

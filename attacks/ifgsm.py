@@ -11,11 +11,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from robustbench_lite import ops
-from robustbench_lite.ascent import projected_ascent
-from robustbench_lite.attack import EvasionAttack, setting
-from robustbench_lite.registry import register_attack
-from robustbench_lite.threat import Norm
+from robustbench_lite import EvasionAttack, Norm, ops, register_attack, setting
+
+from ._ascent import projected_ascent
 
 
 def kurakin_steps(eps: float) -> int:

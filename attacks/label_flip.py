@@ -14,10 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from robustbench_lite.attack import PoisoningAttack, setting
-from robustbench_lite.data import DataSplit
-from robustbench_lite.registry import register_attack
-from robustbench_lite.threat import Norm
+from robustbench_lite import DataSplit, Norm, PoisoningAttack, register_attack, setting
 
 
 @register_attack("label-flip")

@@ -10,10 +10,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from robustbench_lite import ops
-from robustbench_lite.ascent import hits_target, projected_ascent
-from robustbench_lite.registry import register_attack
+from robustbench_lite import ops, register_attack
 
+from ._ascent import hits_target, projected_ascent
 from .ifgsm import IFGSM
 
 

@@ -13,7 +13,7 @@ Batched design: the population is one tensor ``[B, NP, D]``; candidates are rend
 scatter and the whole batch is evaluated in one forward pass per generation (chunked by
 ``chunk`` images); images that succeeded drop out (done mask).  For k = 1 on a convolutional
 ``nn.Sequential`` (e.g. small-cnn), ``incremental=True`` evaluates each candidate exactly but
-recomputes only the boxes of the feature maps its pixel can change (:mod:`robustbench_lite.sparse_eval`,
+recomputes only the boxes of the feature maps its pixel can change (:mod:`robustbench_lite.attacks._incremental`,
 ``window_chunk`` candidates at a time); each image's winning candidate is confirmed by a full
 forward pass before the image stops.  ``forward_evals`` counts one evaluation per candidate.
 """
@@ -25,10 +25,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from robustbench_lite.attack import EvasionAttack, setting
-from robustbench_lite.registry import register_attack
-from robustbench_lite.sparse_eval import BoxScorer, window_scorer
-from robustbench_lite.threat import Norm
+from robustbench_lite import EvasionAttack, Norm, register_attack, setting
+
+from ._incremental import BoxScorer, window_scorer
 
 
 def render(x: Tensor, cand: Tensor) -> Tensor:

@@ -1,7 +1,7 @@
 """PGD: projected gradient descent with random start (Madry et al., ICLR 2018, eq. 2 and §3).
 
 Start at a random point of the eps ball (Linf: ``x + U(−eps, eps)``; L2: random direction at
-radius ``eps · U(0, 1)``, see ``ops.random_start``),
+radius ``eps · U(0, 1)``, see ``Geometry.random_start``),
 then ``x_{k+1} = Π(x_k + α · sign ∇ loss)`` (Linf) or ``Π(x_k + α · ∇/||∇||_2)`` (L2), Π the
 projection onto the ball ∩ [0, 1].  Default ``α = 2.5 · eps / steps`` (Madry's rule of thumb).
 Restarts run on the points no earlier restart broke; each point keeps its first successful
@@ -14,10 +14,9 @@ from dataclasses import dataclass
 
 import torch
 
-from robustbench_lite import ops
-from robustbench_lite.ascent import misclassified, projected_ascent
-from robustbench_lite.attack import EvasionAttack, setting
-from robustbench_lite.registry import register_attack
+from robustbench_lite import EvasionAttack, ops, register_attack, setting
+
+from ._ascent import misclassified, projected_ascent
 
 LOSSES = {"ce": ops.ce, "cw": ops.cw_loss, "dlr": ops.dlr}
 
@@ -46,7 +45,7 @@ class PGD(EvasionAttack):
         todo = torch.arange(x.shape[0], device=x.device)
         for r in range(self.restarts):
             xs, ys = x[todo], y[todo]
-            start = ops.random_start(xs, self.norm, self.eps, gen) if self.random_start else xs
+            start = self.geometry.random_start(xs, self.eps, gen) if self.random_start else xs
             adv, found = projected_ascent(
                 model, xs, ys, LOSSES[self.loss], norm=self.norm, eps=self.eps,
                 step=self.step_size, steps=self.steps, x_start=start,

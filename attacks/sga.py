@@ -22,9 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from robustbench_lite import ops
-from robustbench_lite.attack import UniversalAttack, setting
-from robustbench_lite.registry import register_attack
+from robustbench_lite import UniversalAttack, ops, register_attack, setting
 
 
 def bounded_ce_grad(model, x: Tensor, delta: Tensor, y: Tensor, beta: float) -> Tensor:
@@ -57,7 +55,7 @@ class SGA(UniversalAttack):
         return float(self.epochs)
 
     def _ascend(self, d: Tensor, g: Tensor) -> Tensor:
-        return ops.project_ball(d + self.step_size * ops.ascent_direction(g, self.norm), self.norm, self.eps)
+        return self.geometry.project_ball(d + self.step_size * self.geometry.ascent(g), self.eps)
 
     def _fit(self, model, x, y, gen):
         pred = ops.predictions(model, x)

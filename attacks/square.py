@@ -31,10 +31,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from robustbench_lite import ops
-from robustbench_lite.attack import EvasionAttack, setting
-from robustbench_lite.registry import register_attack
-from robustbench_lite.threat import Norm
+from robustbench_lite import EvasionAttack, Norm, ops, register_attack, setting
 
 HALVING_AT = (10, 50, 200, 500, 1000, 2000, 4000, 6000, 8000)  # iterations of a 10,000 budget
 
@@ -90,6 +87,10 @@ def _signs(shape: tuple[int, ...], gen: torch.Generator, dtype) -> Tensor:
     return torch.randint(0, 2, shape, generator=gen, device=gen.device).to(dtype) * 2 - 1
 
 
+# per norm: the methods that start the search and propose one candidate per point
+_SEARCH = {Norm.LINF: ("_linf_init", "_linf_proposal"), Norm.L2: ("_l2_init", "_l2_step")}
+
+
 @register_attack("square")
 @dataclass(frozen=True, kw_only=True)
 class Square(EvasionAttack):
@@ -107,7 +108,8 @@ class Square(EvasionAttack):
         return self.queries / 3.0
 
     def _perturb(self, model, x, y, target, gen):
-        x_best = self._init(x, gen)
+        init, propose = (getattr(self, name) for name in _SEARCH[self.norm])
+        x_best = init(x, gen)
         loss = ops.margin(model(x_best), y)
         _, c, h, w = x.shape
         for it in range(1, self.queries):
@@ -116,15 +118,7 @@ class Square(EvasionAttack):
                 break
             xs, xb = x[todo], x_best[todo]
             p = p_schedule(self.p_init, it, self.queries)
-            if self.norm is Norm.LINF:
-                cand = self._linf_step(xs, xb, p, gen)
-                for _ in range(10):  # redraw proposals that change nothing (they waste a query)
-                    same = (cand - xb).flatten(1).abs().amax(dim=1) < 1e-7
-                    if not same.any():
-                        break
-                    cand[same] = self._linf_step(xs[same], xb[same], p, gen)
-            else:
-                cand = self._l2_step(xs, xb, p, gen)
+            cand = propose(xs, xb, p, gen)
             new = ops.margin(model(cand), y[todo])
             better = new < loss[todo]
             keep = todo[better]
@@ -133,11 +127,15 @@ class Square(EvasionAttack):
         return x_best
 
     # -- initialisation --------------------------------------------------------------------------
-    def _init(self, x: Tensor, gen: torch.Generator) -> Tensor:
+    def _linf_init(self, x: Tensor, gen: torch.Generator) -> Tensor:
+        """Vertical stripes: ``x + ε·(±1 per channel and column)``."""
         b, c, h, w = x.shape
-        if self.norm is Norm.LINF:
-            stripes = _signs((b, c, 1, w), gen, x.dtype).to(x.device)
-            return (x + self.eps * stripes).clamp(0.0, 1.0)
+        stripes = _signs((b, c, 1, w), gen, x.dtype).to(x.device)
+        return (x + self.eps * stripes).clamp(0.0, 1.0)
+
+    def _l2_init(self, x: Tensor, gen: torch.Generator) -> Tensor:
+        """A grid of nested-square meta-patterns with random signs, scaled to norm ``ε``."""
+        b, c, h, w = x.shape
         tile = max(3, min(h, w) // 5)
         delta = torch.zeros_like(x)
         for r in range(0, h, tile):
@@ -150,6 +148,16 @@ class Square(EvasionAttack):
         return (x + delta).clamp(0.0, 1.0)
 
     # -- one candidate per point -----------------------------------------------------------------
+    def _linf_proposal(self, x: Tensor, x_best: Tensor, p: float, gen: torch.Generator) -> Tensor:
+        """A Linf step, redrawn (up to 10 times) where it would change nothing and waste a query."""
+        cand = self._linf_step(x, x_best, p, gen)
+        for _ in range(10):
+            same = (cand - x_best).flatten(1).abs().amax(dim=1) < 1e-7
+            if not same.any():
+                break
+            cand[same] = self._linf_step(x[same], x_best[same], p, gen)
+        return cand
+
     def _linf_step(self, x: Tensor, x_best: Tensor, p: float, gen: torch.Generator) -> Tensor:
         b, c, h, w = x.shape
         s = square_side(p, h, w)
@@ -181,7 +189,7 @@ class Square(EvasionAttack):
         new = new * (target_norm / new.flatten(2).norm(dim=2).clamp_min(1e-12))[:, :, None, None]
         delta = delta * (1 - both)  # W1 and W2 emptied
         delta = _paste(delta, new, r1, c1, s)
-        return ops.project(x + delta, x, Norm.L2, self.eps)
+        return self.geometry.project(x + delta, x, self.eps)
 
 
 def _crop(t: Tensor, r: Tensor, c: Tensor, s: int) -> Tensor:

@@ -19,9 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from robustbench_lite import ops
-from robustbench_lite.attack import UniversalAttack, apply_delta, setting
-from robustbench_lite.registry import register_attack
+from robustbench_lite import UniversalAttack, apply_delta, ops, register_attack, setting
 
 
 def deepfool(model: nn.Module, x: Tensor, label: Tensor, steps: int, overshoot: float) -> Tensor:
@@ -75,7 +73,7 @@ class UAP(UniversalAttack):
         return float(self.passes * self.df_steps * 10)
 
     def _project(self, v: Tensor) -> Tensor:
-        return ops.project_ball(v, self.norm, self.eps)
+        return self.geometry.project_ball(v, self.eps)
 
     def _fit(self, model, x, y, gen):
         clean = ops.predictions(model, x)

@@ -16,11 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from robustbench_lite import ops
-from robustbench_lite.config import setting
-from robustbench_lite.defense import AdversarialDefense
-from robustbench_lite.registry import register_defense
+from robustbench_lite import ops, register_defense, setting
 
+from ._inner_max import AdversarialDefense
 from .trades import kl_search, robustness_weight
 
 

@@ -6,7 +6,7 @@ one-vs-rest.
 ‖w_i‖₂)`` s.t. ``(2D_i − I) X v_i ≥ ε‖v_i‖₁`` and the same for ``w_i`` (row-wise): every
 training point's activation pattern is fixed over its ε ball, where the network is linear and
 the worst-case hinge above is exact.  Recovered as ``f_c(x) = Σ_i (xᵀv_i)₊ − (xᵀw_i)₊``;
-:func:`robustbench_lite.convex.certify` certifies a point when all its neurons keep their sign
+:func:`robustbench_lite.defenses._convex.certify` certifies a point when all its neurons keep their sign
 over the ball and the worst-case margin is positive.  Multiclass data goes one-vs-rest.
 """
 
@@ -14,9 +14,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from robustbench_lite.config import setting
-from robustbench_lite.convex import ConvexDefense
-from robustbench_lite.registry import register_defense
+from robustbench_lite import register_defense, setting
+
+from ._convex import ConvexDefense
 
 
 @register_defense("convex-robust")

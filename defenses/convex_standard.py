@@ -4,7 +4,7 @@ networks are convex regularizers", ICML 2020, eq. (8) with hinge loss), one-vs-r
 ``min Σ_k (1 − y_k Σ_i d_ik x_kᵀ(v_i − w_i))₊ / n + β Σ_i (‖v_i‖₂ + ‖w_i‖₂)`` s.t.
 ``(2D_i − I) X v_i ≥ 0``, ``(2D_i − I) X w_i ≥ 0``, over sampled patterns ``D_i``; recovered as
 ``f_c(x) = Σ_i (xᵀv_i)₊ − (xᵀw_i)₊`` per class c.  Solver and recovery in
-:mod:`robustbench_lite.convex`.  Multiclass data goes one-vs-rest (class c against the rest);
+:mod:`robustbench_lite.defenses._convex`.  Multiclass data goes one-vs-rest (class c against the rest);
 prediction is the argmax over the K binary scores.  Changed from the paper: hinge loss (so
 it is the ε = 0 case of the robust program), no bias.
 """
@@ -13,9 +13,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from robustbench_lite.config import setting
-from robustbench_lite.convex import ConvexDefense
-from robustbench_lite.registry import register_defense
+from robustbench_lite import register_defense, setting
+
+from ._convex import ConvexDefense
 
 
 @register_defense("convex-standard")

@@ -14,11 +14,9 @@ from dataclasses import dataclass
 
 import torch.nn.functional as F
 
-from robustbench_lite import ops
-from robustbench_lite.config import setting
-from robustbench_lite.defense import Defense
-from robustbench_lite.inner_max import local_linearity_error, maximize
-from robustbench_lite.registry import register_defense
+from robustbench_lite import Defense, ops, register_defense, setting
+
+from ._inner_max import local_linearity_error, maximize
 
 
 @register_defense("elle")

@@ -12,8 +12,7 @@ from __future__ import annotations
 import statistics
 from dataclasses import dataclass
 
-from robustbench_lite.config import setting
-from robustbench_lite.registry import register_defense
+from robustbench_lite import register_defense, setting
 
 from .elle import ELLE
 

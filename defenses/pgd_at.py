@@ -15,10 +15,9 @@ from dataclasses import dataclass
 
 import torch.nn.functional as F
 
-from robustbench_lite import ops
-from robustbench_lite.config import setting
-from robustbench_lite.defense import AdversarialDefense
-from robustbench_lite.registry import register_defense
+from robustbench_lite import ops, register_defense, setting
+
+from ._inner_max import AdversarialDefense
 
 
 @register_defense("pgd-at")

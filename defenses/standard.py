@@ -6,8 +6,7 @@ from dataclasses import dataclass
 
 import torch.nn.functional as F
 
-from robustbench_lite.defense import Defense
-from robustbench_lite.registry import register_defense
+from robustbench_lite import Defense, register_defense
 
 
 @register_defense("standard")

@@ -18,11 +18,9 @@ from dataclasses import dataclass
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from robustbench_lite import ops
-from robustbench_lite.config import setting
-from robustbench_lite.defense import Defense
-from robustbench_lite.inner_max import frozen_bn, vat_direction
-from robustbench_lite.registry import register_defense
+from robustbench_lite import Defense, ops, register_defense, setting
+
+from ._inner_max import frozen_bn, vat_direction
 
 
 def lds(model: nn.Module, x: Tensor, logits: Tensor, *, eps: float, xi: float, gen, power_iterations: int = 1) -> Tensor:

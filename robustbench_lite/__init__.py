@@ -1,23 +1,37 @@
 """robustbench_lite: how robust is this model, trained this way, against these attacks?
 
-Python API in brief::
+The public API lives here, so one import line is enough::
 
-    from robustbench_lite import create_attack, load, evaluate
-    data = load("digits")
-    pgd = create_attack("pgd", norm="linf", eps=0.1, steps=20)
-    x_adv = pgd.perturb(model, data.test.x[:100], data.test.y[:100])
-    ev = evaluate(model, [pgd], data.test, n=100)
+    from robustbench_lite import create_attack, create_defense, evaluate, load, train_or_load, ModelSpec
+
+Plugins (attacks, defenses, models, datasets, cell kinds) import their bases and helpers from this
+module too: ``EvasionAttack``, ``Defense``, ``setting``, ``register_attack``, ``ops``, ``Norm``, ...
+
+The package is grouped by responsibility: ``core`` (registries, threat models and norm geometry,
+settings, tensor ops, data, models, devices, attack bases), ``training`` (the defense base and the
+trained-model cache), ``certify`` (verifiers), ``eval`` (evaluation of each kind of attack, flags,
+adaptive wrappers), ``harness`` (plans, presets, cell kinds, runs, the results store) and
+``report`` (leaderboard CSVs and the HTML report).
 """
 
 __version__ = "0.1.0"
 
-from .attack import AttackOutput, EvasionAttack  # noqa: E402
-from .config import setting  # noqa: E402
-from .data import Data, DatasetNotFoundError, DataSplit, load  # noqa: E402
-from .defense import Defense, accuracy  # noqa: E402
-from .evaluate import evaluate  # noqa: E402
-from .models import create_model  # noqa: E402
-from .registry import (  # noqa: E402
+from .certify import Verifier, create_verifier, list_verifiers, register_verifier  # noqa: E402
+from .core import ops  # noqa: E402
+from .core.attack import (  # noqa: E402
+    AttackOutput,
+    EvasionAttack,
+    LossFn,
+    PoisoningAttack,
+    UniversalAttack,
+    UniversalOutput,
+    apply_delta,
+)
+from .core.config import setting  # noqa: E402
+from .core.data import Data, DatasetNotFoundError, DataSplit, list_datasets, load  # noqa: E402
+from .core.device import DevicePolicy, make_policy  # noqa: E402
+from .core.models import ModelSpec, Normalize, accuracy, create_model, predict, split_head  # noqa: E402
+from .core.registry import (  # noqa: E402
     create_attack,
     create_defense,
     list_attacks,
@@ -25,33 +39,67 @@ from .registry import (  # noqa: E402
     list_models,
     load_plugin_file,
     register_attack,
+    register_dataset,
     register_defense,
     register_model,
 )
-from .threat import AttackKind, Norm, ThreatModel  # noqa: E402
+from .core.threat import Geometry, Norm, ThreatModel, geometry  # noqa: E402
+from .eval.evasion import evaluate  # noqa: E402
+from .harness.kinds import CellKind, Group, list_kinds, register_kind  # noqa: E402
+from .training.cache import ModelCache, TrainedModel, train_or_load  # noqa: E402
+from .training.defense import Defense, EpochRecord, TrainLog, TrainState  # noqa: E402
 
 __all__ = [
-    "AttackKind",
     "AttackOutput",
+    "CellKind",
     "Data",
     "DataSplit",
     "DatasetNotFoundError",
     "Defense",
+    "DevicePolicy",
+    "EpochRecord",
     "EvasionAttack",
+    "Geometry",
+    "Group",
+    "LossFn",
+    "ModelCache",
+    "ModelSpec",
     "Norm",
+    "Normalize",
+    "PoisoningAttack",
     "ThreatModel",
+    "TrainLog",
+    "TrainState",
+    "TrainedModel",
+    "UniversalAttack",
+    "UniversalOutput",
+    "Verifier",
     "accuracy",
+    "apply_delta",
     "create_attack",
     "create_defense",
     "create_model",
+    "create_verifier",
     "evaluate",
+    "geometry",
     "list_attacks",
+    "list_datasets",
     "list_defenses",
+    "list_kinds",
     "list_models",
+    "list_verifiers",
     "load",
     "load_plugin_file",
+    "make_policy",
+    "ops",
+    "predict",
     "register_attack",
+    "register_dataset",
     "register_defense",
+    "register_kind",
     "register_model",
+    "register_verifier",
     "setting",
+    "split_head",
+    "train_or_load",
 ]

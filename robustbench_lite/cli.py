@@ -8,14 +8,15 @@ import sys
 import time
 from collections.abc import Sequence
 
-from . import leaderboard
-from .data import list_datasets
-from .device import AUTOCAST_CHOICES
-from .presets import PRESETS, get_preset
-from .registry import ATTACKS, DEFENSES, MODELS, load_plugin_file
-from .run import run_plan
-from .store import Store
-from .threat import ThreatModel
+from .certify import VERIFIERS
+from .core.device import AUTOCAST_CHOICES
+from .core.registry import ATTACKS, DATASETS, DEFENSES, MODELS, load_plugin_file
+from .core.threat import ThreatModel
+from .harness.kinds import KINDS
+from .harness.presets import PRESETS, get_preset
+from .harness.run import run_plan
+from .harness.store import Store
+from .report import leaderboard
 
 
 def _csv(text: str) -> list[str]:
@@ -34,10 +35,17 @@ def _batch_size(text: str) -> int | str:
     return value
 
 
+_REGISTRIES = {
+    "attacks": ATTACKS, "defenses": DEFENSES, "models": MODELS, "datasets": DATASETS, "verifiers": VERIFIERS,
+    "kinds": KINDS,
+}
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="robustbench-lite", description="Adversarial robustness benchmark.")
     p.add_argument("--plugin", action="append", default=[], metavar="FILE.py",
-                   help="import a plugin file that registers attacks/defenses/models (repeatable)")
+                   help="import a plugin file that registers attacks, defenses, models, datasets, verifiers or "
+                   "cell kinds (repeatable)")
     p.add_argument("-v", "--verbose", action="store_true", help="log progress details")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -45,6 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--preset", default="quick", help=f"one of {sorted(PRESETS)} (default quick)")
     r.add_argument("--attacks", type=_csv, help="comma-separated attack names replacing the preset's")
     r.add_argument("--defenses", type=_csv, help="comma-separated defense names replacing the preset's")
+    r.add_argument("--datasets", type=_csv, help="comma-separated dataset names replacing the preset's")
     r.add_argument("--threats", type=_csv,
                    help="comma-separated NORM:EPS, e.g. linf:0.1,l2:1.5")
     r.add_argument("--n", type=int, help="number of test points")
@@ -67,8 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     for q in (r,):
         q.add_argument("--plugin", action="append", default=argparse.SUPPRESS, metavar="FILE.py")
 
-    ls = sub.add_parser("list", help="list attacks, defenses, models, datasets or presets")
-    ls.add_argument("what", nargs="?", default="attacks", choices=["attacks", "defenses", "models", "datasets", "presets"])
+    ls = sub.add_parser("list", help="list attacks, defenses, models, datasets, verifiers, kinds or presets")
+    ls.add_argument("what", nargs="?", default="attacks", choices=[*_REGISTRIES, "presets"])
     ls.add_argument("pattern", nargs="?", default="*", help="fnmatch pattern, e.g. 'pgd*'")
     ls.add_argument("--plugin", action="append", default=argparse.SUPPRESS, metavar="FILE.py")
 
@@ -106,22 +115,18 @@ def _list(args: argparse.Namespace) -> int:
         for name, preset in sorted(PRESETS.items()):
             print(f"{name:10s} {preset.description}")
         return 0
-    if args.what == "datasets":
-        print("\n".join(list_datasets()))
-        return 0
-    reg = {"attacks": ATTACKS, "defenses": DEFENSES, "models": MODELS}[args.what]
+    reg = _REGISTRIES[args.what]
     for name in reg.list(args.pattern):
         obj = reg.get(name)
         doc = (obj.__doc__ or "").strip().splitlines()
-        extra = ""
-        if reg is ATTACKS:
-            extra = f" [{','.join(n.value for n in obj.norms)}]"
+        norms = getattr(obj, "norms", None)
+        extra = f" [{','.join(n.value for n in norms)}]" if isinstance(norms, tuple) else ""
         print(f"{name:16s}{extra} {doc[0] if doc else ''}")
     return 0
 
 
 def _report(workdir: str, out: str) -> int:
-    from .report import write_report  # matplotlib is needed only here
+    from .report.html import write_report  # matplotlib is needed only here
 
     with Store(f"{workdir}/store.sqlite") as store:
         rows = store.rows()
@@ -141,10 +146,12 @@ def _leaderboard(workdir: str, out: str) -> int:
 
 def _run(args: argparse.Namespace) -> int:
     threats = [ThreatModel.parse(t) for t in args.threats] if args.threats else None
-    plan = get_preset(args.preset).plan(attacks=args.attacks, threats=threats, n=args.n, defenses=args.defenses)
+    plan = get_preset(args.preset).plan(
+        attacks=args.attacks, threats=threats, n=args.n, defenses=args.defenses, datasets=args.datasets
+    )
     executor = None
     if args.executor == "ray":
-        from .ray_executor import RayExecutor  # ray is an optional extra
+        from .harness.ray_executor import RayExecutor  # ray is an optional extra
 
         executor = RayExecutor(address=args.address, num_cpus=args.ray_cpus)
     start = time.perf_counter()

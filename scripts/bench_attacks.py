@@ -23,9 +23,10 @@ import time
 import torch
 import torch.nn.functional as F
 
-from robustbench_lite.data import load
-from robustbench_lite.model_cache import ModelCache, ModelSpec, train_or_load
-from robustbench_lite.registry import create_attack, create_defense
+from robustbench_lite.core.data import load
+from robustbench_lite.core.models import ModelSpec
+from robustbench_lite.core.registry import create_attack, create_defense
+from robustbench_lite.training.cache import ModelCache, train_or_load
 
 
 def bare_pgd(model, x, y, eps, alpha, steps, gen):
@@ -54,7 +55,7 @@ def one_pixel_side_by_side(model, data, images: int, generations: int) -> None:
     from art.attacks.evasion import PixelAttack
     from art.estimators.classification import PyTorchClassifier
 
-    from robustbench_lite.defense import predict
+    from robustbench_lite.core.models import predict
 
     test = data.test.head(2000)
     idx = (predict(model, test.x, "cpu") == test.y).nonzero().flatten()[:images]

@@ -19,11 +19,11 @@ import time
 import numpy as np
 import torch
 
-from robustbench_lite.data import Data, load
-from robustbench_lite.defense import accuracy, predict
-from robustbench_lite.evaluate_other import evaluate_poisoning, evaluate_universal
-from robustbench_lite.model_cache import ModelCache, ModelSpec, train_or_load
-from robustbench_lite.registry import create_attack, create_defense
+from robustbench_lite.core.data import Data, load
+from robustbench_lite.core.models import ModelSpec, accuracy, predict
+from robustbench_lite.core.registry import create_attack, create_defense
+from robustbench_lite.eval.other import evaluate_poisoning, evaluate_universal
+from robustbench_lite.training.cache import ModelCache, train_or_load
 
 SPEC = ModelSpec("small-cnn")
 CACHE = ModelCache(".rbl/models")

@@ -6,7 +6,7 @@
    seconds against n is the growth exponent (linear: 1).
 2. The autotune table: PGD (Linf 0.1, `--steps` steps) seconds on 2000 points for each batch of
    {64, 128, 256, 500, 1000, 2000}, side by side; the batch the probe picks
-   (:class:`robustbench_lite.autotune.BatchTuner`, no cache) and whether its PGD time is within
+   (:class:`robustbench_lite.harness.autotune.BatchTuner`, no cache) and whether its PGD time is within
    10% of the best.  Then the autotuned batch vs the fixed default 500.
 3. Local vs Ray (2 workers): the smoke preset with two seeds of its defense (two groups, trained
    from scratch in a fresh workdir each time), wall seconds; ``ray.init`` is timed separately.
@@ -30,15 +30,16 @@ from pathlib import Path
 
 import torch
 
-from robustbench_lite.autotune import CANDIDATES, BatchTuner
-from robustbench_lite.data import load
-from robustbench_lite.device import make_policy
-from robustbench_lite.evaluate import evaluate, run_attack
-from robustbench_lite.model_cache import ModelCache, ModelSpec, train_or_load
-from robustbench_lite.plan import Plan
-from robustbench_lite.presets import get_preset
-from robustbench_lite.registry import create_attack, create_defense
-from robustbench_lite.run import run_plan
+from robustbench_lite.core.data import load
+from robustbench_lite.core.device import make_policy
+from robustbench_lite.core.models import ModelSpec
+from robustbench_lite.core.registry import create_attack, create_defense
+from robustbench_lite.eval.evasion import evaluate, run_attack
+from robustbench_lite.harness.autotune import CANDIDATES, BatchTuner
+from robustbench_lite.harness.plan import Plan
+from robustbench_lite.harness.presets import get_preset
+from robustbench_lite.harness.run import run_plan
+from robustbench_lite.training.cache import ModelCache, train_or_load
 
 
 def slope(xs: list[float], ys: list[float]) -> float:
@@ -155,7 +156,7 @@ def main() -> None:
     t0 = time.perf_counter()
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     init_s = time.perf_counter() - t0
-    from robustbench_lite.ray_executor import RayExecutor
+    from robustbench_lite.harness.ray_executor import RayExecutor
 
     plan = two_groups(200)
     local_t: list[float] = []

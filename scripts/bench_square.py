@@ -15,9 +15,10 @@ import time
 import torch
 from torch import nn
 
-from robustbench_lite.data import load
-from robustbench_lite.model_cache import ModelCache, ModelSpec, train_or_load
-from robustbench_lite.registry import create_attack, create_defense
+from robustbench_lite.core.data import load
+from robustbench_lite.core.models import ModelSpec
+from robustbench_lite.core.registry import create_attack, create_defense
+from robustbench_lite.training.cache import ModelCache, train_or_load
 
 
 class BatchLog(nn.Module):

@@ -22,13 +22,13 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from robustbench_lite.attacks._apgd import search_points  # noqa: E402
 from strong_models import pgd_at_model, standard_model  # noqa: E402
 
 from robustbench_lite import ops  # noqa: E402
-from robustbench_lite.apgd_core import search_points  # noqa: E402
-from robustbench_lite.data import load  # noqa: E402
-from robustbench_lite.diversity import compare_diversity  # noqa: E402
-from robustbench_lite.registry import create_attack  # noqa: E402
+from robustbench_lite.core.data import load  # noqa: E402
+from robustbench_lite.core.registry import create_attack  # noqa: E402
+from robustbench_lite.eval.diversity import compare_diversity  # noqa: E402
 
 EPS, STEPS = 0.1, 100
 CW_SEARCH, CW_STEPS = 5, 100

@@ -17,9 +17,9 @@ import time
 
 import torch
 
-from robustbench_lite.data import Data, load
-from robustbench_lite.model_cache import ModelSpec
-from robustbench_lite.registry import create_defense
+from robustbench_lite.core.data import Data, load
+from robustbench_lite.core.models import ModelSpec
+from robustbench_lite.core.registry import create_defense
 
 
 def epoch_seconds(name: str, params: dict, data: Data, batch_size: int) -> float:

@@ -29,11 +29,12 @@ import json
 import time
 
 import torch
+from robustbench_lite.defenses._inner_max import local_linearity_error
 
-from robustbench_lite.data import load
-from robustbench_lite.inner_max import local_linearity_error
-from robustbench_lite.model_cache import ModelCache, ModelSpec, train_or_load
-from robustbench_lite.registry import create_attack, create_defense
+from robustbench_lite.core.data import load
+from robustbench_lite.core.models import ModelSpec
+from robustbench_lite.core.registry import create_attack, create_defense
+from robustbench_lite.training.cache import ModelCache, train_or_load
 
 
 def main() -> None:

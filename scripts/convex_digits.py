@@ -9,11 +9,11 @@ from __future__ import annotations
 import time
 
 import torch
+from robustbench_lite.defenses._convex import certify
 
-from robustbench_lite.convex import certify
-from robustbench_lite.data import load
-from robustbench_lite.model_cache import ModelSpec
-from robustbench_lite.registry import create_attack, create_defense
+from robustbench_lite.core.data import load
+from robustbench_lite.core.models import ModelSpec
+from robustbench_lite.core.registry import create_attack, create_defense
 
 RADII = (0.01, 0.05, 0.2)
 

@@ -15,11 +15,11 @@ import time
 
 import torch
 
-from robustbench_lite.data import load
-from robustbench_lite.evaluate import evaluate
-from robustbench_lite.model_cache import ModelCache, train_or_load
-from robustbench_lite.presets import get_preset
-from robustbench_lite.registry import create_attack
+from robustbench_lite.core.data import load
+from robustbench_lite.core.registry import create_attack
+from robustbench_lite.eval.evasion import evaluate
+from robustbench_lite.harness.presets import get_preset
+from robustbench_lite.training.cache import ModelCache, train_or_load
 
 
 def main() -> None:

@@ -14,12 +14,13 @@ import torch
 import torch.nn.functional as F
 
 from robustbench_lite import ops
-from robustbench_lite.attack import EvasionAttack
-from robustbench_lite.data import load
-from robustbench_lite.defense import Defense
-from robustbench_lite.model_cache import ModelCache, ModelSpec, train_or_load
-from robustbench_lite.registry import create_defense
-from robustbench_lite.threat import Norm
+from robustbench_lite.core.attack import EvasionAttack
+from robustbench_lite.core.data import load
+from robustbench_lite.core.models import ModelSpec
+from robustbench_lite.core.registry import create_defense
+from robustbench_lite.core.threat import Norm
+from robustbench_lite.training.cache import ModelCache, train_or_load
+from robustbench_lite.training.defense import Defense
 
 CACHE = ".rbl/models"
 
@@ -33,10 +34,10 @@ class BenchPGDTraining(Defense):
     step: float = 0.025
 
     def batch_loss(self, model, x, y, state):
-        x_adv = ops.random_start(x, Norm.LINF, self.eps, torch.Generator().manual_seed(state.step))
+        x_adv = Norm.LINF.geometry.random_start(x, self.eps, torch.Generator().manual_seed(state.step))
         for _ in range(self.steps):
             _, _, g = EvasionAttack.loss_grad(model, x_adv, y, ops.ce)
-            x_adv = ops.project(x_adv + self.step * g.sign(), x, Norm.LINF, self.eps).detach()
+            x_adv = Norm.LINF.geometry.project(x_adv + self.step * g.sign(), x, self.eps).detach()
         return F.cross_entropy(model(x_adv), y)
 
 

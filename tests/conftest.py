@@ -5,9 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from robustbench_lite.data import Data, load
-from robustbench_lite.model_cache import ModelCache, ModelSpec, train_or_load
-from robustbench_lite.registry import create_defense
+from robustbench_lite import Data, ModelCache, ModelSpec, create_defense, load, train_or_load
 
 torch.set_num_threads(max(1, torch.get_num_threads()))
 

@@ -5,19 +5,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from robustbench_lite import ops
-from robustbench_lite.attack import EvasionAttack
-from robustbench_lite.registry import ATTACKS, create_attack
-from robustbench_lite.threat import AttackKind, Norm
-
-EPS = {Norm.LINF: 0.1, Norm.L2: 1.0, Norm.L0: 3}
+from robustbench_lite import EvasionAttack, ops
+from robustbench_lite.core.registry import ATTACKS, create_attack
+from robustbench_lite.core.threat import Norm
 
 
 def _evasion_cases():
     cases = []
     for name in ATTACKS.list():
         cls = ATTACKS.get(name)
-        if getattr(cls, "kind", None) is not AttackKind.EVASION:
+        if not issubclass(cls, EvasionAttack):
             continue
         for norm in cls.norms:
             cases.append(pytest.param(name, norm, id=f"{name}-{norm.value}"))
@@ -28,6 +25,11 @@ CASES = _evasion_cases()
 NAMES = sorted({c.values[0] for c in CASES})
 
 
+def _eps(norm: Norm) -> float:
+    """The geometry's example budget (whole pixels for L0)."""
+    return norm.geometry.example_eps * (3 if norm is Norm.L0 else 1)
+
+
 def _fast(name: str, norm: Norm, **extra):
     """The attack with a small budget where it has one, so contract tests stay fast."""
     cls = ATTACKS.get(name)
@@ -35,7 +37,7 @@ def _fast(name: str, norm: Norm, **extra):
     cfg = {k: v for k, v in {"steps": 5, "restarts": 1, "n_iter": 5, "queries": 50, "generations": 3,
                              "population": 20, "search_steps": 2, "n_targets": 2}.items() if k in fields}
     cfg.update(extra)
-    return create_attack(name, norm=norm, eps=EPS[norm], **cfg)
+    return create_attack(name, norm=norm, eps=_eps(norm), **cfg)
 
 
 @pytest.fixture(scope="module")
@@ -52,8 +54,8 @@ def test_output_finite_in_box_and_inside_ball(name, norm, digits_model, batch):
     assert torch.isfinite(x_adv).all()
     assert x_adv.min() >= 0 and x_adv.max() <= 1
     if not attack.min_norm:
-        dist = ops.lp_norm(x_adv - x, norm)
-        assert (dist <= EPS[norm] * (1 + 1e-4) + 1e-6).all()
+        dist = norm.geometry.distance(x_adv - x)
+        assert (dist <= _eps(norm) * (1 + 1e-4) + 1e-6).all()
 
 
 @pytest.mark.parametrize("name,norm", CASES)
@@ -103,7 +105,7 @@ def test_bad_norm_names_the_allowed_ones(name):
     unsupported = [n for n in Norm if n not in ATTACKS.get(name).norms]
     for n in unsupported:
         with pytest.raises(ValueError, match="supports norm"):
-            create_attack(name, norm=n, eps=EPS[n])
+            create_attack(name, norm=n, eps=_eps(n))
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -130,7 +132,7 @@ def test_bad_inputs_get_errors_that_name_the_fix(name, digits_model, batch):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_settings_are_frozen_and_visible(name):
-    attack = create_attack(name, norm=ATTACKS.get(name).norms[0], eps=EPS[ATTACKS.get(name).norms[0]])
+    attack = create_attack(name, norm=ATTACKS.get(name).norms[0], eps=_eps(ATTACKS.get(name).norms[0]))
     assert isinstance(attack, EvasionAttack)
     params = attack.get_params()
     assert params["eps"] == attack.eps and params["norm"] == attack.norm.value

@@ -1,4 +1,4 @@
-"""Universal perturbations, the one-pixel attack and poisoning attacks (issue 6)."""
+"""Universal perturbations, the one-pixel attack and poisoning attacks."""
 
 from __future__ import annotations
 
@@ -7,13 +7,18 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from robustbench_lite import ops
-from robustbench_lite.attack import PoisoningAttack, UniversalAttack, apply_delta
-from robustbench_lite.data import DataSplit
-from robustbench_lite.evaluate_other import evaluate_poisoning, evaluate_universal, random_delta, to_frame
-from robustbench_lite.model_cache import ModelSpec
-from robustbench_lite.registry import create_attack, create_defense
-from robustbench_lite.threat import Norm
+from robustbench_lite import (
+    DataSplit,
+    ModelSpec,
+    Norm,
+    PoisoningAttack,
+    UniversalAttack,
+    apply_delta,
+    create_attack,
+    create_defense,
+)
+from robustbench_lite.eval.poisoning import evaluate_poisoning
+from robustbench_lite.eval.universal import evaluate_universal
 
 UNIVERSAL = [
     ("uap", {"passes": 1, "batch_size": 32}),
@@ -29,9 +34,9 @@ def test_universal_delta_is_one_tensor_inside_its_ball_for_every_input(digits, d
     delta = attack.fit(digits_model, digits.train.head(200))
     assert delta.shape == (1, *digits.train.x.shape[1:])
     assert torch.isfinite(delta).all()
-    assert float(ops.lp_norm(delta, norm)[0]) <= eps * (1 + 1e-4)
+    assert float(norm.geometry.distance(delta)[0]) <= eps * (1 + 1e-4)
     x = digits.test.x
-    moved = ops.lp_norm(apply_delta(x, delta) - x, norm)
+    moved = norm.geometry.distance(apply_delta(x, delta) - x)
     assert (moved <= eps * (1 + 1e-4)).all()
     assert float(moved.max()) > 0  # the perturbation is not empty
 
@@ -46,11 +51,9 @@ def test_universal_same_seed_same_delta(digits, digits_model):
 @pytest.mark.parametrize("name,kw", [("uap", {"passes": 2, "batch_size": 16}), ("sga", {"epochs": 4})])
 def test_universal_fooling_rate_beats_random_noise_floor(digits, digits_model, name, kw):
     result = evaluate_universal(digits_model, create_attack(name, eps=0.2, **kw), digits.train.head(400), digits.test)
-    assert result.n_eval == len(digits.test)
+    assert result.n == len(digits.test)
     assert result.fooling_rate > result.noise_fooling_rate + 0.1, result
     assert result.acc_under_delta < result.clean_acc - 0.1
-    frame = to_frame([result])
-    assert list(frame["fooling_rate"]) == [result.fooling_rate]
 
 
 def test_universal_base_rejects_per_point_or_oversized_perturbations(digits, digits_model):
@@ -72,10 +75,11 @@ def test_universal_base_rejects_per_point_or_oversized_perturbations(digits, dig
         create_attack("sga", eps=0.1).fit(digits_model, 3)
 
 
-def test_random_delta_has_the_stated_norm():
+def test_random_sphere_points_have_the_stated_norm():
     gen = torch.Generator().manual_seed(0)
-    assert float(ops.lp_norm(random_delta((1, 8, 8), Norm.LINF, 0.1, gen), Norm.LINF)[0]) == pytest.approx(0.1)
-    assert float(ops.lp_norm(random_delta((1, 8, 8), Norm.L2, 1.5, gen), Norm.L2)[0]) == pytest.approx(1.5, rel=1e-5)
+    for norm, eps in ((Norm.LINF, 0.1), (Norm.L2, 1.5)):
+        geo = norm.geometry
+        assert float(geo.distance(geo.random_sphere((1, 1, 8, 8), eps, gen))[0]) == pytest.approx(eps, rel=1e-5)
 
 
 # -- one pixel ------------------------------------------------------------------------------------
@@ -149,7 +153,7 @@ def test_poisoned_split_keeps_length_and_changes_exactly_the_stated_fraction(dig
 
 
 def load_clean(digits):
-    from robustbench_lite.data import load
+    from robustbench_lite.core.data import load
 
     return load("digits").train
 
@@ -196,21 +200,9 @@ def test_poisoning_base_checks_the_stated_rate(digits):
         create_attack("feature-collision").poison(digits.train, model=torch.nn.Sequential(torch.nn.Linear(2, 2)))
 
 
-def test_ranked_frame_puts_the_strongest_attack_first():
-    from robustbench_lite.evaluate_other import PoisonResult
-
-    def row(name, asr):
-        return PoisonResult(name, "standard", "scratch", 100, 5, 0.05, 0.9, asr, 10, 0.0, 0.0, 0.0, 0.0, "{}")
-
-    frame = to_frame([row("a", 0.2), row("b", None), row("c", 0.9)], ranked=True)
-    assert list(frame["attack"]) == ["c", "a", "b"]
-    with pytest.raises(ValueError, match="one kind"):
-        to_frame([])
-
-
 def test_last_layer_retraining_changes_only_the_head(digits, digits_model):
-    from robustbench_lite.data import Data
-    from robustbench_lite.evaluate_other import retrain_last_layer
+    from robustbench_lite.core.data import Data
+    from robustbench_lite.eval.poisoning import retrain_last_layer
 
     defense = create_defense("standard", epochs=30, lr=1e-2)
     small = Data("digits", digits.train.head(300), digits.test, 10)
@@ -225,10 +217,10 @@ def test_last_layer_retraining_changes_only_the_head(digits, digits_model):
 
 @pytest.mark.parametrize("shape", [(1, 28, 28), (3, 15, 13), (1, 8, 8)])
 def test_window_scorer_gives_the_full_models_logits(shape):
+    from robustbench_lite.attacks._incremental import window_scorer
     from torch import nn
 
-    from robustbench_lite.models import Normalize, create_model
-    from robustbench_lite.sparse_eval import window_scorer
+    from robustbench_lite.core.models import Normalize, create_model
 
     torch.manual_seed(0)
     c, h, w = shape
@@ -254,9 +246,8 @@ def test_window_scorer_gives_the_full_models_logits(shape):
 
 
 def test_window_scorer_declines_models_it_cannot_window():
+    from robustbench_lite.attacks._incremental import window_scorer
     from torch import nn
-
-    from robustbench_lite.sparse_eval import window_scorer
 
     x = torch.rand(2, 1, 8, 8)
     assert window_scorer(nn.Sequential(nn.Flatten(), nn.Linear(64, 10)), x) is None

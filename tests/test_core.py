@@ -9,12 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from robustbench_lite import ops
-from robustbench_lite.data import DatasetNotFoundError, load, read_idx
-from robustbench_lite.device import resolve_device
-from robustbench_lite.models import create_model
-from robustbench_lite.registry import ATTACKS, DEFENSES, MODELS, Registry, create_attack, list_attacks
-from robustbench_lite.threat import Norm, ThreatModel
+from robustbench_lite import DatasetNotFoundError, Norm, ThreatModel, create_model, load, ops
+from robustbench_lite.core.datasets import read_idx
+from robustbench_lite.core.device import resolve_device
+from robustbench_lite.core.registry import ATTACKS, DEFENSES, MODELS, Registry, create_attack, list_attacks
 
 
 # -- registry --------------------------------------------------------------------------------------
@@ -68,17 +66,17 @@ def test_projections_land_in_ball_and_box():
     x = torch.rand(16, 1, 8, 8, generator=gen)
     far = x + 3 * torch.randn(16, 1, 8, 8, generator=gen)
     for norm, eps in [(Norm.LINF, 0.1), (Norm.L2, 0.5)]:
-        p = ops.project(far, x, norm, eps)
-        assert (ops.lp_norm(p - x, norm) <= eps + 1e-5).all()
+        p = norm.geometry.project(far, x, eps)
+        assert (norm.geometry.distance(p - x) <= eps + 1e-5).all()
         assert p.min() >= 0 and p.max() <= 1
-        start = ops.random_start(x, norm, eps, gen)
-        assert (ops.lp_norm(start - x, norm) <= eps + 1e-5).all()
+        start = norm.geometry.random_start(x, eps, gen)
+        assert (norm.geometry.distance(start - x) <= eps + 1e-5).all()
 
 
 def test_linf_projection_is_identity_inside():
     x = torch.full((2, 1, 4, 4), 0.5)
     inside = x + 0.05
-    assert torch.equal(ops.project(inside, x, Norm.LINF, 0.1), inside)
+    assert torch.equal(Norm.LINF.geometry.project(inside, x, 0.1), inside)
 
 
 def test_margin_masks_true_class_even_for_negative_logits():
@@ -98,7 +96,7 @@ def test_l0_norm_counts_pixels_not_channels():
     d = torch.zeros(1, 3, 4, 4)
     d[0, :, 1, 1] = 0.3
     d[0, 0, 2, 2] = -0.1
-    assert ops.lp_norm(d, Norm.L0).item() == 2
+    assert Norm.L0.geometry.distance(d).item() == 2
 
 
 # -- data -------------------------------------------------------------------------------------------

@@ -7,22 +7,27 @@ import math
 
 import pytest
 import torch
-from torch import nn
-
-from robustbench_lite import ops
-from robustbench_lite.convex import (
+from robustbench_lite.defenses._convex import (
     ConvexProblem,
-    certify,
     load_network,
     project_linf_cone,
     sample_patterns,
     solve,
 )
-from robustbench_lite.data import Data
-from robustbench_lite.defense import Defense, TrainState, lr_factor
-from robustbench_lite.inner_max import local_linearity_error, maximize
-from robustbench_lite.model_cache import ModelSpec
-from robustbench_lite.registry import create_attack, create_defense, list_defenses
+from robustbench_lite.defenses._inner_max import local_linearity_error, maximize
+from torch import nn
+
+from robustbench_lite import (
+    Data,
+    ModelSpec,
+    ThreatModel,
+    create_attack,
+    create_defense,
+    create_verifier,
+    list_defenses,
+    ops,
+)
+from robustbench_lite.training.defense import Defense, TrainState, lr_factor
 
 # --------------------------------------------------------------------------------------------
 # loss properties
@@ -256,17 +261,21 @@ def convex_pair(digits):
     return eps, models
 
 
+def _certify(model, x, y, radius):
+    return create_verifier("stable-relu").certify(model, x, y, ThreatModel("linf", radius))
+
+
 def test_no_certified_point_is_broken_by_pgd(convex_pair, digits):
     eps, models = convex_pair
     x, y = digits.test.x, digits.test.y
     for name, model in models.items():
         for radius in (eps, eps / 4, eps / 20):
-            cert = certify(model, x, y, radius)
+            cert = _certify(model, x, y, radius)
             x_adv = create_attack("pgd", eps=radius, steps=50, restarts=2).perturb(model, x, y)
             with torch.no_grad():
                 broken = model(x_adv).argmax(1) != y
             assert not (cert & broken).any(), f"{name}: {int((cert & broken).sum())} certified points broken"
-    assert certify(models["convex-robust"], x, y, eps / 20).any()  # the check is not vacuous
+    assert _certify(models["convex-robust"], x, y, eps / 20).any()  # the check is not vacuous
 
 
 def test_convex_robust_beats_convex_standard_under_pgd(convex_pair, digits):

@@ -10,13 +10,12 @@ import pandas as pd
 import pytest
 import torch
 
-from robustbench_lite import checks
+from robustbench_lite import create_attack, evaluate
 from robustbench_lite.cli import main
-from robustbench_lite.evaluate import evaluate
-from robustbench_lite.presets import get_preset
-from robustbench_lite.registry import create_attack
-from robustbench_lite.run import run_plan
-from robustbench_lite.store import Store
+from robustbench_lite.eval import flags as checks
+from robustbench_lite.harness.presets import get_preset
+from robustbench_lite.harness.run import run_plan
+from robustbench_lite.harness.store import Store
 
 
 def test_evaluate_worst_case_is_the_per_point_minimum(digits_model, digits):
@@ -58,7 +57,7 @@ def test_rerun_skips_finished_cells(tmp_path):
 
 
 def test_interrupted_run_resumes_without_recomputing(tmp_path, monkeypatch):
-    import robustbench_lite.store as store_mod
+    import robustbench_lite.harness.store as store_mod
 
     real_put, calls = store_mod.Store.put, {"n": 0}
 
@@ -87,8 +86,8 @@ PLUGIN = textwrap.dedent(
     from dataclasses import dataclass
 
     from robustbench_lite import ops
-    from robustbench_lite.attack import EvasionAttack
-    from robustbench_lite.registry import register_attack
+    from robustbench_lite.core.attack import EvasionAttack
+    from robustbench_lite.core.registry import register_attack
 
 
     @register_attack("noise-test")
@@ -99,7 +98,7 @@ PLUGIN = textwrap.dedent(
         needs_grad = False
 
         def _perturb(self, model, x, y, target, gen):
-            return ops.random_start(x, self.norm, self.eps, gen)
+            return self.norm.geometry.random_start(x, self.eps, gen)
 
 
     @register_attack("broken-test")
@@ -189,8 +188,8 @@ def test_single_step_beats_iterative_fires_and_stays_quiet():
 def test_single_step_flag_fires_in_the_harness_when_the_iterative_attack_is_broken(digits_model, digits, tmp_path):
     from dataclasses import dataclass
 
-    from robustbench_lite.attack import EvasionAttack
-    from robustbench_lite.registry import register_attack
+    from robustbench_lite.core.attack import EvasionAttack
+    from robustbench_lite.core.registry import register_attack
 
     @register_attack("do-nothing-iterative-test")
     @dataclass(frozen=True, kw_only=True)
@@ -246,11 +245,11 @@ def test_a_certified_defense_gets_a_certified_column_that_lower_bounds_the_worst
     the same points, no certified point is broken, and the wide table shows it next to worst_case."""
     import json
 
-    from robustbench_lite import leaderboard
-    from robustbench_lite.model_cache import ModelSpec
-    from robustbench_lite.plan import AttackSpec, DataSpec, DefenseSpec
-    from robustbench_lite.presets import Preset
-    from robustbench_lite.threat import ThreatModel
+    from robustbench_lite.core.models import ModelSpec
+    from robustbench_lite.core.threat import ThreatModel
+    from robustbench_lite.harness.presets import Preset
+    from robustbench_lite.harness.specs import AttackSpec, DataSpec, DefenseSpec
+    from robustbench_lite.report import leaderboard
 
     plan = Preset(
         name="certified", description="digits, convex-standard with its certificate", data=(DataSpec("digits"),),

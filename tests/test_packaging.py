@@ -32,8 +32,9 @@ def test_wheel_installs_into_a_fresh_venv_with_attacks_and_defenses(tmp_path):
     subprocess.run([str(py), "-m", "pip", "install", "--no-deps", "-q", str(wheel)], check=True, cwd=tmp_path)
     code = (
         "import robustbench_lite, robustbench_lite.attacks, robustbench_lite.defenses, pathlib;"
-        "from robustbench_lite import list_attacks, list_defenses;"
-        "assert 'pgd' in list_attacks() and 'standard' in list_defenses();"
+        "from robustbench_lite import list_attacks, list_datasets, list_defenses, list_kinds, list_verifiers;"
+        "assert 'pgd' in list_attacks() and 'standard' in list_defenses() and 'digits' in list_datasets();"
+        "assert {'evasion', 'certified'} <= set(list_kinds()) and list_verifiers();"
         f"assert not pathlib.Path(robustbench_lite.__file__).is_relative_to({str(ROOT)!r});"
         "print(robustbench_lite.attacks.__path__[0])"
     )

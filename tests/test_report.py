@@ -10,19 +10,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from robustbench_lite.defense import Defense
-from robustbench_lite.leaderboard import wide_tables
-from robustbench_lite.model_cache import ModelSpec
-from robustbench_lite.plan import AttackSpec, DataSpec, DefenseSpec
-from robustbench_lite.presets import Preset
-from robustbench_lite.registry import DEFENSES, register_defense
-from robustbench_lite.run import run_plan
-from robustbench_lite.store import Store
-from robustbench_lite.threat import ThreatModel
+from robustbench_lite import Defense, ModelSpec, ThreatModel
+from robustbench_lite.core.registry import DEFENSES, register_defense
+from robustbench_lite.harness.presets import Preset
+from robustbench_lite.harness.run import run_plan
+from robustbench_lite.harness.specs import AttackSpec, DataSpec, DefenseSpec
+from robustbench_lite.harness.store import Store
+from robustbench_lite.report.leaderboard import wide_tables
 
 pytest.importorskip("matplotlib")
 
-from robustbench_lite.report import make_plots, row_label, write_report  # noqa: E402
+from robustbench_lite.report.html import make_plots, row_label, write_report  # noqa: E402
 
 if "noise-aug-test" not in DEFENSES:
 

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pandas as pd
 
-from robustbench_lite import leaderboard
-from robustbench_lite.presets import get_preset
-from robustbench_lite.run import run_plan
-from robustbench_lite.store import Store
+from robustbench_lite.harness.presets import get_preset
+from robustbench_lite.harness.run import run_plan
+from robustbench_lite.harness.store import Store
+from robustbench_lite.report import leaderboard
 
 TIMING = ["seconds", "train_seconds"]
 

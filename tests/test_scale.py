@@ -14,19 +14,18 @@ import pandas as pd
 import pytest
 import torch
 
-from robustbench_lite import autotune, leaderboard
+from robustbench_lite import ModelCache, ModelSpec, create_attack, create_defense, evaluate, train_or_load
 from robustbench_lite.cli import build_parser, main
-from robustbench_lite.device import DevicePolicy, decide_policy, make_policy
-from robustbench_lite.evaluate import evaluate
-from robustbench_lite.model_cache import ModelCache, ModelSpec, train_or_load
-from robustbench_lite.plan import Plan
-from robustbench_lite.presets import get_preset
-from robustbench_lite.ray_executor import RayExecutor
-from robustbench_lite.registry import create_attack, create_defense
-from robustbench_lite.run import LocalExecutor, RunContext, run_group, run_plan
-from robustbench_lite.store import Store
+from robustbench_lite.core.device import DevicePolicy, decide_policy, make_policy
+from robustbench_lite.harness import autotune
+from robustbench_lite.harness.plan import Plan
+from robustbench_lite.harness.presets import get_preset
+from robustbench_lite.harness.ray_executor import RayExecutor
+from robustbench_lite.harness.run import LocalExecutor, RunContext, run_group, run_plan
+from robustbench_lite.harness.store import Store
+from robustbench_lite.report import leaderboard
 
-evaluate_mod = importlib.import_module("robustbench_lite.evaluate")  # the package re-exports the function
+evaluate_mod = importlib.import_module("robustbench_lite.eval.evasion")  # the package re-exports the function
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
 TIMING = ["seconds", "train_seconds", "code_version"]
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from robustbench_lite.registry import create_attack
+from robustbench_lite import create_attack
 
 torchattacks = pytest.importorskip("torchattacks")
 

@@ -7,14 +7,11 @@ from fractions import Fraction
 
 import pytest
 import torch
+from robustbench_lite.attacks._apgd import auto_search, checkpoints, conjugate_beta, search_points
 from torch import nn
 
-from robustbench_lite import ops
-from robustbench_lite.apgd_core import auto_search, checkpoints, conjugate_beta, search_points
-from robustbench_lite.diversity import compare_diversity, diversity_index
-from robustbench_lite.evaluate import evaluate
-from robustbench_lite.registry import create_attack
-from robustbench_lite.threat import Norm, ThreatModel
+from robustbench_lite import Norm, ThreatModel, create_attack, evaluate, ops
+from robustbench_lite.eval.diversity import compare_diversity, diversity_index
 
 
 def _correct(model, x, y):
@@ -73,7 +70,7 @@ def test_search_keeps_each_points_best_iterate(digits, digits_model, method, los
     x, y = _correct(digits_model, digits.test.x[:120], digits.test.y[:120])
     loss_fn = {"ce": ops.ce, "dlr": ops.dlr}[loss]
     eps = 0.03
-    start = ops.random_start(x, Norm.LINF, eps, torch.Generator().manual_seed(1))
+    start = Norm.LINF.geometry.random_start(x, eps, torch.Generator().manual_seed(1))
     with torch.no_grad():
         res = auto_search(digits_model, x, y, loss_fn, norm=Norm.LINF, eps=eps, steps=30, x_start=start,
                           method=method, stop_on_success=False)
@@ -111,7 +108,7 @@ def test_apgd_l2_and_targeted_dlr_are_at_least_as_strong_as_pgd(digits, digits_m
     ]
     for attack, pgd in pairs:
         out = attack.run(digits_model, x, y)
-        assert ops.lp_norm(out.x_adv - x, attack.norm).max() <= attack.eps * (1 + 1e-4) + 1e-6
+        assert attack.norm.geometry.distance(out.x_adv - x).max() <= attack.eps * (1 + 1e-4) + 1e-6
         assert out.grad_evals <= attack.grad_budget * len(x)
         with torch.no_grad():
             acc = float((digits_model(out.x_adv).argmax(1) == y).float().mean())

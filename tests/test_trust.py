@@ -10,10 +10,9 @@ import pytest
 import torch
 from torch import nn
 
-from robustbench_lite import checks
-from robustbench_lite.evaluate import evaluate
-from robustbench_lite.registry import create_attack
-from robustbench_lite.wrappers import BPDA, EOT, LogOutputs, RescaleLogits, adapt, bpda, marked_layers
+from robustbench_lite import create_attack, evaluate
+from robustbench_lite.eval import flags as checks
+from robustbench_lite.eval.adaptive import BPDA, EOT, LogOutputs, RescaleLogits, adapt, bpda, marked_layers
 
 EPS = 0.1
 N = 100

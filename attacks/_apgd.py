@@ -1,0 +1,239 @@
+"""The step-size-controlled search shared by APGD (Croce & Hein, ICML 2020, Algorithm 1) and
+ACG (Yamamura et al., ICML 2022, Algorithm 1).
+
+Both run ``N`` iterations from ``x_0`` with a per-point step size ``η``, starting at ``η_0 = 2ε``,
+and keep the best point ``x_max`` (highest loss).  At the checkpoints ``w_j = ⌈p_j N⌉``
+(``p_0 = 0``, ``p_1 = 0.22``, ``p_{j+1} = p_j + max(p_j − p_{j−1} − 0.03, 0.06)``) a point's
+``η`` is halved and its search restarts from ``x_max`` when
+
+1. the loss increased in fewer than ``ρ · (w_j − w_{j−1})`` of the steps since ``w_{j−1}``, or
+2. ``η`` was not halved at ``w_{j−1}`` and ``f_max`` did not improve since ``w_{j−1}``.
+
+The step differs:
+
+* APGD (eq. 2): ``z = Π(x_k + η·d(∇f(x_k)))``, ``x_{k+1} = Π(x_k + α(z − x_k) + (1 − α)(x_k − x_{k−1}))``
+  with momentum ``α = 0.75`` (the first step, and the first step after a restart, without momentum).
+* ACG (eq. 6-8): ``s_0 = g_0``, ``s_k = g_k + β_k s_{k−1}``, ``x_{k+1} = Π(x_k + η·sign(s_k))``, with
+  ``y = g_k − g_{k−1}`` and ``β_k = ⟨g_k, y⟩ / ⟨s_{k−1}, y⟩`` per point, clamped to ``β ≥ 0`` and set
+  to 0 where ``|⟨s_{k−1}, y⟩|`` is tiny (as in the authors' code; see REFERENCES.md).  A restart
+  moves to ``x_max`` together with the gradient and direction stored when ``x_max`` was found.
+
+``d`` is ``sign`` (Linf) or ``g/‖g‖₂`` (L2).  Points that succeed leave the active batch (their
+successful iterate is returned); the others return ``x_max``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from robustbench_lite import EvasionAttack, LossFn, Norm
+
+from ._ascent import SuccessFn, misclassified
+
+TraceFn = Callable[[Tensor, Tensor], None]  # (indices of the active points, their new iterate)
+
+
+def checkpoint_fractions() -> list[float]:
+    """``p_0 = 0, p_1 = 0.22, p_{j+1} = p_j + max(p_j − p_{j−1} − 0.03, 0.06)`` while ``p_j ≤ 1``."""
+    p = [0.0, 0.22]
+    while True:
+        nxt = p[-1] + max(p[-1] - p[-2] - 0.03, 0.06)
+        if nxt > 1.0 + 1e-12:
+            return p
+        p.append(nxt)
+
+
+def checkpoints(steps: int) -> list[int]:
+    """Iterations ``w_j = ⌈p_j · N⌉`` at which the step size may be halved (``w_0 = 0``).
+
+    ``p_j`` is rounded to 10 decimals first, so float noise (0.41 · 100 = 41.000000000000004)
+    does not push a checkpoint one step late.  Duplicates (small ``N``) are dropped.
+    """
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    out: list[int] = []
+    for p in checkpoint_fractions():
+        w = math.ceil(round(p * steps, 10))
+        if w <= steps and (not out or w > out[-1]):
+            out.append(w)
+    return out
+
+
+@dataclass(frozen=True)
+class SearchResult:
+    x_adv: Tensor  # the successful iterate, or x_max where none succeeded
+    found: Tensor  # bool [B]: an iterate succeeded
+    best_loss: Tensor  # f_max per point (at the successful iterate's stop for found points)
+
+
+def _bdot(a: Tensor, b: Tensor) -> Tensor:
+    return (a.flatten(1) * b.flatten(1)).sum(dim=1)
+
+
+def _view(v: Tensor, like: Tensor) -> Tensor:
+    return v.view(-1, *([1] * (like.dim() - 1)))
+
+
+def conjugate_beta(g: Tensor, g_prev: Tensor, s_prev: Tensor, tiny: float = 1e-12) -> Tensor:
+    """ACG's ``β = ⟨g, y⟩ / ⟨s_prev, y⟩``, ``y = g − g_prev``, per point, clamped to ``β ≥ 0``; 0 where
+    the denominator is smaller than ``tiny`` in magnitude or the ratio is not finite."""
+    y = g - g_prev
+    num, den = _bdot(g, y), _bdot(s_prev, y)
+    ok = den.abs() > tiny
+    beta = torch.where(ok, num / torch.where(ok, den, torch.ones_like(den)), torch.zeros_like(den))
+    beta = torch.nan_to_num(beta, nan=0.0, posinf=0.0, neginf=0.0)
+    return beta.clamp_min(0.0)
+
+
+def auto_search(
+    model: nn.Module,
+    x: Tensor,
+    label: Tensor,
+    loss_fn: LossFn,
+    *,
+    norm: Norm,
+    eps: float,
+    steps: int,
+    x_start: Tensor,
+    method: str = "apgd",
+    rho: float = 0.75,
+    alpha: float = 0.75,
+    success: SuccessFn = misclassified,
+    stop_on_success: bool = True,
+    trace: TraceFn | None = None,
+) -> SearchResult:
+    """Run APGD (``method="apgd"``) or ACG (``method="acg"``) for ``steps`` iterations.
+
+    ``label`` is passed to ``loss_fn`` and ``success`` and pruned with the batch, so it may hold
+    more than one column (e.g. true class and target).  Costs ``steps + 1`` gradients per point
+    at most.  ``trace`` sees every new iterate (for the diversity index).
+    """
+    if method not in ("apgd", "acg"):
+        raise ValueError(f"method must be 'apgd' or 'acg', got {method!r}")
+    geo = norm.geometry
+    b = x.shape[0]
+    ckpts = checkpoints(steps)
+    out = x_start.clone()
+    found = torch.zeros(b, dtype=torch.bool, device=x.device)
+    best_loss = torch.full((b,), float("-inf"), device=x.device, dtype=x.dtype)
+    idx = torch.arange(b, device=x.device)
+
+    logits, loss, g = EvasionAttack.loss_grad(model, x_start, label, loss_fn)
+    if trace is not None:
+        trace(idx, x_start)
+    st = {
+        "x0": x, "lab": label, "xk": x_start, "xprev": x_start, "g": g, "loss": loss,
+        "xmax": x_start, "fmax": loss, "gmax": g,
+        "eta": torch.full((b,), 2.0 * eps, device=x.device, dtype=x.dtype),
+        "inc": torch.zeros(b, device=x.device), "fmax_last": loss,
+        "halved_last": torch.zeros(b, dtype=torch.bool, device=x.device),
+        "fresh": torch.ones(b, dtype=torch.bool, device=x.device),  # next step without momentum
+    }
+    if method == "acg":
+        st["s"], st["smax"] = g, g
+
+    def drop(hit: Tensor) -> None:
+        nonlocal idx
+        done = idx[hit]
+        out[done] = st["xk"][hit]
+        found[done] = True
+        best_loss[done] = st["loss"][hit]
+        keep = ~hit
+        idx = idx[keep]
+        for k in st:
+            st[k] = st[k][keep]
+
+    if stop_on_success:
+        hit = success(logits, label)
+        if hit.any():
+            drop(hit)
+    j = 1
+    for k in range(steps):
+        if idx.numel() == 0:
+            break
+        xk, x0 = st["xk"], st["x0"]
+        eta = _view(st["eta"], xk)
+        if method == "acg":
+            x_new = geo.project(xk + eta * st["s"].sign(), x0, eps)
+        else:
+            z = geo.project(xk + eta * geo.ascent(st["g"]), x0, eps)
+            mom = xk + alpha * (z - xk) + (1 - alpha) * (xk - st["xprev"])
+            x_new = torch.where(_view(st["fresh"], xk), z, geo.project(mom, x0, eps))
+        logits, loss, g = EvasionAttack.loss_grad(model, x_new, st["lab"], loss_fn)
+        if trace is not None:
+            trace(idx, x_new)
+        st["inc"] = st["inc"] + (loss > st["loss"]).float()
+        if method == "acg":
+            st["s"] = g + _view(conjugate_beta(g, st["g"], st["s"]), g) * st["s"]
+        better = loss > st["fmax"]
+        bv = _view(better, xk)
+        st["xmax"] = torch.where(bv, x_new, st["xmax"])
+        st["gmax"] = torch.where(bv, g, st["gmax"])
+        st["fmax"] = torch.where(better, loss, st["fmax"])
+        if method == "acg":
+            st["smax"] = torch.where(bv, st["s"], st["smax"])
+        st["xprev"], st["xk"], st["g"], st["loss"] = xk, x_new, g, loss
+        st["fresh"] = torch.zeros_like(st["fresh"])
+        if stop_on_success:
+            hit = success(logits, st["lab"])
+            if hit.any():
+                drop(hit)
+                if idx.numel() == 0:
+                    break
+        if j < len(ckpts) and k + 1 == ckpts[j]:
+            height = ckpts[j] - ckpts[j - 1]
+            cond1 = st["inc"] < rho * height
+            cond2 = ~st["halved_last"] & (st["fmax"] <= st["fmax_last"])
+            halve = cond1 | cond2
+            st["halved_last"], st["fmax_last"] = halve, st["fmax"]
+            st["eta"] = torch.where(halve, st["eta"] / 2, st["eta"])
+            hv = _view(halve, st["xk"])
+            st["xk"] = torch.where(hv, st["xmax"], st["xk"])
+            st["xprev"] = torch.where(hv, st["xmax"], st["xprev"])
+            st["g"] = torch.where(hv, st["gmax"], st["g"])
+            st["loss"] = torch.where(halve, st["fmax"], st["loss"])
+            st["fresh"] = halve
+            if method == "acg":
+                st["s"] = torch.where(hv, st["smax"], st["s"])
+            st["inc"] = torch.zeros_like(st["inc"])
+            j += 1
+    out[idx] = st["xmax"]
+    best_loss[idx] = st["fmax"]
+    return SearchResult(out, found, best_loss)
+
+
+def search_points(
+    model: nn.Module,
+    x: Tensor,
+    label: Tensor,
+    loss_fn: LossFn,
+    *,
+    method: str,
+    eps: float,
+    steps: int,
+    x_start: Tensor,
+    last: int = 10,
+    norm: Norm = Norm.LINF,
+) -> Tensor:
+    """The last ``last`` search points of every image, ``[B, last, d]`` (no early stop), for
+    :func:`robustbench_lite.eval.diversity.diversity_index`."""
+    if steps + 1 < last:
+        raise ValueError(f"need steps + 1 >= last search points, got steps={steps}, last={last}")
+    hist: list[Tensor] = []
+
+    def keep(active: Tensor, pts: Tensor) -> None:
+        hist.append(pts.detach().flatten(1).clone())
+        if len(hist) > last:
+            hist.pop(0)
+
+    with torch.no_grad():
+        auto_search(
+            model, x, label, loss_fn, norm=norm, eps=eps, steps=steps, x_start=x_start,
+            method=method, stop_on_success=False, trace=keep,
+        )
+    return torch.stack(hist, dim=1)

@@ -1,0 +1,133 @@
+"""Model zoo.  Every model takes images in [0, 1] (NCHW) and returns logits.
+
+Models are registered by name; :func:`create_model` builds one for a dataset's input shape and
+class count.  ``timm:<name>`` builds any timm architecture (``pretrained=False``: nothing is
+downloaded).  Normalization, where a model wants it, is a layer inside the model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor, nn
+
+from .registry import MODELS, register_model
+
+if TYPE_CHECKING:
+    from .data import Data, DataSplit
+
+InputShape = tuple[int, int, int]
+
+
+class Normalize(nn.Module):
+    """``(x - mean) / std`` per channel, as the model's first layer."""
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return (x - self.mean) / self.std
+
+
+@register_model("small-cnn")
+def small_cnn(input_shape: InputShape, num_classes: int, width: int = 32, hidden: int = 128) -> nn.Module:
+    """Two 3x3 conv layers (32, 64 channels, each followed by 2x2 max-pooling) and two linear
+    layers; about 0.42 M parameters on 28x28 grey images."""
+    c, h, w = input_shape
+    return nn.Sequential(
+        nn.Conv2d(c, width, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Conv2d(width, 2 * width, 3, padding=1),
+        nn.ReLU(),
+        nn.MaxPool2d(2),
+        nn.Flatten(),
+        nn.Linear(2 * width * (h // 4) * (w // 4), hidden),
+        nn.ReLU(),
+        nn.Linear(hidden, num_classes),
+    )
+
+
+@register_model("mlp")
+def mlp(input_shape: InputShape, num_classes: int, hidden: int = 256, depth: int = 2) -> nn.Module:
+    """A fully connected ReLU network with ``depth`` hidden layers."""
+    dims = [int(torch.tensor(input_shape).prod())] + [hidden] * depth
+    layers: list[nn.Module] = [nn.Flatten()]
+    for a, b in zip(dims[:-1], dims[1:], strict=True):
+        layers += [nn.Linear(a, b), nn.ReLU()]
+    layers.append(nn.Linear(dims[-1], num_classes))
+    return nn.Sequential(*layers)
+
+
+@register_model("one-hidden-relu")
+def one_hidden_relu(input_shape: InputShape, num_classes: int, hidden: int = 64) -> nn.Module:
+    """``f(x) = W2 · relu(W1 x)``: the architecture of the convex training programs (no biases,
+    as in Pilanci & Ergen 2020)."""
+    d = int(torch.tensor(input_shape).prod())
+    return nn.Sequential(nn.Flatten(), nn.Linear(d, hidden, bias=False), nn.ReLU(), nn.Linear(hidden, num_classes, bias=False))
+
+
+def _timm_model(arch: str, input_shape: InputShape, num_classes: int, **kwargs) -> nn.Module:
+    try:
+        import timm
+    except ImportError as exc:  # pragma: no cover - timm is a core dependency
+        raise ValueError("timm models need `pip install timm`") from exc
+    if arch not in timm.list_models():
+        close = timm.list_models(f"*{arch}*")[:5]
+        raise KeyError(f"unknown timm model {arch!r}; close names: {close}")
+    c = input_shape[0]
+    return timm.create_model(arch, pretrained=False, in_chans=c, num_classes=num_classes, **kwargs)
+
+
+def create_model(name: str, input_shape: InputShape, num_classes: int, **kwargs) -> nn.Module:
+    """Build a model by registry name, or ``timm:<arch>`` for a timm architecture."""
+    if not isinstance(num_classes, int) or num_classes < 2:
+        raise ValueError(f"num_classes must be an int >= 2, got {num_classes!r}")
+    if len(input_shape) != 3:
+        raise ValueError(f"input_shape is (channels, height, width), got {input_shape!r}")
+    if name.startswith("timm:"):
+        return _timm_model(name.split(":", 1)[1], tuple(input_shape), num_classes, **kwargs)
+    return MODELS.get(name)(tuple(input_shape), num_classes, **kwargs)
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A model by registry name (or ``timm:<arch>``) and its keyword arguments."""
+
+    name: str
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def build(self, data: Data) -> nn.Module:
+        return create_model(self.name, data.input_shape, data.num_classes, **self.kwargs)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "kwargs": dict(self.kwargs)}
+
+
+@torch.no_grad()
+def predict(model: nn.Module, x: Tensor, device: torch.device | str, batch_size: int = 1000) -> Tensor:
+    """Predicted classes for ``x``, batched, in eval mode (model's mode is restored)."""
+    was = model.training
+    model.eval()
+    try:
+        out = [model(x[i : i + batch_size].to(device)).argmax(1).cpu() for i in range(0, len(x), batch_size)]
+    finally:
+        model.train(was)
+    return torch.cat(out) if out else torch.empty(0, dtype=torch.long)
+
+
+def accuracy(model: nn.Module, split: DataSplit, device: torch.device | str, batch_size: int = 1000) -> float:
+    """Clean accuracy of ``model`` on ``split``."""
+    return float((predict(model, split.x, device, batch_size) == split.y).float().mean())
+
+
+def split_head(model: nn.Module) -> tuple[nn.Module, nn.Linear]:
+    """``(features, head)`` of a model that is an ``nn.Sequential`` ending in an ``nn.Linear``."""
+    if not isinstance(model, nn.Sequential) or not isinstance(model[-1], nn.Linear):
+        raise TypeError("feature extraction needs an nn.Sequential whose last layer is nn.Linear (e.g. small-cnn)")
+    return model[:-1], model[-1]

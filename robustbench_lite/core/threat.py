@@ -1,0 +1,283 @@
+"""Threat models, and the geometry of each norm.
+
+``ThreatModel(norm, eps)`` is a norm ball of radius ``eps`` around an image in [0, 1].  Strings are
+parsed to :class:`Norm` at the boundary; everything inside the library works with the enum.
+
+Every norm owns one :class:`Geometry` object (``Norm.LINF.geometry``), which is the only place that
+knows how the norm measures a perturbation, projects onto its ball (and onto ball ∩ [0, 1]), picks
+the steepest-ascent direction and draws random points.  Attacks, defenses and evaluations ask the
+geometry instead of branching on the norm, so a new norm is one enum member and one geometry class
+here, plus the attacks that opt in (their ``norms``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from enum import Enum
+from typing import ClassVar
+
+import torch
+from torch import Tensor
+
+
+class Norm(str, Enum):
+    """The distance an evasion budget is measured in. ``L0`` counts changed pixels."""
+
+    LINF = "linf"
+    L2 = "l2"
+    L0 = "l0"
+
+    @classmethod
+    def parse(cls, value: Norm | str) -> Norm:
+        if isinstance(value, Norm):
+            return value
+        if isinstance(value, str):
+            key = value.strip().lower().replace("_", "").replace("-", "")
+            for norm in cls:
+                if key in norm.geometry.aliases:
+                    return norm
+        raise ValueError(f"unknown norm {value!r}; use one of {[n.value for n in cls]}")
+
+    @property
+    def geometry(self) -> Geometry:
+        return _GEOMETRIES[self]
+
+    def __str__(self) -> str:
+        return self.value
+
+
+def _view(v: Tensor, like: Tensor) -> Tensor:
+    """A per-sample vector shaped to broadcast against a batch like ``like``."""
+    return v.view(-1, *([1] * (like.dim() - 1)))
+
+
+def _uniform(shape: tuple[int, ...], gen: torch.Generator, dtype: torch.dtype) -> Tensor:
+    return torch.rand(shape, generator=gen, device=gen.device, dtype=dtype)
+
+
+def _gaussian(shape: tuple[int, ...], gen: torch.Generator, dtype: torch.dtype) -> Tensor:
+    return torch.randn(shape, generator=gen, device=gen.device, dtype=dtype)
+
+
+class Geometry:
+    """How one norm measures, projects, steps and samples; one instance per :class:`Norm`.
+
+    Every method works per sample on a batch (first dimension) and takes its randomness from an
+    explicit ``torch.Generator``.  Methods a norm has no use for raise ``ValueError`` naming it.
+    """
+
+    norm: ClassVar[Norm]
+    aliases: ClassVar[tuple[str, ...]] = ()
+    #: a budget that visibly moves a small image in [0, 1] (the attack contract tests use it)
+    example_eps: ClassVar[float] = 0.1
+    #: relative slack when checking that a perturbation is inside the ball (float rounding)
+    rtol: ClassVar[float] = 1e-4
+    atol: ClassVar[float] = 1e-6
+
+    # -- what each norm implements ----------------------------------------------------------------
+    def distance(self, delta: Tensor) -> Tensor:
+        """Per-sample norm of a perturbation, shape ``[B]``."""
+        raise NotImplementedError
+
+    def project_ball(self, delta: Tensor, eps: float) -> Tensor:
+        """The Euclidean projection of a perturbation onto the ball of radius ``eps`` (no box)."""
+        raise ValueError(f"the {self.norm.value} ball has no projection here")
+
+    def project(self, x_adv: Tensor, x: Tensor, eps: float) -> Tensor:
+        """A point of the ``eps`` ball around ``x`` intersected with the box [0, 1], close to ``x_adv``."""
+        raise ValueError(f"the {self.norm.value} ball has no projection here")
+
+    def ascent(self, grad: Tensor) -> Tensor:
+        """The steepest-ascent direction of unit norm: ``argmax_{‖d‖ ≤ 1} ⟨grad, d⟩``."""
+        raise ValueError(f"{self.norm.value} has no steepest-ascent step here")
+
+    def random_start(self, x: Tensor, eps: float, gen: torch.Generator) -> Tensor:
+        """A random point of the ``eps`` ball around ``x`` ∩ [0, 1] (PGD's start)."""
+        raise ValueError(f"{self.norm.value} has no random start here")
+
+    def noise(self, shape: tuple[int, ...], gen: torch.Generator, dtype: torch.dtype = torch.float32) -> Tensor:
+        """The norm's own isotropic noise, whose direction ``t / ‖t‖`` is a random point of the
+        unit sphere (APGD's start, Croce & Hein 2020)."""
+        raise ValueError(f"{self.norm.value} has no noise distribution here")
+
+    def random_sphere(self, shape: tuple[int, ...], eps: float, gen: torch.Generator) -> Tensor:
+        """Random perturbations of norm exactly ``eps`` (the random-noise floor of a universal
+        perturbation), shape ``shape`` with the batch first."""
+        raise ValueError(f"{self.norm.value} has no random sphere point here")
+
+    def check_eps(self, eps: float) -> None:
+        """Raise a ``ValueError`` naming the fix when ``eps`` makes no sense for this norm."""
+
+    # -- shared by every norm ---------------------------------------------------------------------
+    def sphere_start(self, x: Tensor, eps: float, gen: torch.Generator) -> Tensor:
+        """``x + ε·t/‖t‖`` clipped to [0, 1], ``t`` from :meth:`noise` (APGD's start)."""
+        t = self.noise(tuple(x.shape), gen, x.dtype).to(x.device)
+        t = t / _view(self.distance(t).clamp_min(1e-12), t)
+        return (x + eps * t).clamp(0.0, 1.0)
+
+    def inside(self, delta: Tensor, eps: float) -> Tensor:
+        """Bool ``[B]``: each perturbation lies in the ball (with float slack)."""
+        return self.distance(delta) <= eps * (1 + self.rtol) + self.atol
+
+
+_GEOMETRIES: dict[Norm, Geometry] = {}
+
+
+def _geometry(cls: type[Geometry]) -> type[Geometry]:
+    _GEOMETRIES[cls.norm] = cls()
+    return cls
+
+
+def geometry(norm: Norm | str) -> Geometry:
+    """The geometry of ``norm`` (a :class:`Norm` or its name)."""
+    return Norm.parse(norm).geometry
+
+
+@_geometry
+class LinfGeometry(Geometry):
+    """``‖δ‖∞ = max |δ_i|``; the ball ∩ box is a box, so projection is a clamp (exact)."""
+
+    norm = Norm.LINF
+    aliases = ("linf", "inf", "l∞")
+    example_eps = 0.1
+
+    def distance(self, delta: Tensor) -> Tensor:
+        return delta.flatten(1).abs().amax(dim=1)
+
+    def project_ball(self, delta: Tensor, eps: float) -> Tensor:
+        return delta.clamp(-eps, eps)
+
+    def project(self, x_adv: Tensor, x: Tensor, eps: float) -> Tensor:
+        return torch.min(torch.max(x_adv, x - eps), x + eps).clamp_(0.0, 1.0)
+
+    def ascent(self, grad: Tensor) -> Tensor:
+        return grad.sign()
+
+    def random_start(self, x: Tensor, eps: float, gen: torch.Generator) -> Tensor:
+        """``x + U(−ε, ε)`` per coordinate, clipped (Madry et al. 2018)."""
+        noise = _uniform(tuple(x.shape), gen, x.dtype).to(x.device)
+        return (x + (2 * noise - 1) * eps).clamp_(0.0, 1.0)
+
+    def noise(self, shape: tuple[int, ...], gen: torch.Generator, dtype: torch.dtype = torch.float32) -> Tensor:
+        """``U[−1, 1]`` per coordinate."""
+        return 2 * _uniform(shape, gen, dtype) - 1
+
+    def random_sphere(self, shape: tuple[int, ...], eps: float, gen: torch.Generator) -> Tensor:
+        """A random vertex of the ball: ``±ε`` per coordinate."""
+        return (torch.randint(0, 2, shape, generator=gen, device=gen.device).float() * 2 - 1) * eps
+
+    def check_eps(self, eps: float) -> None:
+        if eps > 1:
+            raise ValueError(f"Linf eps on images in [0, 1] must be <= 1, got {eps}; did you mean {eps}/255?")
+
+
+def _normalize_l2(g: Tensor, tiny: float = 1e-12) -> Tensor:
+    return g / _view(g.flatten(1).norm(p=2, dim=1).clamp_min(tiny), g)
+
+
+@_geometry
+class L2Geometry(Geometry):
+    """``‖δ‖₂``.  Projection onto ball ∩ box: onto the ball, then clip to the box; the result stays in
+    both sets (clipping toward ``x`` never increases the distance to ``x``)."""
+
+    norm = Norm.L2
+    aliases = ("l2", "2")
+    example_eps = 1.0
+
+    def distance(self, delta: Tensor) -> Tensor:
+        return delta.flatten(1).norm(p=2, dim=1)
+
+    def project_ball(self, delta: Tensor, eps: float) -> Tensor:
+        """``δ · min(1, ε / ‖δ‖₂)`` per sample."""
+        factor = (eps / self.distance(delta).clamp_min(1e-12)).clamp(max=1.0)
+        return delta * _view(factor, delta)
+
+    def project(self, x_adv: Tensor, x: Tensor, eps: float) -> Tensor:
+        return (x + self.project_ball(x_adv - x, eps)).clamp_(0.0, 1.0)
+
+    def ascent(self, grad: Tensor) -> Tensor:
+        return _normalize_l2(grad)
+
+    def random_start(self, x: Tensor, eps: float, gen: torch.Generator) -> Tensor:
+        """A uniform random direction at radius ``ε·u``, ``u ~ U(0, 1)``, clipped.  (A volume-uniform
+        radius ``ε·u^(1/d)`` puts nearly every start on the sphere in high dimension; starts spread
+        over the radius make a better PGD-L2 at 10-20 steps.)"""
+        direction = _normalize_l2(_gaussian(tuple(x.shape), gen, x.dtype))
+        radius = _uniform((x.shape[0],), gen, x.dtype)
+        delta = direction * _view(radius * eps, x)
+        return (x + delta.to(x.device)).clamp_(0.0, 1.0)
+
+    def noise(self, shape: tuple[int, ...], gen: torch.Generator, dtype: torch.dtype = torch.float32) -> Tensor:
+        """``N(0, I)``."""
+        return _gaussian(shape, gen, dtype)
+
+    def random_sphere(self, shape: tuple[int, ...], eps: float, gen: torch.Generator) -> Tensor:
+        """A Gaussian direction scaled to ``ε``."""
+        return _normalize_l2(torch.randn(shape, generator=gen, device=gen.device)) * eps
+
+
+@_geometry
+class L0Geometry(Geometry):
+    """Changed pixels: a pixel (spatial position) counts once however many channels changed.
+    Budgets are whole numbers and checked exactly (no slack)."""
+
+    norm = Norm.L0
+    aliases = ("l0", "0")
+    example_eps = 1.0
+
+    def distance(self, delta: Tensor) -> Tensor:
+        return (delta.abs().amax(dim=1) > 0).flatten(1).sum(dim=1).to(delta.dtype)
+
+    def inside(self, delta: Tensor, eps: float) -> Tensor:
+        return self.distance(delta) <= eps
+
+    def check_eps(self, eps: float) -> None:
+        if eps != int(eps):
+            raise ValueError(f"L0 eps counts pixels and must be a whole number, got {eps}")
+
+
+def check_eps(eps: object, norm: Norm) -> float:
+    """Return ``eps`` as a float or raise a ``ValueError``/``TypeError`` that says what is allowed."""
+    if isinstance(eps, bool) or not isinstance(eps, (int, float)):
+        raise TypeError(f"eps must be a number, got {type(eps).__name__}")
+    eps = float(eps)
+    if not math.isfinite(eps) or eps <= 0:
+        raise ValueError(f"eps must be a finite number > 0, got {eps}")
+    norm.geometry.check_eps(eps)
+    return eps
+
+
+@dataclass(frozen=True)
+class ThreatModel:
+    """A norm ball: ``ThreatModel(Norm.LINF, 0.1)`` or ``ThreatModel("l2", 1.5)``."""
+
+    norm: Norm
+    eps: float
+
+    def __post_init__(self) -> None:
+        norm = Norm.parse(self.norm)
+        object.__setattr__(self, "norm", norm)
+        object.__setattr__(self, "eps", check_eps(self.eps, norm))
+
+    @property
+    def geometry(self) -> Geometry:
+        return self.norm.geometry
+
+    @property
+    def label(self) -> str:
+        """Short stable label used in file names and tables, e.g. ``linf_0.1``."""
+        return f"{self.norm.value}_{self.eps:g}"
+
+    @classmethod
+    def parse(cls, text: str) -> ThreatModel:
+        """Parse ``"linf:0.1"``, ``"l2:1.5"`` or ``"linf_0.1"``."""
+        for sep in (":", "_", "="):
+            if sep in text:
+                norm, eps = text.split(sep, 1)
+                try:
+                    value = float(eps)
+                except ValueError:
+                    break
+                return cls(Norm.parse(norm), value)
+        raise ValueError(f"cannot parse threat {text!r}; write it as NORM:EPS, e.g. 'linf:0.1' or 'l2:1.5'")

@@ -1,0 +1,372 @@
+"""Evaluate attacks on one model: clean predictions, then each attack on the points that are
+still classified correctly, cheapest attack first, and the per-point worst case per threat.
+
+Each attack's record holds a per-point ``robust`` mask over the evaluated points (correct and
+not broken), so worst cases can be recomputed from stored masks after a resumed run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+import traceback
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from ..core.attack import EvasionAttack
+from ..core.data import DataSplit
+from ..core.device import DevicePolicy, as_policy, halving_on_oom
+from ..core.models import predict
+from ..core.ops import ce
+from ..core.registry import create_attack
+from ..core.threat import Norm, ThreatModel
+from . import adaptive as wrappers
+from . import flags as checks
+
+# model-level checks whose firing makes an adaptive evaluation rerun the gradient attacks
+MASKING = (
+    checks.ZERO_GRAD, checks.PROBABILITY_OUTPUTS, checks.RANDOMIZED, checks.LARGE_EPS, checks.BLACK_BOX_WINS,
+    checks.MORE_STEPS_NO_HELP,
+)
+_STUCK = {checks.ZERO_GRAD, checks.LARGE_EPS, checks.BLACK_BOX_WINS, checks.MORE_STEPS_NO_HELP}  # -> bpda + rescale
+
+
+@dataclass(frozen=True)
+class AttackRecord:
+    """One attack's outcome on the evaluated points."""
+
+    attack: EvasionAttack
+    robust: Tensor | None  # bool [n]; None when the attack failed
+    seconds: float
+    grad_evals: int
+    forward_evals: int
+    attacked: int
+    scope: str
+    target_hit_rate: float | None = None
+    error: str = ""
+    success_rate: float | None = None  # min-norm attacks: share of attacked points with any adversarial
+    median_l2: float | None = None  # min-norm attacks: median distance of the adversarials found
+
+    @property
+    def robust_acc(self) -> float | None:
+        return None if self.robust is None else float(self.robust.float().mean())
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """Everything :func:`evaluate` measured."""
+
+    n: int
+    correct: Tensor  # bool [n]: clean prediction is right
+    records: list[AttackRecord]  # in the order of the attacks passed in
+    worst_case: dict[ThreatModel, Tensor]  # bool [n] per threat
+    flags: dict[str, set[str]]  # attack name or "worst_case:<threat>" -> flags
+    plain_records: list[AttackRecord] | None = None  # before an adaptive rerun (None: no rerun)
+    model_flags: frozenset[str] = frozenset()  # codes of the model-level checks that fired
+
+    @property
+    def clean_acc(self) -> float:
+        return float(self.correct.float().mean())
+
+
+def input_grad_norms(model: nn.Module, split: DataSplit, device: torch.device, batch_size: int = 500) -> Tensor:
+    """L2 norm of the CE gradient w.r.t. each input (for the zero-gradient check)."""
+    out = []
+    model.eval()
+    for i in range(0, len(split), batch_size):
+        x = split.x[i : i + batch_size].to(device).requires_grad_(True)
+        y = split.y[i : i + batch_size].to(device)
+        with torch.enable_grad():
+            (g,) = torch.autograd.grad(ce(model(x), y).sum(), x)
+        out.append(g.flatten(1).norm(dim=1).cpu())
+    return torch.cat(out)
+
+
+@torch.no_grad()
+def model_checks(
+    model: nn.Module, split: DataSplit, device: torch.device, *, points: int = 32, probe_steps: int = 20
+) -> set[str]:
+    """Model-level checks on (up to ``points``) clean-correct points: probability-like outputs,
+    randomized outputs (two passes of the same inputs), and a PGD-CE probe at Linf eps 1 with no
+    random start (every image is reachable, so an honest gradient gets accuracy near 0)."""
+    if len(split) == 0:
+        return set()
+    probe = split.head(points)
+    x, y = probe.x.to(device), probe.y.to(device)
+    first, second = model(x), model(x)
+    found = {checks.probability_outputs(first), checks.randomized_outputs(first, second)}
+    # a randomized model is probed in expectation (EOT), so that luck does not fire this check
+    probed = wrappers.EOT(model, 8) if checks.RANDOMIZED in found else model
+    pgd = create_attack("pgd", norm=Norm.LINF, eps=1.0, steps=probe_steps, random_start=False)
+    x_adv = pgd.run(probed, x, y).x_adv
+    found.add(checks.large_eps_not_zero(float((probed(x_adv).argmax(1) == y).float().mean())))
+    return {f for f in found if f}
+
+
+def iterations_probe(
+    model: nn.Module, split: DataSplit, threat: ThreatModel, reference: Tensor, device: torch.device,
+    *, points: int = 64, short: int = 10, factor: int = 10,
+) -> str | None:
+    """The more-iterations check on (up to) ``points`` clean-correct points of ``split``: PGD-CE
+    with ``short`` and ``factor x short`` steps, against ``reference`` (the per-point robust mask
+    of every attack of the threat, e.g. Square included) on the same points."""
+    k = min(points, len(split))
+    if k == 0:
+        return None
+    probe = split.head(k)
+    x, y = probe.x.to(device), probe.y.to(device)
+    accs = []
+    for steps in (short, short * factor):
+        pgd = create_attack("pgd", norm=threat.norm, eps=threat.eps, steps=steps)
+        with torch.no_grad():
+            accs.append(float((model(pgd.run(model, x, y).x_adv).argmax(1) == y).float().mean()))
+    return checks.more_iterations_no_help(accs[0], accs[1], float(reference[:k].float().mean()))
+
+
+def run_attack(
+    model: nn.Module,
+    attack: EvasionAttack,
+    split: DataSplit,
+    attack_mask: Tensor,
+    *,
+    device: torch.device,
+    batch_size: int = 500,
+    scope: str = "all",
+    attack_model: nn.Module | None = None,
+    policy: DevicePolicy | None = None,
+) -> AttackRecord:
+    """Run ``attack`` on the points where ``attack_mask`` is set; others count as not robust.
+
+    ``attack_model`` (e.g. a BPDA/EOT wrapper of ``model``) is what the attack sees; the
+    adversarial points are always judged on ``model``.  ``policy`` (default: float32 on
+    ``device``) moves the batches and sets the attack's and the judging's autocast."""
+    policy = policy if policy is not None else as_policy(device)
+    robust = torch.zeros(len(split), dtype=torch.bool)
+    idx = attack_mask.nonzero().flatten()
+    gen = torch.Generator(device=device).manual_seed(attack.seed)
+    seconds, grads, fwds, hits = 0.0, 0, 0, 0
+    dists: list[Tensor] = []
+    for i in range(0, len(idx), batch_size):
+        sel = idx[i : i + batch_size]
+        x, y = policy.batch_to(split.x[sel]), policy.batch_to(split.y[sel])
+        with policy.autocast("attack"):
+            out = attack.run(attack_model if attack_model is not None else model, x, y, gen)
+        t0 = time.perf_counter()
+        with torch.no_grad(), policy.autocast("eval"):
+            pred = model(out.x_adv).argmax(1)
+        seconds += out.seconds + (time.perf_counter() - t0)
+        grads += out.grad_evals
+        fwds += out.forward_evals + len(sel)
+        robust[sel] = (pred == y).cpu()
+        if out.target is not None:
+            hits += int((pred == out.target).sum())
+        if out.distances is not None:
+            dists.append(out.distances.cpu())
+    target_rate = hits / len(idx) if attack.targeted and len(idx) else None
+    success, median = min_norm_summary(torch.cat(dists)) if attack.min_norm and dists else (None, None)
+    return AttackRecord(attack, robust, seconds, grads, fwds, len(idx), scope, target_rate, "", success, median)
+
+
+def min_norm_summary(distances: Tensor) -> tuple[float | None, float | None]:
+    """Success rate (finite distance) and median distance of the successes, per attacked point."""
+    if distances.numel() == 0:
+        return None, None
+    found = distances[torch.isfinite(distances)]
+    return float(found.numel() / distances.numel()), (float(found.median()) if found.numel() else None)
+
+
+def evaluate(
+    model: nn.Module,
+    attacks: Sequence[EvasionAttack],
+    split: DataSplit,
+    *,
+    n: int = 1000,
+    device: torch.device | str = "cpu",
+    batch_size: int | Callable[[EvasionAttack], int] = 500,
+    survivors_only: bool = False,
+    precomputed: Mapping[int, AttackRecord] | None = None,
+    on_record: Callable[[int, AttackRecord, float], None] | None = None,
+    adaptive: bool = True,
+    eot_samples: int = 8,
+    probe_iterations: bool = True,
+    policy: DevicePolicy | None = None,
+) -> Evaluation:
+    """Evaluate ``attacks`` on the first ``n`` points of ``split``.
+
+    Attacks run cheapest first (by gradient budget).  With ``survivors_only`` each attack runs
+    only on the points no cheaper attack of its threat broke (its row then reports the robust
+    accuracy after it, cumulatively); otherwise on every clean-correct point, so each row is the
+    attack's own robust accuracy.  An attack that raises is recorded with its error.
+
+    ``precomputed`` maps positions in ``attacks`` to records already measured (a resumed run);
+    ``on_record(position, record, clean_acc)`` is called as each new record is done (to store it
+    at once).  ``Evaluation.records`` follows the order of ``attacks``.
+
+    Every cell gets the checks of :mod:`checks` (flags per attack and per worst case).  With
+    ``adaptive`` (default), when a masking check fires (zero gradients, probability outputs,
+    randomized outputs, large eps not reaching 0, black-box beating white-box) each gradient
+    attack is rerun through :func:`wrappers.adapt` (BPDA for marked layers, EOT with
+    ``eot_samples`` passes, log-probabilities, logit rescaling) on the points it left unbroken;
+    its record becomes the per-point worst of both runs and carries an ``adapted:...`` flag.
+    With ``probe_iterations`` (default) each threat with an iterative gradient attack also gets
+    the more-iterations check (:func:`iterations_probe`, 110 PGD steps on 64 points).
+
+    ``batch_size`` is a number or a function of the attack (an autotuned choice per attack kind);
+    an attack that runs out of CUDA memory is rerun with half the batch (see
+    :func:`autotune.halving_on_oom`).  ``policy`` (default: float32 on ``device``) says where and
+    in which precision the model runs (:class:`device.DevicePolicy`).
+    """
+    policy = policy if policy is not None else as_policy(device)
+    device = policy.device
+
+    def attack_batch(attack: EvasionAttack) -> int:
+        return batch_size(attack) if callable(batch_size) else batch_size
+
+    for a in attacks:
+        if not isinstance(a, EvasionAttack):
+            raise TypeError(f"evaluate takes evasion attacks, got {type(a).__name__}")
+    if not isinstance(n, int) or n < 1:
+        raise ValueError(f"n must be a positive int, got {n!r}")
+    split = split.head(n)
+    model = policy.model_to(model).eval()
+    with policy.autocast("eval"):
+        correct = predict(model, split.x, device) == split.y
+    correct_split = split.subset(correct.nonzero().flatten())
+    grad_flag = checks.zero_gradients(input_grad_norms(model, correct_split, device))
+    found = model_checks(model, correct_split, device)
+    if grad_flag:
+        found.add(grad_flag)
+    records: list[AttackRecord | None] = [None] * len(attacks)
+    worst: dict[ThreatModel, Tensor] = {}
+    precomputed = precomputed or {}
+    order = sorted(range(len(attacks)), key=lambda i: attacks[i].grad_budget)
+    for i in order:
+        attack = attacks[i]
+        alive = worst.setdefault(attack.threat, correct.clone())
+        mask = alive if survivors_only else correct
+        scope = "survivors" if survivors_only else "all"
+        if i in precomputed:
+            rec = precomputed[i]
+        else:
+            try:
+                rec, _ = halving_on_oom(
+                    lambda b, attack=attack, mask=mask, scope=scope: run_attack(
+                        model, attack, split, mask, device=device, batch_size=b, scope=scope, policy=policy
+                    ),
+                    attack_batch(attack),
+                )
+            except Exception as exc:  # one failing attack must not lose the others
+                rec = AttackRecord(attack, None, 0.0, 0, 0, int(mask.sum()), scope, error=_describe(exc))
+            if on_record is not None:
+                on_record(i, rec, float(correct.float().mean()))
+        records[i] = rec
+        if rec.robust is not None:
+            worst[attack.threat] = alive & rec.robust
+    done = [r for r in records if r is not None]
+    flags = cell_flags(done, found)
+    if probe_iterations:
+        _probe_iterations(model, done, correct, correct_split, worst, flags, device)
+    fired = set(found) | {f for fs in flags.values() for f in fs}
+    if not adaptive or not fired & set(MASKING):
+        return Evaluation(len(split), correct, done, worst, flags, model_flags=frozenset(found))
+    wrapped, names = wrappers.adapt(
+        model,
+        bpda=bool(fired & _STUCK),
+        eot_samples=eot_samples if checks.RANDOMIZED in fired else 0,
+        log_outputs=checks.PROBABILITY_OUTPUTS in fired,
+        rescale=bool(fired & _STUCK),
+    )
+    if not names:
+        return Evaluation(len(split), correct, done, worst, flags, model_flags=frozenset(found))
+    tag = checks.adapted(names)
+    merged = list(done)
+    for i in order:
+        rec = merged[i]
+        if i in precomputed or rec.robust is None or not rec.attack.needs_grad or not rec.robust.any():
+            continue
+        try:
+            again, _ = halving_on_oom(
+                lambda b, rec=rec: run_attack(
+                    model, rec.attack, split, rec.robust, device=device, batch_size=b, scope=rec.scope,
+                    attack_model=wrapped, policy=policy,
+                ),
+                attack_batch(rec.attack),
+            )
+        except Exception as exc:  # keep the plain record; say the rerun failed
+            flags.setdefault(f"{rec.attack.name}@{rec.attack.threat.label}", set()).add(f"error:adaptive:{type(exc).__name__}")
+            continue
+        merged[i] = dataclasses.replace(
+            rec, robust=rec.robust & again.robust, seconds=rec.seconds + again.seconds,
+            grad_evals=rec.grad_evals + again.grad_evals, forward_evals=rec.forward_evals + again.forward_evals,
+        )
+        flags.setdefault(f"{rec.attack.name}@{rec.attack.threat.label}", set()).add(tag)
+        flags.setdefault(f"worst_case@{rec.attack.threat.label}", set()).add(tag)
+        worst[rec.attack.threat] = worst[rec.attack.threat] & merged[i].robust
+    return Evaluation(len(split), correct, merged, worst, flags, plain_records=done, model_flags=frozenset(found))
+
+
+def _probe_iterations(
+    model: nn.Module, records: Sequence[AttackRecord], correct: Tensor, correct_split: DataSplit,
+    worst: Mapping[ThreatModel, Tensor], flags: dict[str, set[str]], device: torch.device,
+) -> None:
+    """Run :func:`iterations_probe` per threat; a flag goes on the threat's iterative gradient
+    attacks and its worst case."""
+    for threat, mask in worst.items():
+        stuck = [r for r in records if r.attack.threat == threat and r.attack.needs_grad and r.attack.iterative]
+        if not stuck:
+            continue
+        code = iterations_probe(model, correct_split, threat, mask[correct], device)
+        if code is None:
+            continue
+        flags.setdefault(f"worst_case@{threat.label}", set()).add(code)
+        for r in stuck:
+            flags.setdefault(f"{r.attack.name}@{threat.label}", set()).add(code)
+
+
+def cell_flags(records: Sequence[AttackRecord], model_flags: set[str] | str | None) -> dict[str, set[str]]:
+    """Flags per attack (keyed ``name@threat``) and per worst case (keyed ``worst_case@threat``).
+
+    ``model_flags`` are the model-level codes (zero-grad, probability-outputs, large-eps-not-zero
+    go on gradient attacks; randomized-outputs on every attack); both go on the worst case."""
+    if isinstance(model_flags, str):
+        model_flags = {model_flags}
+    model_flags = set(model_flags or ())
+    flags: dict[str, set[str]] = {}
+    by_threat: dict[ThreatModel, list[AttackRecord]] = {}
+    for r in records:
+        by_threat.setdefault(r.attack.threat, []).append(r)
+    for threat, recs in by_threat.items():
+        wc = flags.setdefault(f"worst_case@{threat.label}", set())
+        ok = [r for r in recs if r.robust is not None]
+        if len(ok) < len(recs):
+            wc.add(checks.INCOMPLETE)
+        # cumulative (survivor) numbers are not comparable, and a targeted attack is weaker by design
+        own = [r for r in ok if r.scope == "all" and not r.attack.targeted]
+        losers = checks.single_step_beats_iterative(
+            {r.attack.name: r.robust_acc for r in own if r.attack.needs_grad},
+            {r.attack.name: r.attack.iterative for r in own if r.attack.needs_grad},
+        )
+        blind = checks.black_box_beats_white_box(
+            {r.attack.name: r.robust_acc for r in own}, {r.attack.name: r.attack.needs_grad for r in own}
+        )
+        for r in recs:
+            f = flags.setdefault(f"{r.attack.name}@{threat.label}", set())
+            for code in model_flags:
+                if r.attack.needs_grad or code == checks.RANDOMIZED:
+                    f.add(code)
+                    wc.add(code)
+            if r.attack.name in losers:
+                f.add(checks.SINGLE_STEP_WINS)
+                wc.add(checks.SINGLE_STEP_WINS)
+            if r.attack.name in blind:
+                f.add(checks.BLACK_BOX_WINS)
+                wc.add(checks.BLACK_BOX_WINS)
+    return flags
+
+
+def _describe(exc: BaseException) -> str:
+    tb = traceback.format_exception(type(exc), exc, exc.__traceback__)
+    return f"{type(exc).__name__}: {exc}\n{''.join(tb[-3:])}"[:4000]

@@ -1,0 +1,175 @@
+"""Cell kinds: one kind of evaluation per module, in a registry.
+
+A kind says how to run its cells for one trained-model group (:meth:`CellKind.run`), its row type
+(a frozen dataclass whose fields are its leaderboard columns, declared once: :attr:`CellKind.row`)
+and its tables (:meth:`CellKind.tables`, by default one CSV per dataset named
+``<dataset>_<kind>``).  The harness dispatches every cell through ``KINDS.get(cell.kind)``; a new
+kind of evaluation is one module registered with :func:`register_kind` (here, in a package's
+``robustbench_lite.kinds`` entry points, or in a ``--plugin`` file).
+
+Every row goes to the store as a :class:`~robustbench_lite.harness.rows.CellResult`: the fields
+of the kind's row type that are :class:`CellResult` fields fill them, the others go into its JSON
+``metrics``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import traceback
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import pandas as pd
+
+from ...core.data import Data
+from ...core.device import DevicePolicy
+from ...core.registry import Registry, create_attack
+from ...training.cache import ModelCache, TrainedModel
+from ..rows import CellResult, OnRow, Row, cell_row, error_row, split_metrics
+
+if TYPE_CHECKING:
+    from ..plan import Cell
+    from ..store import Store
+
+log = logging.getLogger(__name__)
+
+KINDS = Registry("kind", "robustbench_lite.harness.kinds", "robustbench_lite.kinds")
+register_kind = KINDS.register
+list_kinds = KINDS.list
+
+
+@dataclass
+class Group:
+    """What a kind needs to run the cells of one trained-model group (one data, model, defense)."""
+
+    trained: TrainedModel
+    data: Data
+    policy: DevicePolicy
+    cache: ModelCache
+    workdir: str
+    batch_size: int | str
+    version: str
+    done: Mapping[str, Row]  # finished rows of the group's cells, by cell key (resume)
+    emit: OnRow  # stores a row the moment it is measured
+    measured: dict[str, Row] = field(default_factory=dict)  # rows of this run, by key, in order
+
+    def add(self, row: CellResult, mask: Any, *, emit: bool = True) -> Row:
+        """Record a row of this run (and store it at once with ``emit``)."""
+        if emit:
+            self.emit(row, mask)
+        self.measured[row.key] = (row, mask)
+        return row, mask
+
+    def latest(self) -> dict[str, Row]:
+        """Every row known for the group: stored ones, overridden by this run's."""
+        return {**self.done, **self.measured}
+
+
+class CellKind:
+    """One kind of evaluation.  Subclasses set :attr:`row` and implement :meth:`measure` (one cell
+    at a time; the base isolates errors and stores each row at once) or override :meth:`run`."""
+
+    registry_name: ClassVar[str] = ""
+    #: the kind's own columns: a frozen dataclass whose fields are its CSV columns, in order
+    row: ClassVar[type | None] = None
+    #: leaderboard sort: (column, ascending) pairs
+    sort: ClassVar[tuple[tuple[str, bool], ...]] = ()
+    #: run order inside a group (lower first); a kind that reads another's rows runs after it
+    order: ClassVar[int] = 0
+    #: table columns the terminal leaderboard leaves out (they are in the CSVs)
+    hidden_in_terminal: ClassVar[tuple[str, ...]] = ("dataset", "attack_params", "error")
+
+    @property
+    def name(self) -> str:
+        return self.registry_name
+
+    # -- cells ----------------------------------------------------------------------------------
+    def build(self, cell: Cell) -> Any:
+        """What the cell runs (an attack by default), with the cell's threat."""
+        return create_attack(cell.attack.name, norm=cell.threat.norm, eps=cell.threat.eps, **cell.attack.params)
+
+    def key_fields(self, cell: Cell) -> dict[str, Any]:
+        """Extra fields of the cell's key (an attack's settings already hold its threat)."""
+        return {}
+
+    # -- running --------------------------------------------------------------------------------
+    def run(self, cells: Sequence[Cell], group: Group) -> list[Row]:
+        """Measure the group's pending cells of this kind, one at a time; a cell that raises is
+        stored as an error row and the others go on."""
+        rows = []
+        for cell in cells:
+            if cell.key in group.done:
+                continue
+            try:
+                row, mask = self.measure(cell, group)
+            except Exception as exc:
+                log.warning("%s cell %s failed: %s", self.name, cell.attack.name, exc)
+                error = f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=3)}"
+                row, mask = error_row(cell, error, group.version, model_key=group.trained.key), None
+            rows.append(group.add(row, mask))
+        return rows
+
+    def measure(self, cell: Cell, group: Group) -> Row:
+        raise NotImplementedError(f"cell kind {self.name!r} must implement measure() or run()")
+
+    def result(self, cell: Cell, group: Group, values: Any, *, method: Any = None, **envelope: Any) -> CellResult:
+        """The store row of one measured cell: ``values`` (an instance of :attr:`row`) split into
+        :class:`CellResult` fields and ``metrics``, plus ``envelope`` fields set directly."""
+        shared, metrics = split_metrics(dataclasses.asdict(values))
+        fields = {
+            "model_key": group.trained.key, "code_version": group.version,
+            "train_seconds": group.trained.sidecar.get("train_seconds"), "metrics": metrics,
+        }
+        if method is not None:
+            fields["attack_params"] = json.dumps(method.get_params(), sort_keys=True)
+        return cell_row(cell, **{**fields, **shared, **envelope})
+
+    def refresh(self, cells: Sequence[Cell], store: Store) -> None:
+        """A group whose cells are all stored: recompute what is derived from them (nothing by default)."""
+
+    # -- tables ---------------------------------------------------------------------------------
+    def tables(self, rows: Sequence[CellResult]) -> dict[str, pd.DataFrame]:
+        """This kind's tables from all stored ``rows``: by default one per dataset
+        (``<dataset>_<kind>``) with model, defense, attack and the fields of :attr:`row`, then the
+        status and the first line of any error, sorted by :attr:`sort`."""
+        if self.row is None:
+            return {}
+        columns = [f.name for f in dataclasses.fields(self.row)]
+        by_dataset: dict[str, list[dict[str, Any]]] = {}
+        for r in rows_of_kind(rows, self.name):
+            metrics = json.loads(r.metrics) if r.metrics else {}
+            values = r.as_row()
+            out = {"dataset": r.dataset, "model": r.model, "defense": r.defense, "attack": r.attack}
+            for col in columns:
+                value = metrics.get(col, values.get(col))
+                out[col] = float("nan") if value is None else value
+            out["status"] = r.status
+            out["error"] = r.error.splitlines()[0][:200] if r.error else ""
+            by_dataset.setdefault(r.dataset, []).append(out)
+        tables = {}
+        for dataset, table_rows in sorted(by_dataset.items()):
+            table = pd.DataFrame(table_rows)
+            if self.sort:
+                cols, ascending = zip(*self.sort, strict=True)
+                table = table.sort_values(list(cols), ascending=list(ascending), na_position="last", kind="stable")
+            tables[f"{dataset}_{self.name}"] = table.reset_index(drop=True)
+        return tables
+
+    def wide_columns(self, rows: Sequence[CellResult]) -> dict[tuple, dict[str, Any]]:
+        """Columns this kind adds, from all stored ``rows``, to the evasion tables, keyed by
+        (dataset, model, defense, n, norm, eps): e.g. the certified share beside the attacked worst
+        case.  A ``flags`` entry (a set) joins the row's flags."""
+        return {}
+
+
+def kind(name: str) -> CellKind:
+    """The registered cell kind ``name`` (an instance; kinds hold no state)."""
+    return KINDS.get(name)()
+
+
+def rows_of_kind(rows: Iterable[CellResult], name: str) -> list[CellResult]:
+    """The rows of one kind."""
+    return [r for r in rows if r.kind == name]

@@ -1,0 +1,255 @@
+"""The evasion kind: per-point attacks inside a threat ball, evaluated together per trained model.
+
+All evasion cells of a group that share ``survivors`` go through one
+:func:`~robustbench_lite.eval.evasion.evaluate` call (clean predictions once, attacks cheapest
+first, flags, the adaptive rerun).  Each attack row is stored the moment it is measured, then
+again with its flags; then one ``worst_case`` row per threat holds the per-point AND of the
+attacks' robust masks.  Tables: the wide leaderboard per dataset and threat, one row per
+model/defense, one column per attack, sorted by the worst case.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
+
+import pandas as pd
+
+from ...core.config import config_hash
+from ...core.threat import ThreatModel
+from ...eval.evasion import AttackRecord, evaluate
+from ...eval.flags import INCOMPLETE, join
+from ..autotune import BatchTuner, attack_pass
+from ..plan import Cell
+from ..rows import WORST_CASE, CellResult, Row, error_row
+from ..store import Store
+from . import KINDS, CellKind, Group, kind, register_kind, rows_of_kind
+
+log = logging.getLogger(__name__)
+
+ID_COLUMNS = ["dataset", "model", "defense", "norm", "eps", "n"]
+
+
+@dataclass(frozen=True)
+class EvasionRow:
+    """An attack cell's own numbers (the wide table has one robust-accuracy column per attack)."""
+
+    robust_acc: float | None
+    attacked: int
+    scope: str
+    target_hit_rate: float | None
+    success_rate: float | None
+    median_l2: float | None
+
+
+@register_kind("evasion")
+class Evasion(CellKind):
+    """Per-point evasion attacks and the per-point worst case of each threat."""
+
+    row: ClassVar[type] = EvasionRow
+    order: ClassVar[int] = 1
+    hidden_in_terminal: ClassVar[tuple[str, ...]] = ("dataset", "norm", "eps")
+
+    def run(self, cells: Sequence[Cell], group: Group) -> list[Row]:
+        rows: list[Row] = []
+        by_survivors: dict[bool, list[Cell]] = {}
+        for c in cells:
+            by_survivors.setdefault(c.survivors, []).append(c)
+        for survivors, part in by_survivors.items():
+            rows.extend(self._run_part(part, survivors, group))
+        return rows
+
+    def _run_part(self, cells: list[Cell], survivors: bool, group: Group) -> list[Row]:
+        n = cells[0].n
+        rows: list[Row] = []
+        latest: dict[str, Row] = {c.key: group.done[c.key] for c in cells if c.key in group.done}
+        attacks, precomputed = [], {}
+        for i, c in enumerate(cells):
+            try:
+                attacks.append(c.build())
+            except Exception as exc:
+                row = error_row(c, f"bad attack config: {type(exc).__name__}: {exc}", group.version)
+                rows.append(group.add(row, None))
+                latest[c.key] = (row, None)
+                attacks.append(None)
+                continue
+            hit = group.done.get(c.key)
+            if hit is not None and hit[1] is not None:
+                r = hit[0]
+                precomputed[i] = AttackRecord(
+                    attacks[-1], hit[1], r.seconds, r.grad_evals, r.forward_evals, r.attacked, r.scope, r.target_hit_rate,
+                    success_rate=r.success_rate, median_l2=r.median_l2,
+                )
+        live = [i for i, a in enumerate(attacks) if a is not None]
+        if not live:
+            return rows
+
+        def on_record(j: int, rec: AttackRecord, clean_acc: float) -> None:
+            cell = cells[live[j]]
+            group.emit(self.attack_row(cell, group, rec, clean_acc, flags=""), rec.robust)
+            if rec.error:
+                log.warning("attack %s failed: %s", cell.attack.name, rec.error.splitlines()[0])
+
+        trained, data = group.trained, group.data
+        ev = evaluate(
+            trained.model, [attacks[i] for i in live], data.test, n=n, policy=group.policy,
+            batch_size=_batch_rule(group, n), survivors_only=survivors,
+            precomputed={j: precomputed[i] for j, i in enumerate(live) if i in precomputed}, on_record=on_record,
+        )
+        # the attack rows again, with their flags (flags need every attack of the threat)
+        for j, rec in enumerate(ev.records):
+            cell = cells[live[j]]
+            flags = join(ev.flags.get(f"{cell.attack.name}@{cell.threat.label}", set()))
+            row = group.add(self.attack_row(cell, group, rec, ev.clean_acc, flags), rec.robust, emit=False)
+            rows.append(row)
+            latest[cell.key] = row
+        for row, mask in worst_case_rows(cells, latest, ev.flags, group.version):
+            rows.append(group.add(row, mask, emit=False))
+        return rows
+
+    def attack_row(self, cell: Cell, group: Group, rec: AttackRecord, clean_acc: float, flags: str) -> CellResult:
+        values = EvasionRow(rec.robust_acc, rec.attacked, rec.scope, rec.target_hit_rate, rec.success_rate, rec.median_l2)
+        return self.result(
+            cell, group, values, method=rec.attack, clean_acc=clean_acc, seconds=rec.seconds,
+            grad_evals=rec.grad_evals, forward_evals=rec.forward_evals, flags=flags,
+            status="error" if rec.error else "ok", error=rec.error, metrics="",
+        )
+
+    def refresh(self, cells: Sequence[Cell], store: Store) -> None:
+        """The worst-case rows of a finished group, from the masks the store holds."""
+        latest = {c.key: hit for c in cells if (hit := store.get(c.key)) is not None}
+        for row, mask in worst_case_rows(cells, latest, version=_version()):
+            store.put(row, mask)
+
+    # -- tables ---------------------------------------------------------------------------------
+    def tables(self, rows: Sequence[CellResult]) -> dict[str, pd.DataFrame]:
+        """One wide table per ``<dataset>_<norm>_<eps>``: a row per model/defense with
+        ``clean_acc``, one robust-accuracy column per attack, ``worst_case``, columns other kinds
+        add (e.g. ``certified``, right after the worst case), ``seconds`` of all attacks,
+        ``train_seconds`` and ``flags``; sorted by the worst case."""
+        from ...report.leaderboard import long_table
+
+        df = long_table(rows_of_kind(rows, self.name))
+        out: dict[str, pd.DataFrame] = {}
+        if df.empty:
+            return out
+        extra = _extra_columns(rows)
+        for (dataset, norm, eps), part in df.groupby(["dataset", "norm", "eps"], sort=True):
+            attacks = [a for a in dict.fromkeys(part["attack"]) if a != WORST_CASE]
+            added: list[str] = []
+            table_rows = []
+            for (model, defense, n), g in part.groupby(["model", "defense", "n"], sort=True):
+                by_attack = {r.attack: r for r in g.itertuples()}
+                first = g.iloc[0]
+                ok = g[g["status"] == "ok"]
+                row = {k: first[k] for k in ID_COLUMNS}
+                row["clean_acc"] = ok["clean_acc"].iloc[0] if len(ok) else float("nan")
+                for a in attacks:
+                    r = by_attack.get(a)
+                    row[a] = r.robust_acc if r is not None and r.status == "ok" else float("nan")
+                wc = by_attack.get(WORST_CASE)
+                row[WORST_CASE] = wc.robust_acc if wc is not None else float("nan")
+                flags: set[str] = set()
+                for col, value in extra.get((dataset, model, defense, n, norm, eps), {}).items():
+                    if col == "flags":
+                        flags.update(value)
+                    else:
+                        row[col] = value
+                        added.append(col)
+                row["seconds"] = float(g.loc[g["attack"] != WORST_CASE, "seconds"].sum())
+                row["train_seconds"] = first["train_seconds"]
+                for r in g.itertuples():
+                    flags.update(f for f in str(r.flags).split(";") if f)
+                    if r.status == "error":
+                        flags.add(f"error:{r.attack}")
+                row["flags"] = ";".join(sorted(flags))
+                table_rows.append(row)
+            table = pd.DataFrame(table_rows).sort_values(WORST_CASE, ascending=False, kind="stable").reset_index(drop=True)
+            added = list(dict.fromkeys(added))
+            if added:  # right after the worst case they bound or explain
+                cols = [c for c in table.columns if c not in added]
+                at = cols.index(WORST_CASE) + 1
+                table = table[cols[:at] + added + cols[at:]]
+            out[f"{dataset}_{norm}_{eps:g}"] = table
+        return out
+
+
+def _extra_columns(rows: Sequence[CellResult]) -> dict[tuple, dict]:
+    """The columns the other kinds add to the wide tables, by (dataset, model, defense, n, norm, eps)."""
+    merged: dict[tuple, dict] = {}
+    for name in KINDS.list():
+        for key, cols in kind(name).wide_columns(rows).items():
+            merged.setdefault(key, {}).update(cols)
+    return merged
+
+
+def _batch_rule(group: Group, n: int):
+    """A fixed batch size, or (``auto``) a function of the attack: the tuned batch of its pass."""
+    if group.batch_size != "auto":
+        return group.batch_size
+    tuner = BatchTuner(Path(group.workdir) / "autotune.json")
+    test = group.data.test.head(n)
+    chosen: dict[str, int] = {}
+
+    def rule(attack) -> int:
+        step = attack_pass(attack)
+        if step not in chosen:
+            chosen[step] = tuner.batch_for(group.trained.model, group.trained.key, step, test.x, test.y, group.policy)
+        return chosen[step]
+
+    return rule
+
+
+def worst_case_rows(
+    cells: Iterable[Cell], latest: Mapping[str, Row], flags: Mapping[str, set[str]] | None = None, version: str = "",
+) -> list[Row]:
+    """One ``worst_case`` row per threat: the per-point AND of its cells' robust masks.
+
+    ``latest`` maps cell keys to their newest rows (cells absent or not ``ok`` make the worst
+    case ``incomplete``); ``flags`` are an evaluation's flags (``worst_case@<threat>`` keys)."""
+    flags = flags or {}
+    by_threat: dict[ThreatModel, list[Cell]] = {}
+    for c in cells:
+        by_threat.setdefault(c.threat, []).append(c)
+    out: list[Row] = []
+    for threat, tcells in by_threat.items():
+        stored = [latest.get(c.key) for c in tcells]
+        ok = [(r, m) for r, m in (s for s in stored if s is not None) if r.status == "ok" and m is not None]
+        if not ok:
+            continue
+        mask = ok[0][1].clone()
+        found: set[str] = set()
+        for r, m in ok:
+            mask &= m
+            found.update(f for f in r.flags.split(";") if f)
+        if len(ok) < len(tcells):
+            found.add(INCOMPLETE)
+        found.update(flags.get(f"{WORST_CASE}@{threat.label}", set()))
+        ref = ok[0][0]
+        row = CellResult(
+            dataset=ref.dataset, model=ref.model, defense=ref.defense, attack=WORST_CASE, norm=ref.norm, eps=ref.eps,
+            kind=ref.kind, n=ref.n, clean_acc=ref.clean_acc, robust_acc=float(mask.float().mean()),
+            seconds=sum(r.seconds for r, _ in ok), grad_evals=sum(r.grad_evals for r, _ in ok),
+            forward_evals=sum(r.forward_evals for r, _ in ok), attacked=max(r.attacked for r, _ in ok),
+            scope="all", target_hit_rate=None, success_rate=None, median_l2=None, flags=join(found), status="ok", error="",
+            train_seconds=ref.train_seconds, attack_params=json.dumps(sorted(r.attack for r, _ in ok)),
+            key=worst_case_key(tcells), model_key=ref.model_key, code_version=version,
+        )
+        out.append((row, mask))
+    return out
+
+
+def worst_case_key(cells: Iterable[Cell]) -> str:
+    """The store key of the worst case over ``cells`` (one threat's attack cells)."""
+    return config_hash({"worst_case": sorted(c.key for c in cells)})
+
+
+def _version() -> str:
+    from ..run import code_version
+
+    return code_version()
+

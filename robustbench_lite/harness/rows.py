@@ -1,0 +1,103 @@
+"""The typed result row: one :class:`CellResult` per evaluated cell.
+
+``dataclasses.asdict`` gives the store row and the CSV row; nothing else builds rows.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, fields
+from typing import TYPE_CHECKING, Any
+
+from torch import Tensor
+
+if TYPE_CHECKING:
+    from .plan import Cell
+
+WORST_CASE = "worst_case"
+
+
+@dataclass(frozen=True)
+class CellResult:
+    dataset: str
+    model: str
+    defense: str
+    attack: str  # registry name, or "worst_case" for the per-point minimum over a threat's attacks
+    norm: str
+    eps: float
+    kind: str  # the cell kind: evasion | universal | sparse | poisoning | certified | a plugin's
+    n: int  # evaluated points
+    clean_acc: float  # fraction of the n points classified correctly
+    robust_acc: float | None  # fraction correct and not broken by this attack
+    seconds: float  # attack wall time
+    grad_evals: int  # input-gradient evaluations (images)
+    forward_evals: int  # forward evaluations (images)
+    attacked: int  # points the attack ran on (clean-correct, or survivors)
+    scope: str  # "all" clean-correct points, or "survivors" of cheaper attacks
+    target_hit_rate: float | None  # targeted attacks: share of attacked points sent to the target class
+    success_rate: float | None  # min-norm attacks (cw-l2): share of attacked points with any adversarial
+    median_l2: float | None  # min-norm attacks: median L2 distance of the adversarials found
+    flags: str  # ';'-separated codes from eval.flags.FLAGS
+    status: str  # ok | error
+    error: str
+    train_seconds: float | None
+    attack_params: str  # JSON of the attack's settings
+    key: str  # the cell's config hash (store key)
+    model_key: str  # the trained model's cache key
+    code_version: str
+    # a kind's own numbers that are not fields here (JSON object; "" for evasion): the fields of the
+    # kind's row type (see harness.kinds). Defaulted, so rows stored before it existed still load.
+    metrics: str = ""
+
+    def as_row(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_row(cls, row: dict[str, Any]) -> CellResult:
+        names = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in row.items() if k in names})
+
+
+def cell_row(cell: Cell, *, attack_params: str | None = None, **values: Any) -> CellResult:
+    """A row for ``cell``: its identity (dataset, model, defense, attack, threat, kind, n, key) from
+    the cell, every measurement from ``values`` (the ones not given are empty)."""
+    row = {
+        "dataset": cell.data.name, "model": cell.model.name, "defense": cell.defense.name, "attack": cell.attack.name,
+        "norm": cell.threat.norm.value, "eps": cell.threat.eps, "kind": cell.kind, "n": cell.n,
+        "clean_acc": float("nan"), "robust_acc": None, "seconds": 0.0, "grad_evals": 0, "forward_evals": 0,
+        "attacked": 0, "scope": "all", "target_hit_rate": None, "success_rate": None, "median_l2": None, "flags": "",
+        "status": "ok", "error": "", "train_seconds": None,
+        "attack_params": attack_params if attack_params is not None else json.dumps(cell.attack.params, sort_keys=True),
+        "key": cell.key, "model_key": "", "code_version": "",
+    }
+    unknown = set(values) - set(row) - {"metrics"}
+    if unknown:
+        raise TypeError(f"cell_row: unknown fields {sorted(unknown)}")
+    row.update(values)
+    return CellResult(**row)
+
+
+def error_row(cell: Cell, error: str, version: str = "", model_key: str = "") -> CellResult:
+    """The stored row of a cell that raised or could not run (retried on the next run), filed
+    under its kind."""
+    return cell_row(cell, status="error", error=error[:4000], model_key=model_key, code_version=version)
+
+
+RESULT_FIELDS = frozenset(f.name for f in fields(CellResult))
+
+
+def split_metrics(values: dict[str, Any]) -> tuple[dict[str, Any], str]:
+    """A kind's row values split into the :class:`CellResult` fields and the JSON ``metrics`` of the
+    others (non-finite numbers stored as null: JSON has no NaN)."""
+    shared = {k: v for k, v in values.items() if k in RESULT_FIELDS}
+    extra = {
+        k: (None if isinstance(v, float) and not math.isfinite(v) else v)
+        for k, v in values.items() if k not in RESULT_FIELDS
+    }
+    return shared, json.dumps(extra)
+
+
+Row = tuple[CellResult, Tensor | None]  # a store row and its per-point mask (robust, or certified)
+OnRow = Callable[[CellResult, Tensor | None], None]

@@ -1,0 +1,2 @@
+"""Reading the store: leaderboard CSVs and the HTML/markdown report.
+"""

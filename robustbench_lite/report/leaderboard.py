@@ -1,0 +1,72 @@
+"""Store rows -> pandas tables -> CSV files and printable text.
+
+* ``cells.csv``: the long table, every stored cell of every kind (errors included).
+* each cell kind's own tables (:meth:`~robustbench_lite.harness.kinds.CellKind.tables`): the
+  evasion kind's wide ``<dataset>_<norm>_<eps>.csv`` (one row per model/defense, one column per
+  attack, the worst case, the certified share where a verifier ran), and ``<dataset>_<kind>.csv``
+  for the others (universal, sparse, poisoning, certified, a plugin's kind).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import pandas as pd
+
+from ..harness.kinds import KINDS, kind
+from ..harness.rows import WORST_CASE, CellResult
+
+
+def long_table(rows: Sequence[CellResult]) -> pd.DataFrame:
+    df = pd.DataFrame([r.as_row() for r in rows])
+    if df.empty:
+        return df
+    df["_wc"] = df["attack"] == WORST_CASE
+    df = df.sort_values(["dataset", "norm", "eps", "model", "defense", "_wc", "grad_evals", "attack"], kind="stable")
+    return df.drop(columns="_wc").reset_index(drop=True)
+
+
+def _by_kind(rows: Sequence[CellResult]) -> list[tuple[str, str, pd.DataFrame]]:
+    """``(kind, file stem, table)`` for every kind's tables, evasion's wide tables first."""
+    return [
+        (name, stem, table)
+        for name in sorted(KINDS.list(), key=lambda n: (n != "evasion", n))
+        for stem, table in kind(name).tables(rows).items()
+    ]
+
+
+def tables(rows: Sequence[CellResult]) -> dict[str, pd.DataFrame]:
+    """Every kind's tables, by file stem (evasion's wide tables first)."""
+    return {stem: table for _, stem, table in _by_kind(rows)}
+
+
+def wide_tables(rows: Sequence[CellResult]) -> dict[str, pd.DataFrame]:
+    """The evasion kind's wide tables, one per ``<dataset>_<norm>_<eps>``."""
+    return kind("evasion").tables(rows)
+
+
+def write(rows: Sequence[CellResult], out_dir: str | Path) -> list[Path]:
+    """Write ``cells.csv`` and every kind's tables under ``out_dir``; return the paths."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = []
+    long = long_table(rows)
+    if not long.empty:
+        p = out_dir / "cells.csv"
+        long.to_csv(p, index=False, float_format="%.6g")
+        paths.append(p)
+    for name, table in tables(rows).items():
+        p = out_dir / f"{name}.csv"
+        table.to_csv(p, index=False, float_format="%.6g")
+        paths.append(p)
+    return paths
+
+
+def render(rows: Sequence[CellResult]) -> str:
+    """Every table as plain text, for the terminal."""
+    parts = []
+    for name, stem, table in _by_kind(rows):
+        shown = table.drop(columns=[c for c in kind(name).hidden_in_terminal if c in table])
+        parts.append(f"== {stem} ==\n{shown.to_string(index=False, float_format=lambda v: f'{v:.3f}')}")
+    return "\n\n".join(parts) if parts else "(no results yet)"
