@@ -73,6 +73,7 @@ class OnePixel(EvasionAttack):
     window_chunk: int = setting(1024, low=1)
 
     norms = (Norm.L0,)
+    cell_kind = "sparse"  # reported by success rate and queries
     needs_grad = False
     randomized = True
 

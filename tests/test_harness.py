@@ -240,37 +240,71 @@ def test_stores_of_split_runs_merge_and_the_merged_run_recomputes_nothing(tmp_pa
     assert again.computed == 0 and again.skipped == len(plan.cells)
 
 
-def test_a_certified_defense_gets_a_certified_column_that_lower_bounds_the_worst_case(tmp_path):
-    """convex-standard through the harness: the worst-case row carries the certificate's share of
-    the same points, no certified point is broken, and the wide table shows it next to worst_case."""
-    import json
-
+def test_a_certified_cell_gets_a_certified_column_that_lower_bounds_the_worst_case(tmp_path):
+    """convex-standard through the harness with a certified cell (the stable-relu verifier): its row
+    holds the certified share of the same points, no certified point is broken, and the wide table
+    shows it next to worst_case; a defense without a certified cell has no value there."""
     from robustbench_lite.core.models import ModelSpec
     from robustbench_lite.core.threat import ThreatModel
-    from robustbench_lite.harness.presets import Preset
+    from robustbench_lite.harness.presets import Extra, Preset
     from robustbench_lite.harness.specs import AttackSpec, DataSpec, DefenseSpec
     from robustbench_lite.report import leaderboard
 
+    threat = ThreatModel("linf", 0.01)
     plan = Preset(
         name="certified", description="digits, convex-standard with its certificate", data=(DataSpec("digits"),),
         models=(ModelSpec("small-cnn"),), defenses=(DefenseSpec("standard", {"epochs": 2, "batch_size": 64}),),
-        grid=((ThreatModel("linf", 0.01), (AttackSpec("fgsm"), AttackSpec("pgd", {"steps": 10}))),), n=150,
+        grid=((threat, (AttackSpec("fgsm"), AttackSpec("pgd", {"steps": 10}))),), n=150,
         paired=((ModelSpec("one-hidden-relu", {"hidden": 100}),
                  DefenseSpec("convex-standard", {"iterations": 300, "max_points": 300, "epochs": 1, "certify_points": 0})),),
+        extra=(Extra(("convex-standard",), threat, (AttackSpec("stable-relu"),), 150, kind="certified"),),
     ).plan()
+    assert [c.kind for c in plan.cells].count("certified") == 1
     run_plan(plan, workdir=tmp_path, progress=False)
     with Store(tmp_path / "store.sqlite") as s:
-        wc = {r.defense: r for r in s.rows() if r.attack == "worst_case"}
-    certified = json.loads(wc["convex-standard"].metrics)["certified_acc"]
+        rows = s.rows()
+    wc = {r.defense: r for r in rows if r.attack == "worst_case"}
+    cert = next(r for r in rows if r.kind == "certified")
+    certified = cert.robust_acc
+    assert cert.attack == "stable-relu" and cert.defense == "convex-standard" and cert.status == "ok"
     assert 0 < certified <= wc["convex-standard"].robust_acc  # not vacuous, and a lower bound
-    assert checks.CERTIFIED_BROKEN not in wc["convex-standard"].flags
-    assert wc["standard"].metrics == ""  # no certificate, no column value
-    table = leaderboard.wide_tables(list(wc.values()))["digits_linf_0.01"]
+    assert checks.CERTIFIED_BROKEN not in cert.flags
+    table = leaderboard.wide_tables(rows)["digits_linf_0.01"]
     cols = list(table.columns)
     assert cols[cols.index("worst_case") + 1] == "certified"
     by_defense = table.set_index("defense")["certified"]
     assert by_defense["convex-standard"] == pytest.approx(certified) and pd.isna(by_defense["standard"])
-    again = run_plan(plan, workdir=tmp_path, progress=False)  # nothing pending: the worst cases are rewritten
+    assert "digits_certified" in leaderboard.tables(rows)
+    again = run_plan(plan, workdir=tmp_path, progress=False)
+    assert again.computed == 0
+
+
+def test_a_certified_point_broken_by_an_attack_raises_certified_broken(tmp_path):
+    """A verifier that (wrongly) certifies every clean-correct point is caught by the attacks."""
+    from robustbench_lite import Verifier, register_verifier
+    from robustbench_lite.core.models import ModelSpec
+    from robustbench_lite.core.threat import Norm, ThreatModel
+    from robustbench_lite.harness.presets import Extra, Preset
+    from robustbench_lite.harness.specs import AttackSpec, DataSpec, DefenseSpec
+
+    @register_verifier("test-unsound")
+    @dataclasses.dataclass(frozen=True, kw_only=True)
+    class Unsound(Verifier):
+        """Claims a margin of 1 everywhere (unsound on purpose)."""
+
+        norms = (Norm.LINF,)
+
+        def _margin_bounds(self, model, x, y, threat):
+            return torch.ones(x.shape[0], 10, device=x.device)
+
+    threat = ThreatModel("linf", 0.1)
+    plan = Preset(
+        name="unsound", description="digits, an unsound verifier", data=(DataSpec("digits"),),
+        models=(ModelSpec("small-cnn"),), defenses=(DefenseSpec("standard", {"epochs": 2, "batch_size": 64}),),
+        grid=((threat, (AttackSpec("pgd", {"steps": 10}),)),), n=100,
+        extra=(Extra(("standard",), threat, (AttackSpec("test-unsound"),), 100, kind="certified"),),
+    ).plan()
+    run_plan(plan, workdir=tmp_path, progress=False)
     with Store(tmp_path / "store.sqlite") as s:
-        kept = {r.defense: r for r in s.rows() if r.attack == "worst_case"}["convex-standard"]
-    assert again.computed == 0 and json.loads(kept.metrics)["certified_acc"] == certified
+        cert = next(r for r in s.rows() if r.kind == "certified")
+    assert checks.CERTIFIED_BROKEN in cert.flags

@@ -5,6 +5,7 @@ contract every registered kind keeps."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import textwrap
 
 import pandas as pd
@@ -158,7 +159,7 @@ def test_every_kind_declares_its_row_and_a_sort_over_its_columns(name):
 
 def test_a_kind_table_is_sorted_by_its_declared_order():
     def row(attack, rate, asr):
-        metrics = f'{{"poison_rate": {rate}, "attack_success_rate": {asr}}}'
+        metrics = json.dumps({"poison_rate": rate, "attack_success_rate": asr})
         return CellResult(
             dataset="d", model="m", defense="standard", attack=attack, norm="l0", eps=9.0, kind="poisoning", n=10,
             clean_acc=0.9, robust_acc=None, seconds=1.0, grad_evals=0, forward_evals=0, attacked=1, scope="all",

@@ -16,7 +16,7 @@ import torch
 
 from robustbench_lite import ModelCache, ModelSpec, create_attack, create_defense, evaluate, train_or_load
 from robustbench_lite.cli import build_parser, main
-from robustbench_lite.core.device import DevicePolicy, decide_policy, make_policy
+from robustbench_lite.core.device import DevicePolicy, decide_policy, halving_on_oom, make_policy
 from robustbench_lite.harness import autotune
 from robustbench_lite.harness.plan import Plan
 from robustbench_lite.harness.presets import get_preset
@@ -123,12 +123,12 @@ def test_halving_on_oom_halves_until_it_fits_and_lets_other_errors_through():
         seen.append(b)
         return _oom() if b > 100 else b * 2
 
-    assert autotune.halving_on_oom(job, 500) == (124, 62)
+    assert halving_on_oom(job, 500) == (124, 62)
     assert seen == [500, 250, 125, 62]
     with pytest.raises(torch.cuda.OutOfMemoryError):
-        autotune.halving_on_oom(_oom, 4, min_batch=2)
+        halving_on_oom(_oom, 4, min_batch=2)
     with pytest.raises(ZeroDivisionError):
-        autotune.halving_on_oom(lambda b: 1 / 0, 500)
+        halving_on_oom(lambda b: 1 / 0, 500)
 
 
 def test_an_attack_that_runs_out_of_memory_is_rerun_with_half_the_batch(digits_model, digits, monkeypatch):
@@ -176,8 +176,8 @@ def test_probe_picks_the_fastest_and_skips_batches_above_an_oom():
 def test_tuner_probes_for_real_once_and_then_reads_its_cache(digits_model, digits, tmp_path, monkeypatch):
     tuner = autotune.BatchTuner(tmp_path / "autotune.json", candidates=(16, 32, 64), rounds=1)
     x, y, policy = digits.test.x[:64], digits.test.y[:64], make_policy("cpu")
-    for kind in autotune.KINDS:
-        assert tuner.batch_for(digits_model, "model-a", kind, x, y, policy) in (16, 32, 64)
+    for step in autotune.PASSES:
+        assert tuner.batch_for(digits_model, "model-a", step, x, y, policy) in (16, 32, 64)
     table = json.loads((tmp_path / "autotune.json").read_text())
     assert len(table) == 2 and all(set(e["seconds"]) == {"16", "32", "64"} for e in table.values())
     monkeypatch.setattr(autotune, "probe", lambda *a, **k: pytest.fail("probed again despite the cache"))
