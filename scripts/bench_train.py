@@ -6,8 +6,9 @@ Claim checked: a PGD-AT epoch with k inner steps costs at most 1.1 · (k + 1) st
 small-cnn on the same Fashion-MNIST subset for one epoch through the real ``Defense.fit`` loop;
 rounds are interleaved (every configuration once per round, each round starting one configuration
 later) so machine load hits all alike,
-and the median over rounds is reported (the loop's own epoch time; cpu_s is the process CPU time
-of the whole fit call).
+and the median over rounds is reported: the loop's own epoch time (``epoch_s``, which the claim is
+checked on) and, for a shared machine, the process CPU time of the whole ``fit`` call
+(``fit_cpu_s``) and its ratio to the standard one.
 
     python scripts/bench_train.py --points 4000 --rounds 3 --threads 1
 """
@@ -51,13 +52,15 @@ def main() -> None:
         f"small-cnn, Fashion-MNIST {args.points} train images, batch {args.batch_size}, {bc.environment()}, "
         f"{args.rounds} interleaved rounds (median), eps {args.eps}; total {time.time() - start:.0f} s"
     )
-    print(f"{'defense':<10}{'k':>3}{'epoch_s':>10}{'cpu_s':>8}{'ratio':>8}{'bound 1.1(k+1)':>16}{'holds':>7}   all rounds (s)")
+    print(f"{'defense':<10}{'k':>3}{'epoch_s':>10}{'ratio':>8}{'bound 1.1(k+1)':>16}{'holds':>7}{'fit_cpu_s':>11}"
+          f"{'cpu_ratio':>10}   all rounds (s)")
+    cpu = {k: t.cpu_median for k, t in timings.items()}
     for k, (name, _) in configs.items():
         ratio = epoch[k] / epoch[0]
         holds = ("yes" if ratio <= 1.1 * (k + 1) else "NO") if k else "-"
         rounds = " ".join(f"{t:.2f}" for t in timings[k].results)
-        print(f"{name:<10}{k:>3}{epoch[k]:>10.2f}{timings[k].cpu_median:>8.2f}{ratio:>8.2f}{1.1 * (k + 1):>16.2f}"
-              f"{holds:>7}   {rounds}")
+        print(f"{name:<10}{k:>3}{epoch[k]:>10.2f}{ratio:>8.2f}{1.1 * (k + 1):>16.2f}{holds:>7}{cpu[k]:>11.2f}"
+              f"{cpu[k] / cpu[0]:>10.2f}   {rounds}")
 
 
 if __name__ == "__main__":
