@@ -1,5 +1,6 @@
 """What the benchmark scripts share: fixture models, an interleaved median timer, the common
-command-line arguments and a forward-logging model wrapper.
+command-line arguments, and two model wrappers (one logging forward batch sizes, one computing a
+function).
 
 The scripts run as ``python scripts/bench_x.py``; Python puts the script's folder first on
 ``sys.path``, so ``import bench_common`` finds this module.
