@@ -8,10 +8,9 @@ clamped to ``β ≥ 0`` with a guarded denominator (as in the authors' code; REF
 paper's sign convention could not be checked).  A halving moves to ``x_max`` with the gradient
 and direction stored there.  See :mod:`robustbench_lite.attacks._apgd`.
 
-Losses: ``ce`` (the default: the issue's loss list and the paper's comparison with APGD-CE, see
-the benchmark note in ``scripts/bench_strong_attacks.py``), ``dlr``, and ``cw`` (the authors' own
-configuration, margin ``max_{i≠y} Z_i − Z_y``; the ``full`` preset runs ACG with it, because APGD
-already covers CE and a different loss finds different points).  The
+Losses: ``ce`` (the default, as in the paper's comparison with APGD-CE), ``dlr``, and ``cw``
+(the authors' own configuration, margin ``max_{i≠y} Z_i − Z_y``; the ``full`` preset runs ACG
+with it, because APGD already covers CE and a different loss finds different points).  The
 first run starts at the centre of the ball (``x`` itself); restarts start uniformly in it.
 Linf only.  The Diversity Index lives in :mod:`robustbench_lite.eval.diversity`.
 """

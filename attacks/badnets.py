@@ -15,11 +15,9 @@ corner, target class 0, rate 5%.  Why: the paper's MNIST "pattern" backdoor is a
 of a few pixels in the bottom-right corner, where 28x28 digit and garment images are almost
 always black; a checkerboard (rather than a solid white square) has both pixel values, so it
 differs from the background and from bright garment borders alike, and 3x3 keeps the poison at
-9 changed pixels.  Measured with it (small-cnn, standard training, 3 epochs on all 60k
-Fashion-MNIST images, /work/notes/issue6b_badnets.txt): attack success 0.981 at 1% (600
-poisons) and 0.998 at 5%, clean accuracy 0.002-0.003 below the unpoisoned model's 0.894.
-On 20k images for 2 epochs the 1% rate (200 poisons) reached only 0.77, so the rate is
-effectively a poison count: fewer than a few hundred triggered examples do not install it.
+9 changed pixels.  The rate acts as a poison count: with too few triggered examples (a couple of
+hundred on Fashion-MNIST) the backdoor does not fully install, whatever the share of the training
+set they are (BENCHMARKS.md, poisoning, has the measurements).
 """
 
 from __future__ import annotations

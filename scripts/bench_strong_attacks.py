@@ -1,46 +1,38 @@
-"""Side by side: our APGD-CE / APGD-DLR / ACG against torchattacks' APGD, and our CW-L2 against
+"""Side by side: our APGD-CE / APGD-DLR (Croce & Hein, ICML 2020) and ACG (Yamamura et al., ICML
+2022) against torchattacks' APGD, and our CW-L2 (Carlini & Wagner, IEEE S&P 2017) against
 foolbox's and ART's, on the same Fashion-MNIST models and test points (CPU).
 
-Models (trained once, cached under .rbl/models; see scripts/strong_models.py): small-cnn with
-standard training, and small-cnn with a short PGD-7 adversarial training loop (eps 0.1).
+Models (bench_common's fixtures): small-cnn with standard training (2 epochs on 20k images), and
+small-cnn with PGD-7 adversarial training (Linf eps 0.1, 2 epochs on 10k images).
 
-    python scripts/bench_strong_attacks.py --n 500 --n-cw 100 | tee /work/notes/issue4_bench.txt
+    python scripts/bench_strong_attacks.py --n 500 --n-cw 100
 
 Linf eps 0.1, 100 iterations, one restart.  Robust accuracy counts clean-misclassified points as
 not robust.  CW-L2: 5 binary-search steps x 100 steps for every implementation; success rate and
-median L2 over the clean-correct points (unbounded distance).
+median L2 over the clean-correct points (unbounded distance).  Then the Diversity Index of ACG's
+and APGD's last search points (Yamamura et al., section 4.2).
 """
 
 from __future__ import annotations
 
-import argparse
-import sys
-import time
-from pathlib import Path
-
-import numpy as np
+import bench_common as bc
 import torch
+from robustbench_lite.attacks._apgd import search_points
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from robustbench_lite.attacks._apgd import search_points  # noqa: E402
-from strong_models import pgd_at_model, standard_model  # noqa: E402
-
-from robustbench_lite import ops  # noqa: E402
-from robustbench_lite.core.data import load  # noqa: E402
-from robustbench_lite.core.registry import create_attack  # noqa: E402
-from robustbench_lite.eval.diversity import compare_diversity  # noqa: E402
+from robustbench_lite import create_attack, ops
+from robustbench_lite import predict as _predict
+from robustbench_lite.eval.diversity import compare_diversity
 
 EPS, STEPS = 0.1, 100
 CW_SEARCH, CW_STEPS = 5, 100
 
 
-@torch.no_grad()
-def predict(model, x, bs=500):
-    return torch.cat([model(x[i : i + bs]).argmax(1) for i in range(0, len(x), bs)])
+def predict(model, x):
+    return _predict(model, x, "cpu", batch_size=500)
 
 
-def ours(name, **kw):
-    attack = create_attack(name, eps=EPS, **kw)
+def ours(name, seed, **kw):
+    attack = create_attack(name, eps=EPS, seed=seed, **kw)
 
     def run(model, x, y):
         return attack.run(model, x, y).x_adv
@@ -48,11 +40,11 @@ def ours(name, **kw):
     return run
 
 
-def torchattacks_apgd(loss):
+def torchattacks_apgd(loss, seed):
     import torchattacks
 
     def run(model, x, y):
-        return torchattacks.APGD(model, norm="Linf", eps=EPS, steps=STEPS, n_restarts=1, loss=loss, seed=0)(x, y)
+        return torchattacks.APGD(model, norm="Linf", eps=EPS, steps=STEPS, n_restarts=1, loss=loss, seed=seed)(x, y)
 
     return run
 
@@ -63,36 +55,34 @@ def _keep(rows, only):
     return [r for r in rows if not keys or any(k in r[0] for k in keys)]
 
 
-def linf_table(models, x, y, only=""):
+def linf_table(models, x, y, only="", seed=0):
     rows = [
-        ("ours apgd-ce", ours("apgd-ce", steps=STEPS)),
-        ("torchattacks APGD ce", torchattacks_apgd("ce")),
-        ("ours apgd-dlr", ours("apgd-dlr", steps=STEPS)),
-        ("torchattacks APGD dlr", torchattacks_apgd("dlr")),
-        ("ours acg (default: ce)", ours("acg", steps=STEPS)),
-        ("ours acg cw", ours("acg", steps=STEPS, loss="cw")),
-        ("ours acg dlr", ours("acg", steps=STEPS, loss="dlr")),
+        ("ours apgd-ce", ours("apgd-ce", seed, steps=STEPS)),
+        ("torchattacks APGD ce", torchattacks_apgd("ce", seed)),
+        ("ours apgd-dlr", ours("apgd-dlr", seed, steps=STEPS)),
+        ("torchattacks APGD dlr", torchattacks_apgd("dlr", seed)),
+        ("ours acg (default: ce)", ours("acg", seed, steps=STEPS)),
+        ("ours acg cw", ours("acg", seed, steps=STEPS, loss="cw")),
+        ("ours acg dlr", ours("acg", seed, steps=STEPS, loss="dlr")),
     ]
     rows = _keep(rows, only)
     print(f"\n## Linf eps {EPS}, {STEPS} iterations, 1 restart, n = {len(x)} test points")
-    print(f"{'model':<10} {'attack':<24} {'robust_acc':>10} {'seconds':>8}")
+    print(f"{'model':<10} {'attack':<24} {'robust_acc':>10} {'seconds':>8} {'cpu_s':>8}")
     results = {}
     for mname, model in models.items():
-        print(f"{mname:<10} {'clean':<24} {float((predict(model, x) == y).float().mean()):>10.3f} {'':>8}")
+        print(f"{mname:<10} {'clean':<24} {float((predict(model, x) == y).float().mean()):>10.3f}")
         for label, fn in rows:
-            t0 = time.perf_counter()
-            adv = fn(model, x, y)
-            sec = time.perf_counter() - t0
+            adv, sec, cpu = bc.timed(lambda fn=fn, model=model: fn(model, x, y))
             adv = adv.detach()
             assert float((adv - x).abs().max()) <= EPS + 1e-5
             acc = float((predict(model, adv) == y).float().mean())
             results[(mname, label)] = acc
-            print(f"{mname:<10} {label:<24} {acc:>10.3f} {sec:>8.1f}", flush=True)
+            print(f"{mname:<10} {label:<24} {acc:>10.3f} {sec:>8.1f} {cpu:>8.1f}", flush=True)
     return results
 
 
-def cw_ours(**kw):
-    attack = create_attack("cw-l2", norm="l2", eps=1e6, search_steps=CW_SEARCH, steps=CW_STEPS, **kw)
+def cw_ours(seed, **kw):
+    attack = create_attack("cw-l2", norm="l2", eps=1e6, search_steps=CW_SEARCH, steps=CW_STEPS, seed=seed, **kw)
 
     def run(model, x, y):
         out = attack.run(model, x, y)
@@ -127,11 +117,11 @@ def cw_art(model, x, y):
 CW_EPS = (0.5, 1.0, 1.5, 2.0, 2.5)  # L2 radii for the robust-accuracy curve of each minimum-norm attack
 
 
-def cw_table(models, x, y, only=""):
+def cw_table(models, x, y, only="", seed=0):
     rows = [
-        ("ours cw-l2 (default)", cw_ours()),
-        ("ours cw-l2 c0=1e-3", cw_ours(c0=1e-3)),
-        ("ours cw-l2 lr=0.01", cw_ours(lr=0.01)),
+        ("ours cw-l2 (default)", cw_ours(seed)),
+        ("ours cw-l2 c0=1e-3", cw_ours(seed, c0=1e-3)),
+        ("ours cw-l2 lr=0.01", cw_ours(seed, lr=0.01)),
         ("foolbox L2CW (c0=1e-3)", cw_foolbox),
         ("ART CarliniL2 (c0=0.01)", cw_art),
     ]
@@ -143,16 +133,14 @@ def cw_table(models, x, y, only=""):
     print("shorter: share of points where this row found an adversarial at least 2% shorter than the first row")
     print("(a failure is infinitely long); acc@r: share of clean-correct points with no adversarial within L2 radius r")
     curve = " ".join(f"acc@{r:g}" for r in CW_EPS)
-    print(f"{'model':<10} {'attack':<24} {'success':>8} {'median_l2':>9} {'med_all':>8} {'seconds':>8}  {curve}  "
+    print(f"{'model':<10} {'attack':<24} {'success':>8} {'median_l2':>9} {'med_all':>8} {'seconds':>8} {'cpu_s':>8}  {curve}  "
           "shorter  common")
     results = {}
     for mname, model in models.items():
         correct = predict(model, x) == y
         xc, yc = x[correct], y[correct]
         for label, fn in rows:
-            t0 = time.perf_counter()
-            adv, reported = fn(model, xc, yc)
-            sec = time.perf_counter() - t0
+            (adv, reported), sec, cpu = bc.timed(lambda fn=fn, model=model, xc=xc, yc=yc: fn(model, xc, yc))
             assert float(adv.min()) >= 0 and float(adv.max()) <= 1
             ok = predict(model, adv) != yc
             l2 = (adv - xc).flatten(1).norm(dim=1)
@@ -172,7 +160,7 @@ def cw_table(models, x, y, only=""):
             shorter = float((dist < base_dist / 1.02).float().mean())
             accs = " ".join(f"{float((dist > r).float().mean()):>{len(f'acc@{r:g}')}.3f}" for r in CW_EPS)
             results[(mname, label)] = (rate, med)
-            print(f"{mname:<10} {label:<24} {rate:>8.3f} {med:>9.4f} {med_all:>8.4f} {sec:>8.1f}  {accs}  "
+            print(f"{mname:<10} {label:<24} {rate:>8.3f} {med:>9.4f} {med_all:>8.4f} {sec:>8.1f} {cpu:>8.1f}  {accs}  "
                   f"{shorter:>7.3f}  {common}", flush=True)
     return results
 
@@ -191,28 +179,22 @@ def diversity_table(models, x, y, n=50):
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--n", type=int, default=500, help="test points for the Linf table")
+    ap = bc.parser(__doc__, n=500)
     ap.add_argument("--n-cw", type=int, default=100, help="test points for the CW table")
-    ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--skip", default="", help="comma list of tables to skip: linf,cw,di")
     ap.add_argument("--rows", default="", help="comma list of substrings: keep only the rows whose label has one")
-    args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    np.random.seed(0)
+    args = bc.parse(ap)
     skip = set(filter(None, args.skip.split(",")))
     models = {}
-    for name, fn in (("standard", standard_model), ("pgd-at", pgd_at_model)):
-        tm = fn()
-        models[name] = tm.model.eval()
-        print(f"model {name}: key {tm.key}, {tm.sidecar['train_points']} train points, "
-              f"test clean_acc {tm.sidecar['clean_acc']:.4f}, train {tm.sidecar['train_seconds']:.0f}s")
-    test = load("fashion-mnist", train_limit=1).test
-    print(f"torch {torch.__version__}, threads {torch.get_num_threads()}")
+    for name, fixture in (("standard", bc.standard_model()), ("pgd-at", bc.pgd_at_model())):
+        models[name] = fixture.model
+        print(f"model {name}: {fixture.describe()}")
+    test = fixture.data.test
+    print(bc.environment())
     if "linf" not in skip:
-        linf_table(models, test.x[: args.n], test.y[: args.n], args.rows)
+        linf_table(models, test.x[: args.n], test.y[: args.n], args.rows, args.seed)
     if "cw" not in skip:
-        cw_table(models, test.x[: args.n_cw], test.y[: args.n_cw], args.rows)
+        cw_table(models, test.x[: args.n_cw], test.y[: args.n_cw], args.rows, args.seed)
     if "di" not in skip:
         diversity_table(models, test.x, test.y)
 

@@ -1,22 +1,21 @@
-"""Catastrophic overfitting of FGSM-RS, and ELLE-A preventing it, on Fashion-MNIST.
+"""Catastrophic overfitting of FGSM-RS (Wong, Rice & Kolter, ICLR 2020), and ELLE-A (Rocamora
+et al., CVPR 2024, §4.2) preventing it, on Fashion-MNIST.
 
 Trains small-cnn with each defense at a large Linf eps through ``train_or_load`` (so the
-per-epoch curves land in the models' JSON sidecars under ``--cache``), with ``monitor_eps``
-set: after every epoch, PGD-10 accuracy on held-out test points.  Collapse = PGD accuracy near
-0 after it was high.
+per-epoch curves land in the models' JSON sidecars in the benchmark cache, ``.rbl/bench-models``),
+with ``monitor_eps`` set: after every epoch, PGD-10 accuracy on held-out test points.  Collapse =
+PGD accuracy near 0 after it was high, while FGSM accuracy stays high.  After training: clean,
+FGSM and PGD-50 accuracy and ELLE's local-linearity error E_lin (eq. 5) on held-out points.
 
     python scripts/catastrophic_overfitting.py --eps 0.3 --points 6000 --epochs 6
     python scripts/catastrophic_overfitting.py --eps 0.3 --points 20000 --epochs 3 --schedule constant \
         --defenses fgsm-rs pgd-at elle-a --every 10     # also PGD accuracy every 10 steps
 
 The setting where FGSM-RS collapses on this data (all 60k images, Adam at a constant 1e-3,
-α = 1.25 ε, 16 epochs; about 20 min per single-step defense at one thread, ELLE-A about 3x):
+α = 1.25 ε, 16 epochs; BENCHMARKS.md has what it measured and how long it took):
 
     python scripts/catastrophic_overfitting.py --eps 0.25 --points 60000 --epochs 16 --schedule constant \
         --defenses fgsm-rs elle-a --every 200
-
-With SGD (momentum 0.9, lr 0.05-0.2, constant or cyclic) FGSM-RS did not collapse on this data
-up to eps 0.35 in 8 epochs.
 
 Multi-step defenses (``pgd-at``, ...) get ``--steps`` inner steps: the reference the single-step
 ones should reach.
@@ -24,21 +23,18 @@ ones should reach.
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
 
+import bench_common as bc
 import torch
 from robustbench_lite.defenses._inner_max import local_linearity_error
 
-from robustbench_lite.core.data import load
-from robustbench_lite.core.models import ModelSpec
-from robustbench_lite.core.registry import create_attack, create_defense
-from robustbench_lite.training.cache import ModelCache, train_or_load
+from robustbench_lite import ModelSpec, create_attack, create_defense, load
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    ap = bc.parser(__doc__)
     ap.add_argument("--eps", type=float, default=0.3)
     ap.add_argument("--points", type=int, default=6000)
     ap.add_argument("--epochs", type=int, default=6)
@@ -53,14 +49,11 @@ def main() -> None:
     ap.add_argument("--lam-max", type=float, default=None, help="ELLE-A's lambda_max (default: the paper's 4000)")
     ap.add_argument("--monitor-points", type=int, default=300)
     ap.add_argument("--defenses", nargs="+", default=["fgsm-rs", "elle-a"])
-    ap.add_argument("--cache", default=".rbl/co-models")
-    ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--final-points", type=int, default=1000,
                     help="after training: clean, FGSM and PGD-50 accuracy and E_lin on this many test points")
     ap.add_argument("--every", type=int, default=0,
                     help="> 0: also PGD accuracy every this many training steps (a collapse can happen within an epoch)")
-    args = ap.parse_args()
-    torch.set_num_threads(args.threads)
+    args = bc.parse(ap)
     data = load("fashion-mnist", train_limit=args.points)
     # only what was asked for: the default model keeps its cache key
     model_kwargs = {k: v for k, v in (("width", args.width), ("hidden", args.hidden)) if v is not None}
@@ -75,13 +68,13 @@ def main() -> None:
             single_step["lam_max"] = args.lam_max
         defense = create_defense(
             name, eps=args.eps, epochs=args.epochs, lr=args.lr, optimizer=args.optimizer, schedule=args.schedule,
-            monitor_eps=args.eps, monitor_points=args.monitor_points, monitor_steps=10, **single_step,
+            monitor_eps=args.eps, monitor_points=args.monitor_points, monitor_steps=10, seed=args.seed, **single_step,
         )
         by_step: list[tuple[int, float]] = []
-        cache = args.cache
-        if args.every > 0:
-            defense, cache = step_monitored(defense, data, args.every, by_step), f"{args.cache}/stepwise"
-        trained = train_or_load(ModelSpec("small-cnn", model_kwargs), defense, data, ModelCache(cache), progress=False)
+        cache = bc.CACHE
+        if args.every > 0:  # same settings, so the same key as the unmonitored model: a folder of its own
+            defense, cache = step_monitored(defense, data, args.every, by_step), bc.CACHE / "stepwise"
+        trained = bc.train(ModelSpec("small-cnn", model_kwargs), defense, data, cache=cache).trained
         side = trained.sidecar
         print(f"\n{name}: clean_acc {side['clean_acc']:.3f}, train_seconds {side['train_seconds']:.0f}, "
               f"sidecar {cache}/{trained.key}.json ({time.time() - t0:.0f} s)")

@@ -10,34 +10,26 @@ harness's ``evaluate`` (attacks on every clean-correct point, worst case per poi
 
 from __future__ import annotations
 
-import argparse
 import time
 
-import torch
+import bench_common as bc
 
-from robustbench_lite.core.data import load
-from robustbench_lite.core.registry import create_attack
-from robustbench_lite.eval.evasion import evaluate
+from robustbench_lite import create_attack, evaluate, load
 from robustbench_lite.harness.presets import get_preset
-from robustbench_lite.training.cache import ModelCache, train_or_load
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    ap = bc.parser(__doc__, n=500, threads=2, device=True)
     ap.add_argument("--points", type=int, default=10000)
     ap.add_argument("--epochs", type=int, default=1)
-    ap.add_argument("--n", type=int, default=500)
     ap.add_argument("--eps", type=float, default=0.1)
     ap.add_argument("--defenses", nargs="+", default=["standard", "pgd-at", "trades", "mart", "arow"])
     ap.add_argument("--attacks", nargs="+", default=["fgsm", "pgd"])
-    ap.add_argument("--cache", default=".rbl/reduced-full-models")
-    ap.add_argument("--threads", type=int, default=2)
-    args = ap.parse_args()
-    torch.set_num_threads(args.threads)
+    args = bc.parse(ap)
     preset = get_preset("full")
     plan = preset.plan(defenses=args.defenses, attacks=args.attacks, n=args.n)
     data = load("fashion-mnist", train_limit=args.points)
-    attacks = [create_attack(a, eps=args.eps) for a in args.attacks]
+    attacks = [create_attack(a, eps=args.eps, seed=args.seed) for a in args.attacks]
     print(f"reduced 'full' preset: Fashion-MNIST {args.points} train images, {args.epochs} epoch(s), Linf {args.eps}, "
           f"n={args.n} test points, attacks {args.attacks} (default settings; pgd = {attacks[-1].get_params()})")
     rows = []
@@ -49,8 +41,8 @@ def main() -> None:
         params = dict(cell.defense.params, epochs=args.epochs)
         defense = type(cell.defense.build())(**params)
         t0 = time.time()
-        trained = train_or_load(cell.model, defense, data, ModelCache(args.cache), progress=False)
-        ev = evaluate(trained.model, attacks, data.test, n=args.n)
+        trained = bc.train(cell.model, defense, data, device=args.device).trained
+        ev = evaluate(trained.model, attacks, data.test, n=args.n, device=args.device)
         per = {r.attack.name: r.robust_acc for r in ev.records}
         worst = float(next(iter(ev.worst_case.values())).float().mean())
         rows.append((cell.defense.name, cell.model.name, trained.sidecar["train_seconds"], ev.clean_acc, per, worst))

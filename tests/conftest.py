@@ -28,7 +28,7 @@ def model_cache(tmp_path_factory) -> ModelCache:
 
 @pytest.fixture(scope="session")
 def digits_model(digits, model_cache):
-    """small-cnn on digits, standard training: about 0.95 test accuracy in a few seconds."""
+    """small-cnn on digits, standard training (seconds on a CPU; its accuracy: BENCHMARKS.md, trust table)."""
     defense = create_defense("standard", epochs=8, batch_size=64, lr=3e-3)
     return train_or_load(ModelSpec("small-cnn"), defense, digits, model_cache, progress=False).model
 

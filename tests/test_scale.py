@@ -308,7 +308,7 @@ def test_ray_smoke_gives_the_local_csvs_and_a_killed_driver_recomputes_no_finish
 @pytest.mark.slow
 @pytest.mark.skipif(
     not os.environ.get("RBL_LONG_TESTS"),
-    reason="two quick presets at once, about 8 minutes on 2 cores (more than the suite's budget): set RBL_LONG_TESTS=1",
+    reason="two quick presets at once, beyond the suite's time budget (BENCHMARKS.md): set RBL_LONG_TESTS=1",
 )
 def test_quick_preset_through_ray_gives_the_local_leaderboards(tmp_path):
     """Both runs at once (the Ray run's work is in its worker process), to halve the wall time."""

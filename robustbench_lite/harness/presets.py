@@ -147,7 +147,7 @@ PRESETS: dict[str, Preset] = {
 
 
 _ADV = {"eps": 0.1, "steps": 5}  # the multi-step inner searches of the full preset (step 2.5 eps / 5)
-_FULL_EPOCHS = 2  # on the 60k training images: the whole preset fits a few CPU hours
+_FULL_EPOCHS = 2  # on the 60k training images, to fit a CPU budget (the measured time: BENCHMARKS.md)
 _MONITOR = {"monitor_eps": 0.1, "monitor_points": 500}  # per-epoch PGD accuracy in the sidecar
 _FULL_CONVEX = {"max_points": 2000, "iterations": 500, "epochs": 5, "certify_points": 1000}
 # the clean-data standard and PGD-AT recipes of `full`, shared by `poisoning` (so its unpoisoned
