@@ -10,13 +10,13 @@ are sound by construction: a certified point has no adversarial example in the b
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
 
 from ..core.attack import check_images, check_labels, check_model, eval_mode
-from ..core.config import params_of, validate_settings
+from ..core.config import Plugin
 from ..core.registry import Registry
 from ..core.threat import Norm, ThreatModel
 
@@ -27,22 +27,11 @@ list_verifiers = VERIFIERS.list
 
 
 @dataclass(frozen=True, kw_only=True)
-class Verifier:
+class Verifier(Plugin):
     """Settings of a verifier and the checks every verifier shares; plugins implement
     :meth:`_margin_bounds` only."""
 
     norms: ClassVar[tuple[Norm, ...]] = (Norm.LINF,)
-    registry_name: ClassVar[str] = ""
-
-    def __post_init__(self) -> None:
-        validate_settings(self, self.name)
-
-    @property
-    def name(self) -> str:
-        return self.registry_name or type(self).__name__.lower()
-
-    def get_params(self) -> dict[str, Any]:
-        return params_of(self)
 
     def margin_bounds(self, model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel) -> Tensor:
         """Lower bounds ``[B, K]`` of ``f_y(x') − f_c(x')`` over every ``x'`` of the threat ball

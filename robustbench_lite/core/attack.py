@@ -29,7 +29,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from .config import params_of, setting, validate_settings
+from .config import Plugin, setting
 from .threat import Geometry, Norm, ThreatModel, check_eps
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
@@ -87,7 +87,7 @@ class _Counter(nn.Module):
 
 
 @dataclass(frozen=True, kw_only=True)
-class Attack:
+class Attack(Plugin):
     """Settings shared by every attack, and their checks."""
 
     norm: Norm = Norm.LINF
@@ -102,7 +102,6 @@ class Attack:
     randomized: ClassVar[bool] = False
     min_norm: ClassVar[bool] = False
     iterative: ClassVar[bool] = True
-    registry_name: ClassVar[str] = ""
 
     def __post_init__(self) -> None:
         norm = Norm.parse(self.norm)
@@ -111,13 +110,9 @@ class Attack:
             raise ValueError(f"{self.name} supports norm {allowed}, not {norm.value}")
         object.__setattr__(self, "norm", norm)
         object.__setattr__(self, "eps", check_eps(self.eps, norm))
-        validate_settings(self, self.name)
+        super().__post_init__()
 
     # -- description ----------------------------------------------------------------------------
-    @property
-    def name(self) -> str:
-        return self.registry_name or type(self).__name__.lower()
-
     @property
     def threat(self) -> ThreatModel:
         return ThreatModel(self.norm, self.eps)
@@ -126,10 +121,6 @@ class Attack:
     def geometry(self) -> Geometry:
         """The norm's geometry: distances, projections, ascent steps, random starts."""
         return self.norm.geometry
-
-    def get_params(self) -> dict[str, Any]:
-        """All settings as plain JSON-able values (enums as strings)."""
-        return params_of(self)
 
     @property
     def grad_budget(self) -> float:

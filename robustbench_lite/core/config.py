@@ -1,7 +1,8 @@
-"""Frozen, validated settings shared by attacks and defenses, and stable config hashes.
+"""Frozen, validated settings shared by every plugin, and stable config hashes.
 
 Settings are dataclass fields declared with :func:`setting`; :func:`validate_settings` checks
-type and bounds of every one at construction, so plugins never write those checks.
+type and bounds of every one at construction (:class:`Plugin` does it for attacks, defenses and
+verifiers), so plugins never write those checks.
 """
 
 from __future__ import annotations
@@ -10,9 +11,9 @@ import dataclasses
 import hashlib
 import json
 import math
-from dataclasses import field
+from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any
+from typing import Any, ClassVar
 
 _TYPES = {"int": int, "float": float, "bool": bool, "str": str}
 
@@ -85,3 +86,23 @@ def config_hash(payload: Any, length: int = 16) -> str:
     """A stable hex digest of a JSON-able payload (keys sorted)."""
     text = json.dumps(_plain(payload), sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:length]
+
+
+@dataclass(frozen=True, kw_only=True)
+class Plugin:
+    """The base of every registered settings class (attacks, defenses, verifiers): a frozen
+    dataclass whose :func:`setting` fields are checked at construction, named after its registry
+    entry, with its settings visible as plain values (:meth:`get_params`)."""
+
+    registry_name: ClassVar[str] = ""
+
+    def __post_init__(self) -> None:
+        validate_settings(self, self.name)
+
+    @property
+    def name(self) -> str:
+        return self.registry_name or type(self).__name__.lower()
+
+    def get_params(self) -> dict[str, Any]:
+        """All settings as plain JSON-able values (enums as strings)."""
+        return params_of(self)

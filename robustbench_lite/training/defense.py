@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from ..core.config import params_of, setting, validate_settings
+from ..core.config import Plugin, setting
 from ..core.data import Data
 from ..core.device import DevicePolicy, as_policy
 from ..core.models import accuracy
@@ -61,7 +61,7 @@ class TrainLog:
 
 
 @dataclass(frozen=True, kw_only=True)
-class Defense:
+class Defense(Plugin):
     """Training settings shared by every defense."""
 
     epochs: int = setting(5, low=1)
@@ -77,19 +77,8 @@ class Defense:
     monitor_points: int = setting(500, low=1)
     monitor_steps: int = setting(10, low=1)
 
-    registry_name: ClassVar[str] = ""
     #: trains under the policy's autocast (a mixed-precision model gets its own cache key)
     uses_autocast: ClassVar[bool] = True
-
-    def __post_init__(self) -> None:
-        validate_settings(self, self.name)
-
-    @property
-    def name(self) -> str:
-        return self.registry_name or type(self).__name__.lower()
-
-    def get_params(self) -> dict[str, Any]:
-        return params_of(self)
 
     def generator(self, state: TrainState) -> torch.Generator:
         """The run's seeded generator for a loss's random choices (one is made if absent)."""
