@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import shutil
 import textwrap
 
@@ -139,13 +140,28 @@ def test_leaderboard_columns_and_files(tmp_path):
     assert main(["leaderboard", "--workdir", str(tmp_path), "--out", str(out)]) == 0
     wide = pd.read_csv(out / "digits_linf_0.1.csv")
     assert list(wide.columns[:8]) == ["dataset", "model", "defense", "norm", "eps", "n", "clean_acc", "fgsm"]
-    assert list(wide.columns[-4:]) == ["worst_case", "seconds", "train_seconds", "flags"]
-    for col in ["clean_acc", "fgsm", "ifgsm", "least-likely", "pgd", "worst_case"]:
+    assert list(wide.columns[-5:]) == ["worst_case", "worst_class", "seconds", "train_seconds", "flags"]
+    for col in ["clean_acc", "fgsm", "ifgsm", "least-likely", "pgd", "worst_case", "worst_class"]:
         assert 0 <= wide[col].iloc[0] <= 1
     assert wide["worst_case"].iloc[0] <= wide[["fgsm", "ifgsm", "pgd", "least-likely"]].min(axis=1).iloc[0]
+    assert wide["worst_class"].iloc[0] <= wide["worst_case"].iloc[0]  # a minimum over classes of a mean
     cells = pd.read_csv(out / "cells.csv")
     assert {"key", "code_version", "grad_evals", "robust_acc", "flags"} <= set(cells.columns)
     assert cells["key"].is_unique
+    wc = cells[(cells["attack"] == "worst_case") & (cells["norm"] == "linf")].iloc[0]
+    named = json.loads(wc["metrics"])
+    assert named["worst_class"] == pytest.approx(wide["worst_class"].iloc[0], rel=1e-4) and 0 <= named["worst_class_label"] < 10
+
+
+def test_worst_class_is_the_lowest_per_class_robust_accuracy():
+    from robustbench_lite.eval.evasion import worst_class
+
+    robust = torch.tensor([True, False, True, True, False, True, True, True])
+    labels = torch.tensor([0, 0, 1, 1, 2, 2, 3, 3])
+    assert worst_class(robust, labels) == (0.5, 0)  # classes 0 and 2 tie at 1/2: the smaller label
+    assert worst_class(torch.tensor([True, True, False]), torch.tensor([5, 5, 7])) == (0.0, 7)
+    with pytest.raises(ValueError, match="one robust flag per labelled point"):
+        worst_class(robust, labels[:3])
 
 
 def test_cli_reports_bad_input_clearly(tmp_path, capsys):
@@ -271,7 +287,7 @@ def test_a_certified_cell_gets_a_certified_column_that_lower_bounds_the_worst_ca
     assert checks.CERTIFIED_BROKEN not in cert.flags
     table = leaderboard.wide_tables(rows)["digits_linf_0.01"]
     cols = list(table.columns)
-    assert cols[cols.index("worst_case") + 1] == "certified"
+    assert cols[cols.index("worst_case") + 1 : cols.index("worst_case") + 3] == ["worst_class", "certified"]
     by_defense = table.set_index("defense")["certified"]
     assert by_defense["convex-standard"] == pytest.approx(certified) and pd.isna(by_defense["standard"])
     assert "digits_certified" in leaderboard.tables(rows)

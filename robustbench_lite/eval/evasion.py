@@ -170,6 +170,18 @@ def run_attack(
     return AttackRecord(attack, robust, seconds, grads, fwds, len(idx), scope, target_rate, "", success, median)
 
 
+def worst_class(robust: Tensor, labels: Tensor) -> tuple[float, int]:
+    """The lowest per-class robust accuracy over the points of ``labels`` and its class (the
+    smallest class index on a tie): what reweighting defenses claim to improve."""
+    if robust.numel() != labels.numel() or robust.numel() == 0:
+        raise ValueError(f"worst_class needs one robust flag per labelled point, got {robust.numel()} and {labels.numel()}")
+    labels = labels.cpu().long()
+    classes = labels.unique()
+    accs = torch.stack([robust.cpu()[labels == c].float().mean() for c in classes])
+    i = int(torch.argmin(accs))  # argmin returns the first (smallest class) of equal minima
+    return float(accs[i]), int(classes[i])
+
+
 def min_norm_summary(distances: Tensor) -> tuple[float | None, float | None]:
     """Success rate (finite distance) and median distance of the successes, per attacked point."""
     if distances.numel() == 0:

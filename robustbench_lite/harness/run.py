@@ -137,8 +137,9 @@ def run_plan(
                     done[c.key] = hit
             summary.skipped += len(done)
             if len(done) == len(cells):
+                labels = _labels_of(cells[0].data, ctx)
                 for name, part in _by_kind(cells):
-                    kind(name).refresh(part, store)
+                    kind(name).refresh(part, store, labels)
                 continue
             tasks.append(GroupTask(tuple(cells), done))
 
@@ -202,6 +203,16 @@ def run_group(
     for name, part in sorted(_by_kind(cells), key=lambda item: kind(item[0]).order):
         rows.extend(kind(name).run(part, group))
     return rows
+
+
+def _labels_of(spec: DataSpec, ctx: RunContext):
+    """A loader of the test labels of ``spec``'s dataset (loaded once, on first call)."""
+
+    @functools.lru_cache(maxsize=1)
+    def labels() -> Tensor:
+        return load(spec.name, ctx.data_root, val_fraction=spec.val_fraction, train_limit=spec.train_limit).test.y
+
+    return labels
 
 
 def _by_kind(cells: Sequence[Cell]) -> list[tuple[str, list[Cell]]]:

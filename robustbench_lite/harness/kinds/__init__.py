@@ -18,11 +18,12 @@ import dataclasses
 import json
 import logging
 import traceback
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import pandas as pd
+from torch import Tensor
 
 from ...core.data import Data
 from ...core.device import DevicePolicy
@@ -127,8 +128,9 @@ class CellKind:
             fields["attack_params"] = json.dumps(method.get_params(), sort_keys=True)
         return cell_row(cell, **{**fields, **shared, **envelope})
 
-    def refresh(self, cells: Sequence[Cell], store: Store) -> None:
-        """A group whose cells are all stored: recompute what is derived from them (nothing by default)."""
+    def refresh(self, cells: Sequence[Cell], store: Store, labels: Callable[[], Tensor]) -> None:
+        """A group whose cells are all stored: recompute what is derived from them (nothing by
+        default).  ``labels()`` loads the test labels of the group's dataset, when needed."""
 
     # -- tables ---------------------------------------------------------------------------------
     def tables(self, rows: Sequence[CellResult]) -> dict[str, pd.DataFrame]:

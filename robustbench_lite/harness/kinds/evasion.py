@@ -12,16 +12,18 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import ClassVar
 
 import pandas as pd
+import torch
+from torch import Tensor
 
 from ...core.config import config_hash
 from ...core.threat import ThreatModel
-from ...eval.evasion import AttackRecord, evaluate
+from ...eval.evasion import AttackRecord, evaluate, worst_class
 from ...eval.flags import INCOMPLETE, join
 from ..autotune import BatchTuner, attack_pass
 from ..plan import Cell
@@ -32,6 +34,7 @@ from . import KINDS, CellKind, Group, kind, register_kind, rows_of_kind
 log = logging.getLogger(__name__)
 
 ID_COLUMNS = ["dataset", "model", "defense", "norm", "eps", "n"]
+WORST_CLASS = "worst_class"  # the lowest per-class robust accuracy of the worst case
 
 
 @dataclass(frozen=True)
@@ -107,7 +110,8 @@ class Evasion(CellKind):
             row = group.add(self.attack_row(cell, group, rec, ev.clean_acc, flags), rec.robust, emit=False)
             rows.append(row)
             latest[cell.key] = row
-        for row, mask in worst_case_rows(cells, latest, ev.flags, group.version):
+        labels = data.test.head(n).y
+        for row, mask in worst_case_rows(cells, latest, ev.flags, group.version, labels=labels):
             rows.append(group.add(row, mask, emit=False))
         return rows
 
@@ -119,10 +123,16 @@ class Evasion(CellKind):
             status="error" if rec.error else "ok", error=rec.error, metrics="",
         )
 
-    def refresh(self, cells: Sequence[Cell], store: Store) -> None:
-        """The worst-case rows of a finished group, from the masks the store holds."""
+    def refresh(self, cells: Sequence[Cell], store: Store, labels: Callable[[], Tensor]) -> None:
+        """The worst-case rows of a finished group, from the masks the store holds (the worst
+        class from the stored row when its mask is unchanged, else from the test labels)."""
         latest = {c.key: hit for c in cells if (hit := store.get(c.key)) is not None}
         for row, mask in worst_case_rows(cells, latest, version=_version()):
+            old = store.get(row.key)
+            if old is not None and old[0].metrics and old[1] is not None and torch.equal(old[1], mask):
+                row = replace(row, metrics=old[0].metrics)
+            else:
+                row = replace(row, metrics=_worst_class_metrics(mask, labels()[: row.n]))
             store.put(row, mask)
 
     # -- tables ---------------------------------------------------------------------------------
@@ -153,6 +163,8 @@ class Evasion(CellKind):
                     row[a] = r.robust_acc if r is not None and r.status == "ok" else float("nan")
                 wc = by_attack.get(WORST_CASE)
                 row[WORST_CASE] = wc.robust_acc if wc is not None else float("nan")
+                wc_metrics = json.loads(wc.metrics) if wc is not None and wc.metrics else {}
+                row[WORST_CLASS] = wc_metrics.get(WORST_CLASS, float("nan"))
                 flags: set[str] = set()
                 for col, value in extra.get((dataset, model, defense, n, norm, eps), {}).items():
                     if col == "flags":
@@ -170,9 +182,9 @@ class Evasion(CellKind):
                 table_rows.append(row)
             table = pd.DataFrame(table_rows).sort_values(WORST_CASE, ascending=False, kind="stable").reset_index(drop=True)
             added = list(dict.fromkeys(added))
-            if added:  # right after the worst case they bound or explain
+            if added:  # right after the worst case (and its worst class) they bound or explain
                 cols = [c for c in table.columns if c not in added]
-                at = cols.index(WORST_CASE) + 1
+                at = cols.index(WORST_CLASS) + 1
                 table = table[cols[:at] + added + cols[at:]]
             out[f"{dataset}_{norm}_{eps:g}"] = table
         return out
@@ -206,11 +218,13 @@ def _batch_rule(group: Group, n: int):
 
 def worst_case_rows(
     cells: Iterable[Cell], latest: Mapping[str, Row], flags: Mapping[str, set[str]] | None = None, version: str = "",
+    labels: Tensor | None = None,
 ) -> list[Row]:
     """One ``worst_case`` row per threat: the per-point AND of its cells' robust masks.
 
     ``latest`` maps cell keys to their newest rows (cells absent or not ``ok`` make the worst
-    case ``incomplete``); ``flags`` are an evaluation's flags (``worst_case@<threat>`` keys)."""
+    case ``incomplete``); ``flags`` are an evaluation's flags (``worst_case@<threat>`` keys);
+    with the points' ``labels`` the row's metrics hold its worst class."""
     flags = flags or {}
     by_threat: dict[ThreatModel, list[Cell]] = {}
     for c in cells:
@@ -238,9 +252,16 @@ def worst_case_rows(
             scope="all", target_hit_rate=None, success_rate=None, median_l2=None, flags=join(found), status="ok", error="",
             train_seconds=ref.train_seconds, attack_params=json.dumps(sorted(r.attack for r, _ in ok)),
             key=worst_case_key(tcells), model_key=ref.model_key, code_version=version,
+            metrics=_worst_class_metrics(mask, labels) if labels is not None else "",
         )
         out.append((row, mask))
     return out
+
+
+def _worst_class_metrics(mask: Tensor, labels: Tensor) -> str:
+    """The worst case's lowest per-class robust accuracy and its class, as the row's metrics."""
+    acc, cls = worst_class(mask, labels)
+    return json.dumps({WORST_CLASS: acc, "worst_class_label": cls})
 
 
 def worst_case_key(cells: Iterable[Cell]) -> str:
