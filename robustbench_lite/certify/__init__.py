@@ -1,0 +1,1 @@
+"""Certificates: deterministic verifiers and the probabilistic certificate of randomized smoothing."""
