@@ -18,7 +18,8 @@ import torch
 from torch import Tensor
 
 _TINY = 1e-300
-_TOL = 4 * torch.finfo(torch.float64).eps
+_EPS = torch.finfo(torch.float64).eps
+_TOL = 4 * _EPS
 
 
 def _f64(v: Tensor | float | int) -> Tensor:
@@ -86,9 +87,11 @@ def clopper_pearson_lower(k: Tensor, n: Tensor | int, alpha: float, iters: int =
     """The one-sided ``(1 - alpha)`` Clopper–Pearson lower bound on a binomial proportion (float64).
 
     It is the ``p`` at which ``P(X >= k) = alpha`` (the ``alpha`` quantile of ``Beta(k, n - k + 1)``):
-    0 for ``k = 0``, ``alpha ** (1 / n)`` for ``k = n`` (then ``P(X >= n) = p ** n``), otherwise found
-    by bisection; the value returned is the low end of the final bracket, so it never exceeds the true
-    bound by more than the rounding of the tail.
+    0 for ``k = 0``, ``alpha ** (1 / n)`` for ``k = n`` (then ``P(X >= n) = p ** n``; one float64 step
+    down), otherwise found by bisection on ``p``.  Rounding never lifts the bound above the exact one:
+    the bisection keeps the low end of its bracket, and decides with the computed tail inflated by a
+    bound on its float64 error (the log-gamma terms grow like ``n log n``, so their rounding is
+    ``O(eps · n log n)`` relative), which lowers the bound by at most about that relative amount.
     """
     if not 0.0 < alpha < 1.0:
         raise ValueError(f"alpha must be in (0, 1), got {alpha!r}")
@@ -97,14 +100,16 @@ def clopper_pearson_lower(k: Tensor, n: Tensor | int, alpha: float, iters: int =
         raise ValueError("clopper_pearson_lower needs counts 0 <= k <= n and n >= 1")
     out = torch.zeros_like(k)
     full = k == n
-    out[full] = alpha ** (1.0 / n[full])
+    exact = alpha ** (1.0 / n[full])
+    out[full] = torch.nextafter(exact, torch.zeros_like(exact))
     mid = (k > 0) & (k < n)
     if bool(mid.any()):
         km, nm = k[mid], n[mid]
+        slack = 16 * _EPS * (torch.lgamma(nm + 2.0) + 40.0 * nm + 100.0)  # relative error bound of the tail
         lo, hi = torch.zeros_like(km), torch.ones_like(km)  # tail(lo) <= alpha < tail(hi) throughout
         for _ in range(iters):
             p = 0.5 * (lo + hi)
-            above = binom_sf(km, nm, p) > alpha
+            above = binom_sf(km, nm, p) * (1.0 + slack) > alpha
             hi, lo = torch.where(above, p, hi), torch.where(above, lo, p)
         out[mid] = lo
     return out
@@ -133,8 +138,8 @@ def normal_quantile(p: Tensor) -> Tensor:
 def all_agree_radius(sigma: float, n: int, alpha: float) -> float:
     """The radius CERTIFY gives when all ``n`` draws agree: ``σ Φ⁻¹(alpha ** (1 / n))`` (0 if that is
     below 1/2, where CERTIFY abstains); the largest radius ``n`` draws can certify."""
-    p = alpha ** (1.0 / n)
-    return sigma * float(normal_quantile(torch.tensor(p))) if p >= 0.5 else 0.0
+    p = clopper_pearson_lower(torch.tensor([n]), n, alpha)
+    return sigma * float(normal_quantile(p)[0]) if float(p[0]) >= 0.5 else 0.0
 
 
 __all__ = [
