@@ -37,6 +37,7 @@ def _beta_continued_fraction(a: Tensor, b: Tensor, x: Tensor, max_iter: int) -> 
     d = torch.where(d.abs() < _TINY, torch.full_like(d, _TINY), d)
     d = 1.0 / d
     h = d.clone()
+    done = torch.zeros_like(x, dtype=torch.bool)  # an element stops once its own last factor is 1
     for m in range(1, max_iter + 1):
         for num in (
             m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),  # d_{2m}
@@ -48,8 +49,9 @@ def _beta_continued_fraction(a: Tensor, b: Tensor, x: Tensor, max_iter: int) -> 
             c = torch.where(c.abs() < _TINY, torch.full_like(c, _TINY), c)
             d = 1.0 / d
             step = c * d
-            h = h * step
-        if bool(((step - 1.0).abs() <= _TOL).all()):
+            h = torch.where(done, h, h * step)
+        done |= (step - 1.0).abs() <= _TOL
+        if bool(done.all()):
             return h
     raise RuntimeError(f"incomplete beta continued fraction did not converge in {max_iter} iterations")
 
