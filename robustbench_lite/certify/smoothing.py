@@ -80,6 +80,7 @@ class Smoothing:
         self, model: nn.Module, x: Tensor, y: Tensor, gen: torch.Generator, radii: Sequence[float] = (0.0,)
     ) -> SmoothingResult:
         """CERTIFY on ``(x, y)`` and the certified accuracy at each L2 radius in ``radii``."""
+        _check_inputs(x, gen)
         if not (isinstance(y, Tensor) and y.dtype == torch.long and y.shape == x.shape[:1]):
             raise ValueError(f"y must be a long tensor of {x.shape[0]} labels, got {getattr(y, 'shape', y)!r}")
         start, cpu = time.perf_counter(), time.process_time()
