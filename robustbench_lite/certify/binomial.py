@@ -8,8 +8,9 @@ Cohen, Rosenfeld & Kolter (ICML 2019) need two things from a count ``k`` of ``n`
 
 Both reduce to the binomial upper tail ``P(X >= k) = I_p(k, n - k + 1)``, the regularised incomplete
 beta function, which this module evaluates by its continued fraction (DLMF 8.17.22) with the modified
-Lentz method.  The lower bound is then found by bisection on ``p``, keeping the end of the bracket
-whose tail is still at most ``alpha``, so rounding in the last step never raises the bound.
+Lentz method, each element stopping when its own fraction has converged.  The lower bound is then
+found by bisection on ``p``, keeping the end of the bracket whose tail (inflated by a bound on its
+float64 error) is still at most ``alpha``, so rounding never lifts the bound above the exact one.
 """
 
 from __future__ import annotations
