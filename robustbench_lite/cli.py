@@ -9,6 +9,7 @@ import time
 from collections.abc import Sequence
 
 from .certify import VERIFIERS
+from .cli_eval import add_eval_parser, run_eval
 from .core.device import AUTOCAST_CHOICES
 from .core.registry import ATTACKS, DATASETS, DEFENSES, MODELS, load_plugin_file
 from .core.threat import ThreatModel
@@ -85,6 +86,8 @@ def build_parser() -> argparse.ArgumentParser:
     lb.add_argument("--workdir", default=".rbl")
     lb.add_argument("--out", default="leaderboards")
 
+    add_eval_parser(sub)
+
     rp = sub.add_parser("report", help="write report.html (self-contained) and report.md from the store")
     rp.add_argument("--workdir", default=".rbl")
     rp.add_argument("--out", default="report", help="folder for report.html, report.md and plots/ (default report)")
@@ -103,6 +106,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _leaderboard(args.workdir, args.out)
         if args.command == "report":
             return _report(args.workdir, args.out)
+        if args.command == "eval":
+            return run_eval(args)
         return _run(args)
     except (ValueError, TypeError, KeyError, FileNotFoundError) as exc:
         msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
