@@ -52,6 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("run", help="run a preset and write the leaderboards")
     r.add_argument("--preset", default="quick", help=f"one of {sorted(PRESETS)} (default quick)")
+    r.add_argument("--config", metavar="FILE.toml", help="a grid file (TOML) instead of a preset: copy one of "
+                   "`robustbench-lite list presets` and edit it")
     r.add_argument("--attacks", type=_csv, help="comma-separated attack names replacing the preset's")
     r.add_argument("--defenses", type=_csv, help="comma-separated defense names replacing the preset's")
     r.add_argument("--datasets", type=_csv, help="comma-separated dataset names replacing the preset's")
@@ -117,8 +119,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _list(args: argparse.Namespace) -> int:
     if args.what == "presets":
-        for name, preset in sorted(PRESETS.items()):
-            print(f"{name:10s} {preset.description}")
+        for name in PRESETS:
+            print(f"{name:10s} {PRESETS.path(name)}\n{'':10s} {PRESETS[name].description}")
+        print("\nCopy one, edit it, and run it with: robustbench-lite run --config my.toml")
         return 0
     reg = _REGISTRIES[args.what]
     for name in reg.list(args.pattern):
@@ -149,9 +152,16 @@ def _leaderboard(workdir: str, out: str) -> int:
     return 0
 
 
+def _config(path: str, data_root: str | None):
+    from .harness.gridfile import load_grid
+
+    return load_grid(path, data_root=data_root)
+
+
 def _run(args: argparse.Namespace) -> int:
     threats = [ThreatModel.parse(t) for t in args.threats] if args.threats else None
-    plan = get_preset(args.preset).plan(
+    preset = _config(args.config, args.data_root) if args.config else get_preset(args.preset)
+    plan = preset.plan(
         attacks=args.attacks, threats=threats, n=args.n, defenses=args.defenses, datasets=args.datasets
     )
     executor = None
