@@ -81,7 +81,10 @@ def read_checkpoint(path: str | Path, *, trust_pickle: bool = False) -> dict[str
         raise ValueError(f"weights {path.name}: unknown file type {suffix!r}; use one of {', '.join(SUFFIXES)}")
     try:
         loaded = torch.load(str(path), map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
+    except pickle.UnpicklingError as exc:
+        if "GLOBAL" not in str(exc):  # the weights-only reader met no Python class: not a checkpoint at all
+            raise ValueError(f"{path.name} is not a readable torch checkpoint; save it with "
+                             "torch.save(model.state_dict(), path)") from None
         if not trust_pickle:
             raise PickleRefused(
                 f"{path.name} holds pickled Python objects (e.g. a whole nn.Module), and unpickling runs code from the "
