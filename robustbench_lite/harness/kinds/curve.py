@@ -137,7 +137,7 @@ class Curve(CellKind):
             row = self.result(cell, group, values, method=cell.build(), grad_evals=rec.grad_evals,
                               forward_evals=rec.forward_evals)
             row = _with_curve(row, cell.grid, rec.distances)
-            out.append(group.add(row, rec.distances > cell.threat.eps))
+            group.add(row, rec.distances > cell.threat.eps)  # stored now; returned below with its optimality
         known = group.latest()
         latest = {c.key: known[c.key] for c in cells if c.key in known}
         for row, mask in finish(cells, latest, model_flags, group.version):
