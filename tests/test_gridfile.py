@@ -75,3 +75,21 @@ def test_a_config_with_a_user_model_its_data_and_a_curve_runs_end_to_end(user_ch
     assert "0 cells computed" in capsys.readouterr().out
     with Store(tmp_path / "w" / "store.sqlite") as store:
         assert {r.status for r in store.rows()} == {"ok"}
+
+
+def test_the_main_job_writes_the_html_report_and_prints_its_path(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    res = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "run_benchmark.py"), "--preset", "smoke", "--attacks", "fgsm",
+         "--threats", "linf:0.1", "--n", "40", "--workdir", str(tmp_path / "w"), "--out", str(tmp_path / "lb"),
+         "--report", str(tmp_path / "rep"), "--no-progress"],
+        capture_output=True, text=True, env=env, cwd=tmp_path, timeout=600,
+    )
+    assert res.returncode == 0, res.stderr
+    report = tmp_path / "rep" / "report.html"
+    assert report.is_file() and f"report: {report.resolve()}" in res.stdout
+    assert (tmp_path / "lb" / "digits_linf_0.1.csv").is_file()
