@@ -35,7 +35,8 @@ def as_unit_nchw(x: object, *, what: str = "x", channels_hint: int | None = None
     when its last axis is."""
     arr = _as_tensor(x, what)
     if arr.dtype == torch.bool or not (arr.is_floating_point() or arr.dtype == torch.uint8):
-        if arr.dtype in (torch.int16, torch.int32, torch.int64) and arr.numel() and int(arr.min()) >= 0 and int(arr.max()) <= 255:
+        whole = arr.dtype in (torch.int16, torch.int32, torch.int64)
+        if whole and arr.numel() and int(arr.min()) >= 0 and int(arr.max()) <= 255:
             arr = arr.to(torch.uint8)
         else:
             raise TypeError(f"{what} must hold uint8 pixels (0-255) or floats in [0, 1], got {arr.dtype}")

@@ -175,6 +175,10 @@ class _Reader:
             raise self.fail(where, f"must be >= 1, got {value}")
         return value
 
+    def section(self, doc: dict, key: str) -> list:
+        """The tables of ``[[key]]`` (none if absent)."""
+        return self.array(doc.get(key, []), key)
+
     def array(self, value: Any, where: str) -> list:
         if not isinstance(value, list):
             raise self.fail(where, f"must be an array [[...]] or [...], got {type(value).__name__}")
@@ -205,23 +209,23 @@ class _Reader:
             raise self.fail("n", "missing; set the number of test points, e.g. n = 1000")
         n = self.positive_int(doc["n"], "n")
         survivors = self.typed(doc.get("survivors", False), bool, "survivors", "true or false")
-        data = tuple(self.dataset(t, f"datasets[{i}]") for i, t in enumerate(self.array(doc.get("datasets", []), "datasets")))
+        data = tuple(self.dataset(t, f"datasets[{i}]") for i, t in enumerate(self.section(doc, "datasets")))
         if not data:
             raise self.fail("datasets", 'missing; add [[datasets]] with name = "fashion-mnist" (or path = ...)')
         trained, own = [], []
-        for i, t in enumerate(self.array(doc.get("models", []), "models")):
+        for i, t in enumerate(self.section(doc, "models")):
             spec = self.model(t, f"models[{i}]", data)
             (own if isinstance(spec, tuple) else trained).append(spec)
-        defenses = tuple(self.defense(t, f"defenses[{i}]") for i, t in enumerate(self.array(doc.get("defenses", []), "defenses")))
-        paired = tuple(self.pair(t, f"paired[{i}]") for i, t in enumerate(self.array(doc.get("paired", []), "paired")))
+        defenses = tuple(self.defense(t, f"defenses[{i}]") for i, t in enumerate(self.section(doc, "defenses")))
+        paired = tuple(self.pair(t, f"paired[{i}]") for i, t in enumerate(self.section(doc, "paired")))
         if trained and not defenses:
             raise self.fail("defenses", "missing; models without weights need a [[defenses]] entry (e.g. standard)")
         if any(hasattr(d, "fingerprint") for d in data) and (trained or paired):
             raise self.fail("datasets", "a path dataset holds evaluation points only; train models on a registered "
                             "dataset, or give every model its weights")
-        grid = tuple(self.grid(t, f"threats[{i}]") for i, t in enumerate(self.array(doc.get("threats", []), "threats")))
-        extra = tuple(self.extra(t, f"extra[{i}]") for i, t in enumerate(self.array(doc.get("extra", []), "extra")))
-        curves = tuple(self.curve(t, f"curves[{i}]") for i, t in enumerate(self.array(doc.get("curves", []), "curves")))
+        grid = tuple(self.grid(t, f"threats[{i}]") for i, t in enumerate(self.section(doc, "threats")))
+        extra = tuple(self.extra(t, f"extra[{i}]") for i, t in enumerate(self.section(doc, "extra")))
+        curves = tuple(self.curve(t, f"curves[{i}]") for i, t in enumerate(self.section(doc, "curves")))
         known = {d.name for d in defenses} | {d.name for _, d in paired}
         for i, ex in enumerate(extra):
             for d in ex.defenses:
@@ -376,7 +380,8 @@ class _Reader:
         kind = self.typed(t.get("kind", ""), str, f"{where}.kind", "a cell kind name")
         if kind and kind not in KINDS:
             raise self.fail(f"{where}.kind", f"unknown kind {kind!r}; kinds: {', '.join(KINDS.list())}")
-        names = tuple(self.typed(d, str, f"{where}.defenses", "defense names") for d in self.array(t.get("defenses", []), f"{where}.defenses"))
+        listed = self.array(t.get("defenses", []), f"{where}.defenses")
+        names = tuple(self.typed(d, str, f"{where}.defenses", "defense names") for d in listed)
         if not names:
             raise self.fail(f"{where}.defenses", 'missing; name the defenses the cells run on, e.g. ["standard"]')
         if "n" not in t:

@@ -159,7 +159,8 @@ def _hint(shaped: list[tuple[str, tuple, tuple]], num_classes: int | None, chann
                         f"add --channels {file_shape[1]} to convert the data")
     for _, file_shape, model_shape in shaped:
         if num_classes is not None and model_shape and model_shape[0] == num_classes and file_shape[1:] == model_shape[1:]:
-            return f"the weights have {file_shape[0]} output classes and the data {num_classes}; add --num-classes {file_shape[0]}"
+            return (f"the weights have {file_shape[0]} output classes and the data {num_classes}; "
+                    f"add --num-classes {file_shape[0]}")
     return ""
 
 
