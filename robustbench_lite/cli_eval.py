@@ -42,6 +42,9 @@ def add_eval_parser(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--n", default="1000", help="test points (the first n; default 1000)")
     e.add_argument("--eps-curve", help="robust accuracy over NORM:START:STOP:COUNT evenly spaced eps (comma-separate "
                    "several), e.g. linf:0:0.2:11; eps 0 is the clean accuracy")
+    e.add_argument("--curve-order", default="up", help="up: attack each eps on the points not broken yet (every "
+                   "robust point is attacked at its eps); down: AttackBench's search from the largest eps, stopping at "
+                   "a point's first failure (cheaper; assumes failing in a ball means failing in smaller ones)")
     e.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     e.add_argument("--autocast", default="auto", choices=AUTOCAST_CHOICES)
     e.add_argument("--batch-size", default="500", help="evaluation batch size, or 'auto'")
@@ -87,6 +90,8 @@ def _plan(args: argparse.Namespace):
     if not threats and not curves:
         raise ValueError("give --threats NORM:EPS (e.g. linf:0.1 or linf:8/255) and/or --eps-curve linf:0:0.2:11")
     n = _int(args.n, "--n", 1)
+    if args.curve_order not in ("up", "down"):
+        raise ValueError(f"--curve-order takes up or down, got {args.curve_order!r}")
     num_classes = _int(args.num_classes, "--num-classes", 2)
     channels = _int(args.channels, "--channels", 1)
     if channels not in (None, 1, 3):
@@ -101,7 +106,7 @@ def _plan(args: argparse.Namespace):
     k = check_on_data(model, data)
     n_eval = min(n, len(data.test))
     cells = user_cells(data_spec, model_spec, weights_spec, threats=threats, attacks=args.attacks, n=n_eval,
-                       num_classes=k, curves=curves)
+                       num_classes=k, curves=curves, curve_order=args.curve_order)
     info = {"n": n_eval, "asked": n, "model": model_spec.name, "weights": weights_spec.name, "data": data_spec.name,
             "batch_size": info_batch}
     return Plan("eval", tuple(cells)), info

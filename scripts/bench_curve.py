@@ -7,13 +7,16 @@ attack):
 
 * separate: one ``evaluate()`` per eps, each attack on every clean-correct point (the flags'
   probes and the adaptive rerun off, so both sides do only the attacks' work);
-* curve: ``attack_curve()`` per attack over the grid: a point an attack broke at eps is not
-  attacked again at larger eps.
+* up: ``attack_curve()`` per attack over the grid, upwards: a point an attack broke at eps is not
+  attacked again at larger eps (every point counted robust at an eps was attacked at that eps);
+* down: ``attack_curve(order="down")``, AttackBench's search: downwards from the largest eps, a
+  point is attacked again only while the attack keeps finding smaller examples, and counts robust
+  at every eps below its first failure.
 
 Prints, per model, wall and process CPU seconds (interleaved rounds, medians), input-gradient
-evaluations (the work, independent of machine load), their ratios, and both curves with their
-largest difference (the curve reuses examples found at smaller eps, so it is lower or equal up to
-the random starts, which differ when an attack runs on fewer points).
+evaluations (the work, independent of machine load), their ratios to the separate runs, and the
+curves with their largest difference from the separate runs (random starts differ when an attack
+runs on fewer points, so small differences either way are noise).
 
     python scripts/bench_curve.py [--n 500] [--grid 11] [--stop 0.2] [--attacks fgsm,pgd] [--rounds 1]
 """
@@ -55,31 +58,31 @@ def main() -> None:
                 out[eps] = {r.attack.name: (r.robust_acc, r.grad_evals) for r in ev.records}
             return out
 
-        def curve(fx=fx, split=split, correct=correct):
+        def curve(order, fx=fx, split=split, correct=correct):
             return {a: attack_curve(fx.model, lambda x, a=a: create_attack(a, eps=x, seed=args.seed), grid, split,
-                                    correct, policy=policy) for a in names}
+                                    correct, policy=policy, order=order) for a in names}
 
-        t = bc.interleaved({"separate": separate, "curve": curve}, args.rounds)
-        sep, cur = t["separate"].result, t["curve"].result
-        grads_sep = sum(g for per in sep.values() for _, g in per.values())
-        grads_cur = sum(r.grad_evals for r in cur.values())
-        print(f"{'':10s} {'wall s':>8s} {'cpu s':>8s} {'gradients':>10s}")
-        for name in ("separate", "curve"):
-            g = grads_sep if name == "separate" else grads_cur
-            print(f"{name:10s} {t[name].wall_median:8.1f} {t[name].cpu_median:8.1f} {g:10d}")
-        print(f"{'ratio':10s} {t['curve'].wall_median / t['separate'].wall_median:8.2f} "
-              f"{t['curve'].cpu_median / t['separate'].cpu_median:8.2f} {grads_cur / max(grads_sep, 1):10.2f}")
-        above, below = 0.0, 0.0
-        print("eps       " + " ".join(f"{e:6.3f}" for e in grid))
+        t = bc.interleaved({"separate": separate, "up": lambda: curve("up"), "down": lambda: curve("down")},
+                           args.rounds)
+        sep = t["separate"].result
+        grads = {"separate": sum(g for per in sep.values() for _, g in per.values())}
+        grads.update({k: sum(r.grad_evals for r in t[k].result.values()) for k in ("up", "down")})
+        print(f"{'':10s} {'wall s':>8s} {'cpu s':>8s} {'gradients':>10s} {'ratio wall':>10s} {'ratio cpu':>10s} "
+              f"{'ratio grad':>10s}")
+        for name in ("separate", "up", "down"):
+            print(f"{name:10s} {t[name].wall_median:8.1f} {t[name].cpu_median:8.1f} {grads[name]:10d} "
+                  f"{t[name].wall_median / t['separate'].wall_median:10.2f} "
+                  f"{t[name].cpu_median / t['separate'].cpu_median:10.2f} {grads[name] / max(grads['separate'], 1):10.2f}")
+        print("eps          " + " ".join(f"{e:6.3f}" for e in grid))
         for a in names:
             seps = [sep[e][a][0] for e in grid]
-            curs = [robust_at(cur[a].distances, e) for e in grid]
-            above = max(above, max(c - s for c, s in zip(curs, seps, strict=True)))
-            below = max(below, max(s - c for c, s in zip(curs, seps, strict=True)))
-            print(f"{a:5s} sep  " + " ".join(f"{v:6.3f}" for v in seps))
-            print(f"{a:5s} curv " + " ".join(f"{v:6.3f}" for v in curs))
-        print(f"largest difference curve - separate: +{above:.3f} / -{below:.3f}")
-
+            print(f"{a:5s} sep     " + " ".join(f"{v:6.3f}" for v in seps))
+            for order in ("up", "down"):
+                curs = [robust_at(t[order].result[a].distances, e) for e in grid]
+                above = max(c - s for c, s in zip(curs, seps, strict=True))
+                below = max(s - c for c, s in zip(curs, seps, strict=True))
+                print(f"{a:5s} {order:7s} " + " ".join(f"{v:6.3f}" for v in curs)
+                      + f"   (vs separate: +{above:.3f} / -{below:.3f})")
 
 if __name__ == "__main__":
     main()

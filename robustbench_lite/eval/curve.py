@@ -10,6 +10,7 @@ at any eps is ``RA(eps) = share of points with d_i > eps``.
   larger eps (its adversarial example lies in every larger ball), so at each eps the attack runs
   only on the points it has not broken yet: that is where a curve costs less than one run per
   eps.  A point broken at eps gets ``d_i`` = the actual size of the example found (at most eps).
+  (``order="down"``: AttackBench's search downwards, cheaper, see :func:`attack_curve`.)
 * A minimum-norm attack (CW-L2, the APGD bisection search ``apgd-mn``) runs once, at the grid's
   largest eps, and its examples' sizes are the ``d_i``.
 
@@ -67,6 +68,9 @@ def robust_curve(distances: Tensor, grid: Sequence[float]) -> list[float]:
     return [robust_at(distances, e) for e in grid]
 
 
+ORDERS = ("up", "down")
+
+
 def attack_curve(
     model: nn.Module,
     attack_at: Callable[[float], EvasionAttack],
@@ -76,38 +80,89 @@ def attack_curve(
     *,
     policy: DevicePolicy,
     batch_size: int = 500,
+    order: str = "up",
 ) -> CurveRecord:
     """The curve of the attack ``attack_at(eps)`` over the positive eps of ``grid`` on ``split``
-    (``correct``: the clean-correct points, the only ones attacked)."""
+    (``correct``: the clean-correct points, the only ones attacked).
+
+    ``order="up"`` walks the grid upwards and attacks, at each eps, the points not broken yet:
+    every point counted robust at an eps was attacked at that eps.  ``order="down"`` is the search
+    AttackBench runs to make a fixed-budget attack minimum-norm: it walks downwards, attacks at
+    each eps the points whose smallest example so far is larger than eps, and stops searching a
+    point once the attack fails on it, counting it robust at every smaller eps without attacking
+    it there (it assumes an attack that fails in a ball fails in every smaller one).  A point then
+    costs one failing run instead of one per eps below its distance; and before attacking a point
+    at eps, its smallest example so far is projected onto the eps ball: when that still fools the
+    model it is the point's example at eps, for one forward pass."""
+    if order not in ORDERS:
+        raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
     steps = sorted({float(e) for e in grid if e > 0})
     if not steps:
         raise ValueError("a curve needs at least one eps > 0")
     d = torch.where(correct, torch.full(correct.shape, INF), torch.zeros(correct.shape))
+    searching = correct.clone()  # order="down": points not yet found robust at some eps
+    examples = split.x.clone() if order == "down" else None  # order="down": each point's smallest example
     largest = attack_at(steps[-1])
     if largest.min_norm:  # one run gives every point's distance
         steps = steps[-1:]
     seconds, grads, fwds, attacked = 0.0, 0, 0, 0
-    for eps in steps:
+    for eps in steps if order == "up" else steps[::-1]:
         attack = largest if eps == steps[-1] else attack_at(eps)
-        todo = torch.isinf(d).nonzero().flatten()
+        todo = (torch.isinf(d) if order == "up" else searching & (d > eps)).nonzero().flatten()
+        if examples is not None and todo.numel():
+            # an example found at a larger eps, projected onto this ball, may still fool the model:
+            # then it is this eps's example, for one forward pass instead of an attack
+            t0 = time.perf_counter()
+            kept, size, shrunk = _shrink(model, examples, split, todo[torch.isfinite(d[todo])], attack, eps, policy)
+            d[kept], examples[kept] = size, shrunk
+            seconds, fwds = seconds + time.perf_counter() - t0, fwds + int(torch.isfinite(d[todo]).sum())
+            todo = todo[d[todo] > eps]
         if todo.numel() == 0:
-            break
-        (found, stats), _ = halving_on_oom(
+            if order == "up":
+                break
+            continue
+        (found, adv, stats), _ = halving_on_oom(
             lambda b, attack=attack, todo=todo: _distances(model, attack, split, todo, policy, b), batch_size
         )
-        d[todo] = torch.where(torch.isfinite(found), found.clamp(max=eps), d[todo])
+        hit = torch.isfinite(found)
+        better = hit & (found < d[todo])
+        d[todo] = torch.where(better, found.clamp(max=eps), d[todo])
+        if examples is not None:
+            examples[todo[better]] = adv[better]
+        searching[todo[~hit]] = False
         seconds, grads, fwds = seconds + stats[0], grads + stats[1], fwds + stats[2]
         attacked += int(todo.numel())
     return CurveRecord(d, seconds, grads, fwds, attacked)
 
 
+def _shrink(model: nn.Module, examples: Tensor, split: DataSplit, idx: Tensor, attack: EvasionAttack, eps: float,
+            policy: DevicePolicy) -> tuple[Tensor, Tensor, Tensor]:
+    """The points of ``idx`` whose example, projected onto the ``eps`` ball, still fools the model:
+    their indices, sizes and projected examples."""
+    if idx.numel() == 0:
+        return idx, torch.empty(0), examples[idx]
+    geo = attack.geometry
+    try:
+        shrunk = geo.project(examples[idx], split.x[idx], eps)
+    except ValueError:  # a norm without a projection (L0): nothing to reuse
+        return idx[:0], torch.empty(0), examples[idx[:0]]
+    fooled = torch.zeros(idx.numel(), dtype=torch.bool)
+    for i in range(0, idx.numel(), 1000):
+        x = policy.batch_to(shrunk[i : i + 1000])
+        with torch.no_grad(), policy.autocast("eval"):
+            fooled[i : i + 1000] = (model(x).argmax(1) != policy.batch_to(split.y[idx[i : i + 1000]])).cpu()
+    size = geo.distance((shrunk - split.x[idx]).float()).clamp(max=eps)
+    return idx[fooled], size[fooled], shrunk[fooled]
+
+
 def _distances(
     model: nn.Module, attack: EvasionAttack, split: DataSplit, idx: Tensor, policy: DevicePolicy, batch_size: int
-) -> tuple[Tensor, tuple[float, int, int]]:
+) -> tuple[Tensor, Tensor, tuple[float, int, int]]:
     """Size of each example ``attack`` finds on the points ``idx`` (``inf`` where the model still
-    classifies it correctly), judged on ``model``; and (seconds, gradients, forwards)."""
+    classifies it correctly), judged on ``model``; the examples; and (seconds, gradients, forwards)."""
     gen = torch.Generator(device=policy.device).manual_seed(attack.seed)
     out_d = torch.full((idx.numel(),), INF)
+    out_x = torch.empty((idx.numel(), *split.x.shape[1:]), dtype=split.x.dtype)
     seconds, grads, fwds = 0.0, 0, 0
     geo = attack.geometry
     for i in range(0, idx.numel(), batch_size):
@@ -120,10 +175,11 @@ def _distances(
             broken = model(out.x_adv).argmax(1) != y
         size = geo.distance((out.x_adv - x).float())
         out_d[i : i + sel.numel()] = torch.where(broken, size, torch.full_like(size, INF)).cpu()
+        out_x[i : i + sel.numel()] = out.x_adv.detach().cpu()
         seconds += out.seconds + time.perf_counter() - t0
         grads += out.grad_evals
         fwds += out.forward_evals + sel.numel()
-    return out_d, (seconds, grads, fwds)
+    return out_d, out_x, (seconds, grads, fwds)
 
 
 # -- comparing attacks -----------------------------------------------------------------------------

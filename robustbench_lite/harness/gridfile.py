@@ -32,7 +32,8 @@ range each raise a ``ValueError`` naming the file, the key and the fix.  The key
     attacks = [{ name = "one-pixel", generations = 20 }]
     n = 100
     [[curves]]                  # robust accuracy over eps: curve = "NORM:START:STOP:COUNT" or
-    curve = "linf:0:0.2:11"     # norm + eps = [..]; attacks as in threats; n (default: n)
+    curve = "linf:0:0.2:11"     # norm + eps = [..]; attacks as in threats; n (default: n);
+                                # order = "up" (default) or "down" (AttackBench's search)
     attacks = ["fgsm", "pgd"]
 
 TOML comes from the standard library's ``tomllib`` (Python 3.11+); on Python 3.10 the package
@@ -63,7 +64,7 @@ _KEYS = {
     "threats": ("threat", "norm", "eps", "attacks"),
     "paired": ("model", "defense"),
     "extra": ("defenses", "threat", "norm", "eps", "attacks", "n", "kind"),
-    "curves": ("curve", "norm", "eps", "attacks", "n"),
+    "curves": ("curve", "norm", "eps", "attacks", "n", "order"),
 }
 
 
@@ -87,6 +88,7 @@ class CurveSpec:
     grid: tuple[float, ...]
     attacks: tuple[AttackSpec, ...]
     n: int | None = None
+    order: str = "up"
 
 
 @dataclass(frozen=True)
@@ -120,7 +122,8 @@ class FilePreset(Preset):
                     for att in specs:
                         if att.supports(ThreatModel(curve.norm, curve.grid[-1])):
                             cells.append(CurveCell(data, model, defense, att, ThreatModel(curve.norm, curve.grid[-1]),
-                                                   n or curve.n or self.n, kind="curve", grid=curve.grid))
+                                                   n or curve.n or self.n, kind="curve", grid=curve.grid,
+                                                   order=curve.order))
         if not cells:
             raise ValueError(f"{self.source or self.name}: the plan has no cells")
         return Plan(self.name, tuple(cells))
@@ -380,6 +383,8 @@ class _Reader:
         kind = self.typed(t.get("kind", ""), str, f"{where}.kind", "a cell kind name")
         if kind and kind not in KINDS:
             raise self.fail(f"{where}.kind", f"unknown kind {kind!r}; kinds: {', '.join(KINDS.list())}")
+        if kind == "curve":
+            raise self.fail(f"{where}.kind", 'curves have their own section: [[curves]] with curve = "linf:0:0.2:11"')
         listed = self.array(t.get("defenses", []), f"{where}.defenses")
         names = tuple(self.typed(d, str, f"{where}.defenses", "defense names") for d in listed)
         if not names:
@@ -412,7 +417,10 @@ class _Reader:
             raise self.fail(f"{where}.eps", "needs at least one eps > 0")
         attacks = self.attacks(t.get("attacks", "quick"), ThreatModel(norm, grid[-1]), f"{where}.attacks")
         n = self.positive_int(t["n"], f"{where}.n") if "n" in t else None
-        return CurveSpec(norm, grid, attacks, n)
+        order = t.get("order", "up")
+        if order not in ("up", "down"):
+            raise self.fail(f"{where}.order", f'must be "up" or "down", got {order!r}')
+        return CurveSpec(norm, grid, attacks, n, order)
 
 
 def _get(table: Any, key: str) -> Any:

@@ -278,7 +278,7 @@ def check_on_data(model: nn.Module, data: Data) -> int:
 # -- cells ------------------------------------------------------------------------------------------
 def user_cells(data: DataSpec, model: UserModelSpec, weights: UserWeightsSpec, *, threats: list[ThreatModel],
                attacks: str | list[str], n: int, num_classes: int,
-               curves: list[tuple[Norm, tuple[float, ...]]] = ()) -> list[Cell]:
+               curves: list[tuple[Norm, tuple[float, ...]]] = (), curve_order: str = "up") -> list[Cell]:
     """Evasion cells (the attack set on survivors) per threat, and curve cells per curve."""
     from .kinds.curve import CurveCell
 
@@ -289,7 +289,7 @@ def user_cells(data: DataSpec, model: UserModelSpec, weights: UserWeightsSpec, *
     for norm, grid in curves:
         for spec in attack_specs(attacks, norm, num_classes):
             cells.append(CurveCell(data, model, weights, AttackSpec(spec.name, spec.params), ThreatModel(norm, grid[-1]),
-                                   n, kind="curve", grid=grid))
+                                   n, kind="curve", grid=grid, order=curve_order))
     if not cells:
         raise ValueError("nothing to evaluate: give --threats NORM:EPS (e.g. linf:0.1) and/or --eps-curve linf:0:0.2:11")
     return cells

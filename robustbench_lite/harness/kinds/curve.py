@@ -2,7 +2,8 @@
 worst case over the attacks at every eps, and each attack's AttackBench optimality score.
 
 A curve cell is a :class:`CurveCell`: an attack, a norm, the grid (its largest eps is the cell's
-threat) and ``n`` points.  The kind runs :func:`~robustbench_lite.eval.curve.attack_curve` for
+threat), ``n`` points and the order the grid is walked in (``up``, or AttackBench's ``down``
+search).  The kind runs :func:`~robustbench_lite.eval.curve.attack_curve` for
 each attack (a point an attack broke at eps is not attacked again at larger eps), stores each
 attack's row the moment it is measured (its per-point distances go into the row's private
 ``_distances`` metric, so a resumed run reuses them), then one ``worst_case`` row per grid (the
@@ -27,6 +28,7 @@ from ...core.config import config_hash
 from ...core.models import predict
 from ...eval import flags as checks
 from ...eval.curve import (
+    ORDERS,
     area,
     attack_curve,
     best_distances,
@@ -52,9 +54,12 @@ class CurveCell(Cell):
     largest).  The grid is part of the key."""
 
     grid: tuple[float, ...] = ()
+    order: str = "up"  # "down": AttackBench's search (see eval.curve.attack_curve)
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.order not in ORDERS:
+            raise ValueError(f"a curve's order is one of {ORDERS}, got {self.order!r}")
         grid = tuple(sorted({float(e) for e in self.grid}))
         if not grid or grid[0] <= 0:
             raise ValueError(f"a curve grid needs eps > 0 (eps 0 is the clean accuracy), got {list(self.grid)}")
@@ -91,7 +96,7 @@ class Curve(CellKind):
     hidden_in_terminal: ClassVar[tuple[str, ...]] = ("dataset", "status", "error")
 
     def key_fields(self, cell: Cell) -> dict[str, Any]:
-        return {"grid": list(getattr(cell, "grid", ()))}
+        return {"grid": list(getattr(cell, "grid", ())), "order": getattr(cell, "order", "up")}
 
     def run(self, cells: Sequence[Cell], group: Group) -> list[Row]:
         rows: list[Row] = []
@@ -125,6 +130,7 @@ class Curve(CellKind):
                 rec = attack_curve(
                     model, lambda eps, cell=cell: _attack_at(cell, eps), cell.grid, split, correct,
                     policy=group.policy, batch_size=batch(cell.build()) if callable(batch) else batch,
+                    order=cell.order,
                 )
             except Exception as exc:
                 log.warning("curve of %s failed: %s", cell.attack.name, exc)
@@ -181,7 +187,7 @@ class Curve(CellKind):
 
 
 def _bundle(cell: Cell) -> tuple:
-    return (cell.threat.norm, getattr(cell, "grid", ()), cell.n)
+    return (cell.threat.norm, getattr(cell, "grid", ()), cell.n, getattr(cell, "order", "up"))
 
 
 def _attack_at(cell: Cell, eps: float):
