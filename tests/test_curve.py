@@ -101,3 +101,18 @@ def test_eval_with_an_eps_curve_stores_curves_scores_resumes_and_reports(user_ch
     assert "Robustness curves" in html and "plot-robustness_curves" in html
     assert main(args) == 0
     assert "0 cells computed" in capsys.readouterr().out
+
+
+def test_the_down_search_costs_fewer_gradients_and_finds_the_same_curve(digits_model, digits):
+    split = digits.test.head(120)
+    correct = predict(digits_model, split.x, "cpu") == split.y
+    grid = [0.04 * k for k in range(1, 8)]
+    recs = {order: attack_curve(digits_model, lambda e: create_attack("pgd", eps=e, steps=10), grid, split, correct,
+                                policy=POLICY, order=order) for order in ("up", "down")}
+    assert recs["down"].grad_evals < recs["up"].grad_evals
+    up, down = (robust_curve(recs[o].distances, grid) for o in ("up", "down"))
+    assert all(a >= b for a, b in zip(down, down[1:], strict=False))
+    assert max(abs(a - b) for a, b in zip(up, down, strict=True)) <= 0.05  # random starts differ
+    with pytest.raises(ValueError, match="order must be one of"):
+        attack_curve(digits_model, lambda e: create_attack("fgsm", eps=e), grid, split, correct, policy=POLICY,
+                     order="sideways")

@@ -68,6 +68,7 @@ EVAL_CASES = [
     ("n of zero", {"--n": "0"}, ["--n must be >= 1"]),
     ("unknown norm", {"--threats": "l3:0.1"}, ["unknown norm", "linf"]),
     ("bad channels", {"--channels": "2"}, ["--channels takes 1", "3"]),
+    ("bad curve order", {"--eps-curve": "linf:0:0.2:3", "--curve-order": "sideways"}, ["--curve-order", "up or down"]),
 ]
 
 
@@ -145,6 +146,9 @@ CONFIG_CASES = [
     ("unknown kind", GOOD + '\n[[extra]]\ndefenses = ["standard"]\nthreat = "linf:0.1"\nattacks = ["fgsm"]\nn = 5\n'
      'kind = "nope"\n', ["extra[0].kind", "unknown kind"]),
     ("curve without eps", GOOD + '\n[[curves]]\ncurve = "linf:0:0.2"\n', ["curves[0].curve", "NORM:START:STOP:COUNT"]),
+    ("bad curve order", GOOD + '\n[[curves]]\ncurve = "linf:0:0.2:3"\norder = "sideways"\n', ["curves[0].order", '"down"']),
+    ("curve as an extra kind", GOOD + '\n[[extra]]\ndefenses = ["standard"]\nthreat = "linf:0.1"\nattacks = ["fgsm"]\n'
+     'n = 5\nkind = "curve"\n', ["extra[0].kind", "[[curves]]"]),
 ]
 
 
