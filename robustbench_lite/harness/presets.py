@@ -1,7 +1,8 @@
 """Presets: named grids that expand to a :class:`~robustbench_lite.harness.plan.Plan`.
 
 The built-in presets are TOML files in ``robustbench_lite/presets/`` (read by
-:mod:`~robustbench_lite.harness.gridfile`; ``robustbench-lite list presets`` shows where): ``quick`` is the main job (Fashion-MNIST, a standard-trained small CNN, the basic attacks);
+:mod:`~robustbench_lite.harness.gridfile`; ``robustbench-lite list presets`` shows where).
+``quick`` is the main job (Fashion-MNIST, a standard-trained small CNN, the basic attacks);
 ``smoke`` is a seconds-long version on scikit-learn's digits for tests; ``full`` adds every defense
 and the strong attacks, plus (:class:`Extra`) universal, one-pixel, poisoning and certified cells;
 ``poisoning`` is BadNets at two poison rates under standard and PGD-AT training.
