@@ -1,5 +1,5 @@
 """Minimum-norm APGD: APGD (Croce & Hein, ICML 2020, Algorithm 1) inside a per-point bisection
-on eps, the way AttackBench (Cinà et al., AAAI 2025, arXiv 2404.19460, section 3) turns a
+on eps, the way AttackBench (Cinà et al., AAAI 2025, arXiv 2404.19460) turns a
 fixed-budget attack into a minimum-norm one.
 
 Each point first gets APGD at the full budget ``eps``.  A point broken there has its smallest

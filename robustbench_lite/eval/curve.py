@@ -18,7 +18,7 @@ Every example is judged on the model (its prediction must differ from the label)
 here, so a curve never trusts an attack's own claim.
 
 Optimality (Cinà et al., "AttackBench: Evaluating gradient-based attacks for adversarial
-examples", AAAI 2025, arXiv 2404.19460, section 3): with the per-point best
+examples", AAAI 2025, arXiv 2404.19460): with the per-point best
 ``d*_i = min_a d_i^a`` over all attacks run, areas under the RA curves between 0 and ``eps_max``
 are ``A = mean_i min(d_i, eps_max)`` (the integral of ``RA``) and ``A*`` for ``d*``; with clean
 accuracy ``c`` an attack that finds nothing has area ``c·eps_max``, so
