@@ -4,6 +4,8 @@ The public API lives here, so one import line is enough::
 
     from robustbench_lite import create_attack, create_defense, evaluate, load, train_or_load, ModelSpec
 
+and ``benchmark(model, dataset=..., threat_model="Linf", eps=...)`` evaluates a model of your own.
+
 Plugins (attacks, defenses, models, datasets, cell kinds) import their bases and helpers from this
 module too: ``EvasionAttack``, ``Defense``, ``setting``, ``register_attack``, ``ops``, ``Norm``, ...
 
@@ -45,6 +47,7 @@ from .core.registry import (  # noqa: E402
 )
 from .core.threat import Geometry, Norm, ThreatModel, geometry  # noqa: E402
 from .eval.evasion import evaluate  # noqa: E402
+from .harness.benchmark import benchmark  # noqa: E402
 from .harness.kinds import CellKind, Group, list_kinds, register_kind  # noqa: E402
 from .training.cache import ModelCache, TrainedModel, train_or_load  # noqa: E402
 from .training.defense import Defense, EpochRecord, TrainLog, TrainState  # noqa: E402
@@ -76,6 +79,7 @@ __all__ = [
     "Verifier",
     "accuracy",
     "apply_delta",
+    "benchmark",
     "create_attack",
     "create_defense",
     "create_model",

@@ -9,6 +9,7 @@ import time
 from collections.abc import Sequence
 
 from .certify import VERIFIERS
+from .cli_eval import add_eval_parser, run_eval
 from .core.device import AUTOCAST_CHOICES
 from .core.registry import ATTACKS, DATASETS, DEFENSES, MODELS, load_plugin_file
 from .core.threat import ThreatModel
@@ -51,6 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("run", help="run a preset and write the leaderboards")
     r.add_argument("--preset", default="quick", help=f"one of {sorted(PRESETS)} (default quick)")
+    r.add_argument("--config", metavar="FILE.toml", help="a grid file (TOML) instead of a preset: copy one of "
+                   "`robustbench-lite list presets` and edit it")
     r.add_argument("--attacks", type=_csv, help="comma-separated attack names replacing the preset's")
     r.add_argument("--defenses", type=_csv, help="comma-separated defense names replacing the preset's")
     r.add_argument("--datasets", type=_csv, help="comma-separated dataset names replacing the preset's")
@@ -85,6 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     lb.add_argument("--workdir", default=".rbl")
     lb.add_argument("--out", default="leaderboards")
 
+    add_eval_parser(sub)
+
     rp = sub.add_parser("report", help="write report.html (self-contained) and report.md from the store")
     rp.add_argument("--workdir", default=".rbl")
     rp.add_argument("--out", default="report", help="folder for report.html, report.md and plots/ (default report)")
@@ -103,6 +108,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _leaderboard(args.workdir, args.out)
         if args.command == "report":
             return _report(args.workdir, args.out)
+        if args.command == "eval":
+            return run_eval(args)
         return _run(args)
     except (ValueError, TypeError, KeyError, FileNotFoundError) as exc:
         msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
@@ -112,8 +119,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _list(args: argparse.Namespace) -> int:
     if args.what == "presets":
-        for name, preset in sorted(PRESETS.items()):
-            print(f"{name:10s} {preset.description}")
+        for name in PRESETS:
+            print(f"{name:10s} {PRESETS.path(name)}\n{'':10s} {PRESETS[name].description}")
+        print("\nCopy one, edit it, and run it with: robustbench-lite run --config my.toml")
         return 0
     reg = _REGISTRIES[args.what]
     for name in reg.list(args.pattern):
@@ -144,9 +152,16 @@ def _leaderboard(workdir: str, out: str) -> int:
     return 0
 
 
+def _config(path: str, data_root: str | None):
+    from .harness.gridfile import load_grid
+
+    return load_grid(path, data_root=data_root)
+
+
 def _run(args: argparse.Namespace) -> int:
     threats = [ThreatModel.parse(t) for t in args.threats] if args.threats else None
-    plan = get_preset(args.preset).plan(
+    preset = _config(args.config, args.data_root) if args.config else get_preset(args.preset)
+    plan = preset.plan(
         attacks=args.attacks, threats=threats, n=args.n, defenses=args.defenses, datasets=args.datasets
     )
     executor = None

@@ -38,3 +38,31 @@ def fmnist_model(fmnist, model_cache):
     """small-cnn on 5000 Fashion-MNIST images, one epoch of standard training."""
     defense = create_defense("standard", epochs=1, batch_size=64, lr=2e-3)
     return train_or_load(ModelSpec("small-cnn"), defense, fmnist, model_cache, progress=False).model
+
+
+@pytest.fixture(scope="session")
+def user_checkpoint(digits, tmp_path_factory):
+    """A user's model: small-cnn trained on digits by a plain torch loop (not the harness), saved as
+    safetensors, as a ``.pt`` state dict and as a whole pickled module.  Returns (model, folder)."""
+    from safetensors.torch import save_file
+
+    from robustbench_lite import create_model
+
+    torch.manual_seed(0)
+    model = create_model("small-cnn", digits.input_shape, digits.num_classes)
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(6):
+        perm = torch.randperm(len(digits.train), generator=gen)
+        for i in range(0, len(perm), 64):
+            idx = perm[i : i + 64]
+            loss = torch.nn.functional.cross_entropy(model(digits.train.x[idx]), digits.train.y[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    model.eval()
+    folder = tmp_path_factory.mktemp("user")
+    save_file(model.state_dict(), str(folder / "digits_cnn.safetensors"))
+    torch.save(model.state_dict(), folder / "digits_cnn.pt")
+    torch.save(model, folder / "digits_module.pt")
+    return model, folder

@@ -169,7 +169,7 @@ class LinfGeometry(Geometry):
 
     def check_eps(self, eps: float) -> None:
         if eps > 1:
-            raise ValueError(f"Linf eps on images in [0, 1] must be <= 1, got {eps}; did you mean {eps}/255?")
+            raise ValueError(f"Linf eps on images in [0, 1] must be <= 1, got {eps:g}; did you mean {eps:g}/255?")
 
 
 def _normalize_l2(g: Tensor, tiny: float = 1e-12) -> Tensor:

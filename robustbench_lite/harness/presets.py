@@ -1,5 +1,7 @@
 """Presets: named grids that expand to a :class:`~robustbench_lite.harness.plan.Plan`.
 
+The built-in presets are TOML files in ``robustbench_lite/presets/`` (read by
+:mod:`~robustbench_lite.harness.gridfile`; ``robustbench-lite list presets`` shows where).
 ``quick`` is the main job (Fashion-MNIST, a standard-trained small CNN, the basic attacks);
 ``smoke`` is a seconds-long version on scikit-learn's digits for tests; ``full`` adds every defense
 and the strong attacks, plus (:class:`Extra`) universal, one-pixel, poisoning and certified cells;
@@ -9,8 +11,9 @@ and the strong attacks, plus (:class:`Extra`) universal, one-pixel, poisoning an
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 from ..core.models import ModelSpec
 from ..core.threat import ThreatModel
@@ -110,114 +113,34 @@ class Preset:
         return out
 
 
-def _linf(eps: float) -> ThreatModel:
-    return ThreatModel("linf", eps)
+class PresetFiles(Mapping):
+    """The built-in presets: one TOML file each in ``folder`` (``<name>.toml``), read on first use."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+        self._loaded: dict[str, Preset] = {}
+
+    def path(self, name: str) -> Path:
+        return self.folder / f"{name}.toml"
+
+    def __getitem__(self, name: str) -> Preset:
+        if name not in self._loaded:
+            if not self.path(name).is_file():
+                raise KeyError(name)
+            from .gridfile import load_grid  # the reader builds Preset objects from this module
+
+            self._loaded[name] = load_grid(self.path(name))
+        return self._loaded[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(sorted(p.stem for p in self.folder.glob("*.toml")))
+
+    def __len__(self) -> int:
+        return len(list(self.folder.glob("*.toml")))
 
 
-_BASIC = (AttackSpec("fgsm"), AttackSpec("ifgsm"), AttackSpec("least-likely"), AttackSpec("pgd"))
-# the gradient-free sanity check against gradient masking (p_init 0.3 rather than the paper's
-# ImageNet 0.05: 28x28 images need larger squares; see BENCHMARKS.md)
-_SQUARE = AttackSpec("square", {"queries": 1000, "p_init": 0.3})
-# the strong white-box attacks: run on the survivors of the cheap ones
-_STRONG = (AttackSpec("apgd-ce"), AttackSpec("apgd-dlr"), AttackSpec("apgd-t-dlr", {"n_targets": 3}), AttackSpec("acg", {"loss": "cw"}))
-
-PRESETS: dict[str, Preset] = {
-    "quick": Preset(
-        name="quick",
-        description="Fashion-MNIST, standard-trained small-cnn; FGSM, I-FGSM, least-likely, PGD at Linf 0.05/0.1, PGD-L2 at 1.5; 1000 test points",
-        data=(DataSpec("fashion-mnist"),),
-        models=(ModelSpec("small-cnn"),),
-        defenses=(DefenseSpec("standard", {"epochs": 3}),),
-        grid=((_linf(0.05), _BASIC), (_linf(0.1), _BASIC), (ThreatModel("l2", 1.5), (AttackSpec("pgd"),))),
-        n=1000,
-    ),
-    "smoke": Preset(
-        name="smoke",
-        description="digits (8x8), small-cnn trained briefly; the basic attacks at Linf 0.1 and PGD-L2 at 1.0; 200 points. For tests.",
-        data=(DataSpec("digits"),),
-        models=(ModelSpec("small-cnn"),),
-        defenses=(DefenseSpec("standard", {"epochs": 4, "batch_size": 64}),),
-        grid=(
-            (_linf(0.1), (AttackSpec("fgsm"), AttackSpec("ifgsm"), AttackSpec("least-likely"), AttackSpec("pgd", {"steps": 10}))),
-            (ThreatModel("l2", 1.0), (AttackSpec("pgd", {"steps": 10}),)),
-        ),
-        n=200,
-    ),
-}
-
-
-_ADV = {"eps": 0.1, "steps": 5}  # the multi-step inner searches of the full preset (step 2.5 eps / 5)
-_FULL_EPOCHS = 2  # on the 60k training images, to fit a CPU budget (the measured time: BENCHMARKS.md)
-_MONITOR = {"monitor_eps": 0.1, "monitor_points": 500}  # per-epoch PGD accuracy in the sidecar
-_FULL_CONVEX = {"max_points": 2000, "iterations": 500, "epochs": 5, "certify_points": 1000}
-# the clean-data standard and PGD-AT recipes of `full`, shared by `poisoning` (so its unpoisoned
-# reference models are the same cached ones)
-_FULL_STANDARD = DefenseSpec("standard", {"epochs": _FULL_EPOCHS})
-_FULL_PGD_AT = DefenseSpec("pgd-at", {"epochs": _FULL_EPOCHS, **_ADV})
-
-# -- the cells of `full` outside its evasion grid (the defenses are looked up by name in the preset) --
-_BADNETS_THREAT = ThreatModel("l0", 9)  # badnets changes up to patch² = 9 pixels (its 3x3 trigger)
-_FULL_OTHER = (
-    # universal perturbations (fit on 500 training points, evaluated on 1000 test points)
-    Extra(("standard", "pgd-at"), _linf(0.1), (AttackSpec("uap", {"passes": 1}), AttackSpec("sga")), 1000),
-    # one-pixel (k = 1): the paper's population 400, fewer generations to fit the budget
-    Extra(("standard",), ThreatModel("l0", 1), (AttackSpec("one-pixel", {"generations": 20}),), 100),
-    # poisoning: each cell trains its own model on the poisoned 60k split
-    Extra(("standard",), _BADNETS_THREAT, (AttackSpec("badnets", {"rate": 0.05}), AttackSpec("label-flip", {"rate": 0.1})), 10000),
-    # the convex pair's certificate, on the same points as the worst case
-    Extra(("convex-standard", "convex-robust"), _linf(0.1), (AttackSpec("stable-relu"),), 500, kind="certified"),
-)
-
-PRESETS["full"] = Preset(
-    name="full",
-    description=(
-        "Fashion-MNIST Linf 0.1: every defense (small-cnn, 2 epochs on 60k images, 5-step inner searches; the convex pair "
-        "one-vs-rest on a one-hidden-relu with 20 patterns per class, 2000 training points) x the basic attacks, "
-        "then APGD-CE/DLR/T-DLR, ACG and Square on the survivors; 500 test points. Plus: UAP and SGA at Linf 0.1 "
-        "(standard, pgd-at), one-pixel k=1 on 100 points, BadNets 5% / label-flip 10% (standard) and the convex "
-        "pair's certificate."
-    ),
-    data=(DataSpec("fashion-mnist"),),
-    models=(ModelSpec("small-cnn"),),
-    defenses=(
-        _FULL_STANDARD,
-        _FULL_PGD_AT,
-        DefenseSpec("fgsm-rs", {"epochs": _FULL_EPOCHS, "eps": 0.1, **_MONITOR}),
-        DefenseSpec("vat", {"epochs": _FULL_EPOCHS}),
-        DefenseSpec("elle", {"epochs": _FULL_EPOCHS, "eps": 0.1}),
-        DefenseSpec("elle-a", {"epochs": _FULL_EPOCHS, "eps": 0.1, **_MONITOR}),
-        DefenseSpec("trades", {"epochs": _FULL_EPOCHS, **_ADV}),
-        DefenseSpec("mart", {"epochs": _FULL_EPOCHS, **_ADV}),
-        DefenseSpec("arow", {"epochs": _FULL_EPOCHS, **_ADV}),
-    ),
-    grid=((_linf(0.1), (*_BASIC, *_STRONG, _SQUARE)),),
-    n=500,
-    survivors=True,
-    extra=_FULL_OTHER,
-    paired=(
-        (ModelSpec("one-hidden-relu", {"hidden": 400}), DefenseSpec("convex-standard", {**_FULL_CONVEX, "certify_eps": 0.1})),
-        (ModelSpec("one-hidden-relu", {"hidden": 400}), DefenseSpec("convex-robust", {**_FULL_CONVEX, "eps": 0.1})),
-    ),
-)
-
-
-PRESETS["poisoning"] = Preset(
-    name="poisoning",
-    description=(
-        "Fashion-MNIST (all 60k training images), small-cnn: BadNets at poison rates 1% and 5% (3x3 trigger, target "
-        "class 0) under standard and PGD-AT training (the full preset's settings); clean accuracy, its drop and attack "
-        "success rate on the 10k test images."
-    ),
-    data=(DataSpec("fashion-mnist"),),
-    models=(ModelSpec("small-cnn"),),
-    defenses=(_FULL_STANDARD, _FULL_PGD_AT),
-    grid=(),
-    n=10000,
-    extra=(
-        Extra(("standard", "pgd-at"), _BADNETS_THREAT,
-              (AttackSpec("badnets", {"rate": 0.01}), AttackSpec("badnets", {"rate": 0.05})), 10000),
-    ),
-)
+PRESET_DIR = Path(__file__).resolve().parent.parent / "presets"
+PRESETS = PresetFiles(PRESET_DIR)
 
 
 def get_preset(name: str) -> Preset:

@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from .. import __version__
-from ..core.data import Data, load
+from ..core.data import Data
 from ..core.device import make_policy
 from ..core.registry import load_plugin_file
 from ..training.cache import ModelCache, train_or_load
@@ -189,9 +189,7 @@ def run_group(
         policy = make_policy(ctx.device, ctx.autocast, ctx.autocast_eval)
         datasets = datasets if datasets is not None else {}
         if first.data not in datasets:
-            datasets[first.data] = load(
-                first.data.name, ctx.data_root, val_fraction=first.data.val_fraction, train_limit=first.data.train_limit
-            )
+            datasets[first.data] = first.data.load(ctx.data_root)
         data = datasets[first.data]
         cache = ModelCache(Path(ctx.workdir) / "models")
         trained = train_or_load(first.model, first.defense.build(), data, cache, policy=policy, progress=ctx.progress)

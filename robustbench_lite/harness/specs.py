@@ -7,8 +7,10 @@ trained-model cache uses it too.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+from ..core.data import Data, load
 from ..core.registry import ATTACKS, create_defense
 from ..core.threat import ThreatModel
 
@@ -23,6 +25,10 @@ class DataSpec:
 
     def as_dict(self) -> dict[str, Any]:
         return {"name": self.name, "train_limit": self.train_limit, "val_fraction": self.val_fraction}
+
+    def load(self, root: str | Path | None = None) -> Data:
+        """The data this spec names (a registered dataset, read from ``root``)."""
+        return load(self.name, root, val_fraction=self.val_fraction, train_limit=self.train_limit)
 
 
 @dataclass(frozen=True)

@@ -201,6 +201,7 @@ def _html(rows: Sequence[CellResult], tables: dict[str, pd.DataFrame], plots: li
             out.append(f"<tr class='{'flagged' if flagged else ''}'><td class='row-name'>{mark}{e(label)}</td>"
                        + "".join(cells) + "</tr>")
         out.append("</table>")
+    out += _curves_html(rows)
     out.append("<h2>Flags explained</h2>")
     present = _flag_codes(tables)
     if present:
@@ -242,12 +243,43 @@ def _markdown(rows: Sequence[CellResult], tables: dict[str, pd.DataFrame], plots
             mark = "⚠ " if r["flags"] else ""
             body.append([mark + row_label(str(r["model"]), str(r["defense"]))] + [_fmt(r[c]) for c in cols])
         out += [_md_table(["model / defense", *cols], body), ""]
+    out += _curves_md(rows)
     out += ["## Flags explained", ""]
     present = _flag_codes(tables)
     out += [f"- `{c}`: {checks.explain(c)}" for c in present] or ["No flag was raised in this store."]
     out += ["", "## Plots", ""]
     out += [f"### {p.title}\n\n![{p.title}](plots/{p.name}.png)\n" for p in plots]
     return "\n".join(out)
+
+
+def _curves_html(rows: Sequence[CellResult]) -> list[str]:
+    """The robustness-curve tables (the curve kind's rows), if any."""
+    from .curves import curve_tables
+
+    tables = curve_tables(rows)
+    if not tables:
+        return []
+    e = html.escape
+    out = ["<h2>Robustness curves</h2><p class='muted'>Robust accuracy at each eps of the grid (eps 0 = clean), "
+           "per attack; optimality (AttackBench) compares each attack's curve with the per-point best of all "
+           "attacks run: 1 = the best everywhere. area = area under the curve / eps max.</p>"]
+    for title, t in tables:
+        out.append(f"<h3>{e(title)}</h3><table><tr>" + "".join(f"<th>{e(c)}</th>" for c in t.columns) + "</tr>")
+        for _, r in t.iterrows():
+            out.append("<tr>" + "".join(f"<td{' class=row-name' if c == 'attack' else ''}>{e(_fmt(r[c]))}</td>"
+                                        for c in t.columns) + "</tr>")
+        out.append("</table>")
+    return out
+
+
+def _curves_md(rows: Sequence[CellResult]) -> list[str]:
+    from .curves import curve_tables
+
+    out = []
+    for title, t in curve_tables(rows):
+        out += [f"### Robustness curve: {title}", "",
+                _md_table(list(t.columns), [[_fmt(r[c]) for c in t.columns] for _, r in t.iterrows()]), ""]
+    return (["## Robustness curves", "", *out] if out else [])
 
 
 def write_report(rows: Sequence[CellResult], out_dir: str | Path) -> tuple[Path, Path]:
@@ -259,7 +291,9 @@ def write_report(rows: Sequence[CellResult], out_dir: str | Path) -> tuple[Path,
     out_dir = Path(out_dir)
     (out_dir / "plots").mkdir(parents=True, exist_ok=True)
     tables = wide_tables(rows)
-    plots = make_plots(rows)
+    from .curves import curve_plots
+
+    plots = make_plots(rows) + curve_plots(rows)
     for p in plots:
         (out_dir / "plots" / f"{p.name}.png").write_bytes(p.png)
     html_path, md_path = out_dir / "report.html", out_dir / "report.md"

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -25,6 +26,21 @@ def long_table(rows: Sequence[CellResult]) -> pd.DataFrame:
     df["_wc"] = df["attack"] == WORST_CASE
     df = df.sort_values(["dataset", "norm", "eps", "model", "defense", "_wc", "grad_evals", "attack"], kind="stable")
     return df.drop(columns="_wc").reset_index(drop=True)
+
+
+def _public(long: pd.DataFrame) -> pd.DataFrame:
+    """The long table as ``cells.csv`` shows it: a kind's private metrics (keys starting with
+    ``_``, e.g. the curve kind's per-point distances) left out, and an ``optimality`` column (the
+    curve kind's AttackBench score) where any row has one."""
+    if long.empty or "metrics" not in long:
+        return long
+    parsed = [json.loads(m) if isinstance(m, str) and m else {} for m in long["metrics"]]
+    out = long.copy()
+    out["metrics"] = [json.dumps({k: v for k, v in m.items() if not k.startswith("_")}) if m else "" for m in parsed]
+    if any("optimality" in m for m in parsed):
+        at = list(out.columns).index("robust_acc") + 1
+        out.insert(at, "optimality", [m.get("optimality") for m in parsed])
+    return out
 
 
 def _by_kind(rows: Sequence[CellResult]) -> list[tuple[str, str, pd.DataFrame]]:
@@ -51,7 +67,7 @@ def write(rows: Sequence[CellResult], out_dir: str | Path) -> list[Path]:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
-    long = long_table(rows)
+    long = _public(long_table(rows))
     if not long.empty:
         p = out_dir / "cells.csv"
         long.to_csv(p, index=False, float_format="%.6g")

@@ -1,0 +1,68 @@
+"""The report's robustness curves: a table per (dataset, model / defense, norm) with each attack's
+robust accuracy at every eps of its grid, its AttackBench optimality and normalised area, and
+one plot of the curves (the worst case drawn thick).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+
+import pandas as pd
+
+from ..harness.kinds import rows_of_kind
+from ..harness.rows import WORST_CASE, CellResult
+
+
+def curve_tables(rows: Sequence[CellResult]) -> list[tuple[str, pd.DataFrame]]:
+    """``(title, table)`` per (dataset, model, defense, norm, grid): one row per attack (worst case
+    last), columns ``optimality``, ``area`` and the robust accuracy at each eps (``eps 0`` = clean)."""
+    groups: dict[tuple, list[dict]] = {}
+    for r in rows_of_kind(rows, "curve"):
+        if r.status != "ok" or not r.metrics:
+            continue
+        m = json.loads(r.metrics)
+        grid, curve = m.get("grid"), m.get("curve")
+        if not grid or not curve:
+            continue
+        row = {"attack": r.attack, "optimality": m.get("optimality"), "area": m.get("area")}
+        row.update({f"eps {e:g}": a for e, a in zip([0.0, *grid], [r.clean_acc, *curve], strict=True)})
+        groups.setdefault((r.dataset, r.model, r.defense, r.norm, r.n, tuple(grid)), []).append(row)
+    out = []
+    for (dataset, model, defense, norm, n, _), table_rows in sorted(groups.items()):
+        t = pd.DataFrame(table_rows)
+        t["_wc"] = t["attack"] == WORST_CASE
+        t = t.sort_values(["_wc", "optimality", "attack"], ascending=[True, False, True], kind="stable")
+        out.append((f"{dataset} — {model} / {defense} — {norm}, {n} points", t.drop(columns="_wc").reset_index(drop=True)))
+    return out
+
+
+def curve_plots(rows: Sequence[CellResult]):
+    """One PNG per report with a panel per curve table (robust accuracy vs eps, one line per attack)."""
+    from .html import Plot, _png
+
+    tables = curve_tables(rows)
+    if not tables:
+        return []
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(tables), figsize=(5.6 * len(tables), 4.0), squeeze=False)
+    for ax, (title, t) in zip(axes[0], tables, strict=True):
+        eps_cols = [c for c in t.columns if c.startswith("eps ")]
+        xs = [float(c.split(" ", 1)[1]) for c in eps_cols]
+        for _, r in t.iterrows():
+            wc = r["attack"] == WORST_CASE
+            label = r["attack"] if wc or pd.isna(r["optimality"]) else f"{r['attack']} ({r['optimality']:.2f})"
+            ax.plot(xs, [r[c] for c in eps_cols], marker="" if wc else "o", ms=3, lw=2.6 if wc else 1.2,
+                    color="black" if wc else None, label=label, zorder=3 if wc else 2)
+        ax.set_title(title, fontsize=9)
+        ax.set_xlabel("eps")
+        ax.set_ylabel("robust accuracy")
+        ax.set_ylim(-0.02, 1.02)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, title="attack (optimality)", title_fontsize=7)
+    fig.suptitle("Robust accuracy vs eps per attack")
+    return [Plot("robustness_curves", "Robustness curves and attack optimality", _png(fig, plt))]
