@@ -157,8 +157,9 @@ def _fail(exc: BaseException, verbose: bool) -> int:
         code = EXIT_BAD_INPUT
         msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
     elif isinstance(exc, OSError):
-        where = f" ({exc.filename})" if getattr(exc, "filename", None) else ""
-        code, msg = EXIT_WORKDIR, f"{exc.strerror or exc}{where}: check that --workdir and --out are writable folders"
+        where = f"{exc.filename}: " if getattr(exc, "filename", None) else ""
+        fix = "" if "pick another" in str(exc.strerror) else "; check that --workdir and --out are writable folders"
+        code, msg = EXIT_WORKDIR, f"{where}{exc.strerror or exc}{fix}"
     else:
         code = EXIT_INTERNAL
         msg = f"internal error: {type(exc).__name__}: {exc} (rerun with -v for the traceback, and please report it)"

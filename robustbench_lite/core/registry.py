@@ -122,7 +122,7 @@ class Registry:
             return self._items[name]
         except KeyError:
             close = difflib.get_close_matches(str(name), list(self._items), n=3, cutoff=0.5)
-            hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+            hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else "."
             raise KeyError(
                 f"unknown {self.noun} {name!r}{hint} Known: {', '.join(sorted(self._items))}. "
                 f"Use list_{self.noun}s() to see them, or --plugin path.py to add one."

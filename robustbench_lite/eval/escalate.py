@@ -3,7 +3,9 @@
 When a masking check fires (:data:`~robustbench_lite.eval.evasion.MASKING`) and the adaptive rerun
 through wrappers (:mod:`~robustbench_lite.eval.adaptive`) is done, each threat's worst case goes
 through these steps in order, each only on the points no earlier attack or step broke, while
-there are such points and the per-point budget lasts:
+there are such points and the per-point budget lasts (a masking flag is never cleared: the checks
+have margins of several points, so smoothed gradients that pass them again can still miss what a
+5000-query black box finds):
 
 1. ``noise-eot``: APGD-CE and APGD-DLR (Croce & Hein 2020) on the noise-smoothed model
    (:class:`~robustbench_lite.eval.adaptive.NoiseEOT`: the mean logits over Gaussian input noise
@@ -146,6 +148,11 @@ class TransferPGD(EvasionAttack):
         return best
 
 
+def smoothed(wrapped: nn.Module, threat: ThreatModel, like: Tensor, cfg: Escalation) -> NoiseEOT:
+    """``wrapped`` under step 1's Gaussian input noise."""
+    return NoiseEOT(wrapped, noise_sigma(threat, like, cfg.noise_fraction), cfg.noise_samples)
+
+
 def noise_sigma(threat: ThreatModel, like: Tensor, fraction: float) -> float:
     """Per-pixel σ whose uniform perturbation has norm ``fraction · eps`` (Linf: ``fraction · eps``;
     L2: ``fraction · eps / sqrt(d)``), so the noise is small beside the threat ball in every norm."""
@@ -174,8 +181,9 @@ def run_step(
 ) -> StepRecord:
     """One step on the points ``alive`` marks; ``run_one(attack, mask, attack_model)`` runs an
     attack as the evaluation does (batches, device, judging on ``judge``, the model under test)
-    and returns its record.  ``wrapped`` is the model with the adaptive wrappers (what gradient
-    steps smooth); without a ``surrogate`` the transfer step records that it could not run."""
+    and returns its record.  ``wrapped`` is the model with the adaptive wrappers other than EOT
+    (what gradient steps smooth: the noise samples also sample a randomized model's own
+    randomness); without a ``surrogate`` the transfer step records that it could not run."""
     start, grads, fwds = time.perf_counter(), 0, 0
     robust = alive.clone()
     attacked = int(alive.sum())
@@ -190,7 +198,7 @@ def run_step(
         if not robust.any():
             break
         if step == "noise-eot":
-            model: nn.Module | None = NoiseEOT(wrapped, noise_sigma(threat, like, cfg.noise_fraction), cfg.noise_samples)
+            model: nn.Module | None = smoothed(wrapped, threat, like, cfg)
         elif step == "transfer":
             model = surrogate
         else:

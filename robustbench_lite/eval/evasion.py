@@ -384,8 +384,11 @@ def evaluate(
     escalated: dict[ThreatModel, Escalated] = {}
     if escalation is not None:
         lazy = _Lazy(surrogate, policy)
+        inner, _ = wrappers.adapt(  # the noise samples of step 1 are the EOT: no EOT inside them
+            model, bpda=bool(fired & _STUCK), log_outputs=checks.PROBABILITY_OUTPUTS in fired, rescale=bool(fired & _STUCK)
+        )
         for threat in list(worst):
-            esc = _escalate(threat, worst[threat], escalation, ck, run, wrapped, model, lazy, split, classes)
+            esc = _escalate(threat, worst[threat], escalation, ck, run, inner, model, lazy, split, classes)
             escalated[threat] = esc
             worst[threat] = worst[threat] & esc.robust
     for threat in worst:

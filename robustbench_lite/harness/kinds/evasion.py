@@ -24,9 +24,9 @@ from torch import nn
 
 from ...core.config import config_hash
 from ...core.threat import ThreatModel
-from ...eval.escalate import Escalated
+from ...eval.escalate import Escalated, Escalation
 from ...eval.evasion import AttackRecord, evaluate
-from ...eval.flags import INCOMPLETE, clean_acc_mismatch, join
+from ...eval.flags import INCOMPLETE, NON_FINITE, clean_acc_mismatch, join
 from ...training.cache import train_or_load
 from ...training.defense import Defense
 from ..autotune import BatchTuner, attack_pass
@@ -38,6 +38,9 @@ from . import KINDS, CellKind, Group, kind, register_kind, rows_of_kind
 log = logging.getLogger(__name__)
 
 ID_COLUMNS = ["dataset", "model", "defense", "norm", "eps", "n"]
+# the escalation ladder the harness runs when a masking check fires (read at each evaluation, so a
+# plugin file can swap it, e.g. for a cheaper one in tests; None turns it off)
+ESCALATION: Escalation | None = Escalation()
 
 
 @dataclass(frozen=True)
@@ -108,10 +111,14 @@ class Evasion(CellKind):
             trained.model, [attacks[i] for i in live], data.test, n=n, policy=group.policy,
             batch_size=_batch_rule(group, n), survivors_only=survivors,
             precomputed={j: precomputed[i] for j, i in enumerate(live) if i in precomputed}, on_record=on_record,
-            checkpoint=group.checkpoint(part), surrogate=lambda: surrogate_model(cells[0], group),
+            checkpoint=group.checkpoint(part), surrogate=lambda: surrogate_model(cells[0], group), escalation=ESCALATION,
             num_classes=data.num_classes,
         )
-        model_flags = set(ev.model_flags)
+        if NON_FINITE in ev.model_flags:
+            log.warning(
+                "%s/%s returns NaN or inf outputs on some of the %d points: they count as misclassified (flag %s)",
+                cells[0].model.name, cells[0].defense.name, ev.n, NON_FINITE,
+            )
         mismatch = clean_acc_mismatch(ev.clean_acc, trained.sidecar.get("clean_acc"), ev.n)
         if mismatch:
             log.warning(
@@ -119,7 +126,6 @@ class Evasion(CellKind):
                 "trained ones (delete %s.* in the model cache to retrain)", cells[0].model.name, cells[0].defense.name,
                 ev.clean_acc, ev.n, trained.sidecar.get("clean_acc"), trained.key,
             )
-            model_flags.add(mismatch)
         # the attack rows, with their flags (flags need every attack of the threat)
         for j, rec in enumerate(ev.records):
             cell = cells[live[j]]
