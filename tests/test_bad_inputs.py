@@ -314,6 +314,8 @@ def _cli_cases() -> list[Case]:
              check=lambda tmp, r: _csv(tmp, "w_wt_swap")["clean_acc"].iloc[0] > 0.5),
         Case("weights swapped (old sidecar, no hash)", _smoke(work="w_wt_swap_old"), EXIT_OK, ("clean accuracy", "retraining"),
              check=lambda tmp, r: _csv(tmp, "w_wt_swap_old")["clean_acc"].iloc[0] > 0.5),
+        Case("sidecar clean_acc disagrees with the weights", _smoke(work="w_side_acc"), EXIT_OK, ("clean accuracy", "may not be"),
+             check=lambda tmp, r: "clean-acc-mismatch" in _csv(tmp, "w_side_acc")["flags"].iloc[0]),
         Case("autotune.json is []", [*_smoke(work="w_tune_list"), "--batch-size", "auto"], EXIT_OK, ("autotune", "probing again")),
         Case("autotune batch 'abc'", [*_smoke(work="w_tune_abc"), "--batch-size", "auto"], EXIT_OK, ("autotune", "probing again")),
     ]
@@ -342,18 +344,19 @@ def _prepare(tmp: Path, ref_work: Path) -> None:
     assert len(models) == 1
     key = models[0].stem
     for work in ("w_mask", "w_side_abc", "w_side_list", "w_side_garbled", "w_wt_trunc", "w_wt_garbled", "w_wt_arch",
-                 "w_wt_swap", "w_wt_swap_old", "w_tune_list", "w_tune_abc"):
+                 "w_wt_swap", "w_wt_swap_old", "w_tune_list", "w_tune_abc", "w_side_acc"):
         shutil.copytree(ref_work, tmp / work)
     with sqlite3.connect(tmp / "w_mask" / "store.sqlite") as db:  # a stored mask cut short
         db.execute("UPDATE cells SET mask = substr(mask, 1, 1) WHERE mask IS NOT NULL")
     models_of = {w: tmp / w / "models" for w in ("w_side_abc", "w_side_list", "w_side_garbled", "w_wt_trunc", "w_wt_garbled",
                                                  "w_wt_arch", "w_wt_swap", "w_wt_swap_old")}
-    for w in [*models_of, "w_tune_list", "w_tune_abc"]:  # the store says done; drop it so the cells run (and load the model)
+    for w in [*models_of, "w_tune_list", "w_tune_abc", "w_side_acc"]:  # the store says done; drop it so the cells run (and load the model)
         (tmp / w / "store.sqlite").unlink()
     side = json.loads((models_of["w_side_abc"] / f"{key}.json").read_text())
     old = {k: v for k, v in side.items() if k != "weights_sha256"}  # a sidecar from before weight hashes
     (models_of["w_side_abc"] / f"{key}.json").write_text(json.dumps({**side, "train_seconds": "abc"}))
     (models_of["w_side_list"] / f"{key}.json").write_text("[]")
+    (tmp / "w_side_acc" / "models" / f"{key}.json").write_text(json.dumps({**side, "clean_acc": 0.2}))
     (models_of["w_side_garbled"] / f"{key}.json").write_text('{"key": ')
     weights = (ref_work / "models" / f"{key}.safetensors").read_bytes()
     (models_of["w_wt_trunc"] / f"{key}.safetensors").write_bytes(weights[: len(weights) // 2])

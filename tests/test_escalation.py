@@ -110,7 +110,7 @@ LIARS = {
     "shattered-gradient": (lambda m: Shattered(m), lambda m, lying: m, None),
     "unmarked-quantizer": (lambda m: nn.Sequential(Quantize(), m), lambda m, lying: BPDA(nn.Sequential(bpda(_quantize), m)),
                            {checks.ZERO_GRAD}),
-    "randomized": (lambda m: nn.Sequential(InputNoise(), m), lambda m, lying: EOT(lying, 16), {checks.RANDOMIZED}),
+    "randomized": (lambda m: nn.Sequential(InputNoise(), m), lambda m, lying: EOT(lying, 8), {checks.RANDOMIZED}),
     "saturated-softmax": (lambda m: nn.Sequential(m, Scale()), lambda m, lying: m, {checks.ZERO_GRAD}),
 }
 
@@ -148,12 +148,15 @@ def test_an_honest_model_does_not_escalate(digits_model, digits):
 
 
 def test_noise_eot_smooths_a_shattered_gradient_and_keeps_the_function(digits_model, digits):
+    """The smoothed model's gradient is an unbiased estimate of the honest one (the term averages
+    out): with many noise samples its signs agree with the base model's; the shattered gradient's
+    are a coin toss.  The function (the prediction) does not change."""
     lying = Shattered(digits_model).eval()
     x = digits.test.x[:32].clone().requires_grad_(True)
     y = digits.test.y[:32]
     sigma = noise_sigma(THREAT, x, 0.04)
     assert sigma == pytest.approx(0.004)
-    smooth = NoiseEOT(lying, sigma, samples=32)
+    smooth = NoiseEOT(lying, sigma, samples=512)
     (g_lying,) = torch.autograd.grad(nn.functional.cross_entropy(lying(x), y), x)
     (g_smooth,) = torch.autograd.grad(nn.functional.cross_entropy(smooth(x), y), x)
     (g_true,) = torch.autograd.grad(nn.functional.cross_entropy(digits_model(x), y), x)
@@ -162,7 +165,7 @@ def test_noise_eot_smooths_a_shattered_gradient_and_keeps_the_function(digits_mo
         mask = g_true != 0
         return float((g.sign() == g_true.sign())[mask].float().mean())
 
-    assert agree(g_lying) < 0.7 < 0.9 < agree(g_smooth)
+    assert agree(g_lying) < 0.6 and agree(g_smooth) > 0.9
     with torch.no_grad():
         assert torch.equal(smooth(x).argmax(1), digits_model(x).argmax(1))
 

@@ -184,7 +184,10 @@ def test_two_concurrent_runs_on_one_workdir_compute_each_cell_once(tmp_path):
     for stdout, _ in outs:
         line = next(s for s in stdout.splitlines() if s.startswith("preset smoke:"))
         computed.append(int(line.split(":")[1].split("cells computed")[0]))
-    assert sum(computed) == 3  # fgsm and pgd at linf 0.1, pgd at l2 1.0: once in total
+    with Store(tmp_path / "work" / "store.sqlite") as store:
+        cells = [r for r in store.rows() if r.attack != "worst_case"]
+    assert len(cells) == 4 and all(r.status == "ok" for r in cells)  # fgsm and pgd at linf 0.1 and at l2 1.0
+    assert sum(computed) == 4, computed  # each cell once, in one run or the other
     _same(_tables(tmp_path / "out0"), _tables(tmp_path / "out1"))
 
 
