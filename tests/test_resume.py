@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import textwrap
@@ -209,3 +210,32 @@ def test_a_leaderboard_write_killed_midway_leaves_no_truncated_csv(tmp_path, mon
     monkeypatch.setattr(pd.DataFrame, "to_csv", real)
     assert pd.read_csv(target)["a"].tolist() == [1, 2]  # the old file, whole
     assert [p.name for p in tmp_path.iterdir()] == ["t.csv"]  # and no temporary file left
+
+
+def test_a_workdir_from_before_resumes_without_recomputing(tmp_path, caplog):
+    """A workdir written before stages, leases and weight hashes: its finished cells are skipped,
+    and a new cell loads its model (the old sidecar is checked by clean accuracy, then gets the
+    hash) instead of retraining it."""
+    import logging
+
+    from robustbench_lite.harness.presets import get_preset
+    from robustbench_lite.harness.run import run_plan
+
+    def smoke(**kw):
+        return run_plan(get_preset("smoke").plan(n=40, threats=None, **kw), workdir=tmp_path, progress=False)
+
+    assert smoke(attacks=["fgsm"]).computed == 2
+    with sqlite3.connect(tmp_path / "store.sqlite") as db:  # the old store had the cells table only
+        db.execute("DROP TABLE stages")
+        db.execute("DROP TABLE leases")
+    (sidecar,) = (tmp_path / "models").glob("*.json")
+    old = json.loads(sidecar.read_text())
+    sidecar.write_text(json.dumps({k: v for k, v in old.items() if k != "weights_sha256"}))
+    again = smoke(attacks=["fgsm"])
+    assert again.computed == 0 and again.skipped == 2
+    with caplog.at_level(logging.INFO):
+        more = smoke(attacks=["fgsm", "ifgsm"])
+    assert more.computed == 1 and more.skipped == 2
+    assert "retraining" not in caplog.text
+    now = json.loads(sidecar.read_text())  # not retrained (same creation time), and now with the hash
+    assert now["created"] == old["created"] and now["weights_sha256"] == old["weights_sha256"]

@@ -255,7 +255,8 @@ def evaluate(
     ``adapted:...`` flag.  Then each threat's worst case escalates through ``escalation``'s ladder
     (:mod:`~robustbench_lite.eval.escalate`: noise-smoothed EOT, a transfer attack from
     ``surrogate()`` when given, Square with AutoAttack's budget) on its survivors while the budget
-    lasts; ``Evaluation.escalated`` holds each step's per-point outcome, and the worst case
+    lasts (a threat escalates when a model-level masking check or one of its own fired);
+    ``Evaluation.escalated`` holds each step's per-point outcome, and the worst case
     (``worst_case`` and its ``adapted:...`` flag) includes them.  With ``probe_iterations``
     (default) each threat with an iterative gradient attack also gets the more-iterations check
     (:func:`iterations_probe`, 110 PGD steps on 64 points).
@@ -388,6 +389,9 @@ def evaluate(
             model, bpda=bool(fired & _STUCK), log_outputs=checks.PROBABILITY_OUTPUTS in fired, rescale=bool(fired & _STUCK)
         )
         for threat in list(worst):
+            own = set(found) | {f for key, fs in flags.items() if key.endswith(f"@{threat.label}") for f in fs}
+            if not own & set(MASKING):
+                continue  # this threat's own checks are quiet (the rerun was for another threat's flags)
             esc = _escalate(threat, worst[threat], escalation, ck, run, inner, model, lazy, split, classes)
             escalated[threat] = esc
             worst[threat] = worst[threat] & esc.robust
