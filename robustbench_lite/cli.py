@@ -1,27 +1,60 @@
-"""``robustbench-lite run | list | leaderboard | report``."""
+"""``robustbench-lite run | list | leaderboard | report``.
+
+Every failure ends in one line on stderr and an exit code that says what kind it was
+(:data:`EXIT_CODES`); ``-v`` adds the traceback.
+"""
 
 from __future__ import annotations
 
 import argparse
 import logging
+import sqlite3
 import sys
 import time
+import traceback
 from collections.abc import Sequence
+from pathlib import Path
 
 from .certify import VERIFIERS
 from .cli_eval import add_eval_parser, run_eval
 from .core.device import AUTOCAST_CHOICES
-from .core.registry import ATTACKS, DATASETS, DEFENSES, MODELS, load_plugin_file
+from .core.registry import ATTACKS, DATASETS, DEFENSES, MODELS, PluginError, load_plugin_file
 from .core.threat import ThreatModel
+from .harness import faults
 from .harness.kinds import KINDS
 from .harness.presets import PRESETS, get_preset
 from .harness.run import run_plan
-from .harness.store import Store
+from .harness.store import Store, StoreError
 from .report import leaderboard
+
+EXIT_OK = 0
+EXIT_CELLS_FAILED = 1  # the run finished, but some cells raised (their rows say why)
+EXIT_BAD_INPUT = 2  # a bad option, name or value (nothing was computed)
+EXIT_PLUGIN = 3  # a --plugin file does not import or registers something that is not a plugin
+EXIT_WORKDIR = 4  # the workdir, store or output folder cannot be used (damaged, read-only, a file in the way)
+EXIT_INTERNAL = 70  # a bug: please report it with the output of -v
+EXIT_INTERRUPTED = 130  # Ctrl-C: finished cells are stored; the same command resumes
+EXIT_CODES = {
+    EXIT_OK: "success", EXIT_CELLS_FAILED: "some cells failed", EXIT_BAD_INPUT: "bad input", EXIT_PLUGIN: "plugin error",
+    EXIT_WORKDIR: "workdir or store problem", EXIT_INTERNAL: "internal error", EXIT_INTERRUPTED: "interrupted",
+}
 
 
 def _csv(text: str) -> list[str]:
-    return [t.strip() for t in text.split(",") if t.strip()]
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    if not items:
+        raise argparse.ArgumentTypeError(f"expected comma-separated names, got {text!r}")
+    return items
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
 
 
 def _batch_size(text: str) -> int | str:
@@ -59,7 +92,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--datasets", type=_csv, help="comma-separated dataset names replacing the preset's")
     r.add_argument("--threats", type=_csv,
                    help="comma-separated NORM:EPS, e.g. linf:0.1,l2:1.5")
-    r.add_argument("--n", type=int, help="number of test points")
+    r.add_argument("--n", type=_positive_int, help="number of test points")
     r.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (with --executor ray: where each task runs)")
     r.add_argument("--autocast", default="auto", choices=AUTOCAST_CHOICES,
                    help="mixed precision for training and attacks: auto (bf16/fp16 on CUDA, off on CPU), off, bf16, fp16")
@@ -74,15 +107,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="local: one process (default); ray: one Ray task per (data, model, defense) group")
     r.add_argument("--address", help="with --executor ray: join this Ray cluster (e.g. 'auto' or HOST:6379); "
                    "default: start a local Ray instance")
-    r.add_argument("--ray-cpus", type=int, default=2, help="CPUs of a local Ray instance (default 2)")
+    r.add_argument("--ray-cpus", type=_positive_int, default=2, help="CPUs of a local Ray instance (default 2)")
     r.add_argument("--no-progress", action="store_true")
-    for q in (r,):
-        q.add_argument("--plugin", action="append", default=argparse.SUPPRESS, metavar="FILE.py")
 
     ls = sub.add_parser("list", help="list attacks, defenses, models, datasets, verifiers, kinds or presets")
     ls.add_argument("what", nargs="?", default="attacks", choices=[*_REGISTRIES, "presets"])
     ls.add_argument("pattern", nargs="?", default="*", help="fnmatch pattern, e.g. 'pgd*'")
-    ls.add_argument("--plugin", action="append", default=argparse.SUPPRESS, metavar="FILE.py")
 
     lb = sub.add_parser("leaderboard", help="rebuild the leaderboard CSVs from the store and print them")
     lb.add_argument("--workdir", default=".rbl")
@@ -93,10 +123,15 @@ def build_parser() -> argparse.ArgumentParser:
     rp = sub.add_parser("report", help="write report.html (self-contained) and report.md from the store")
     rp.add_argument("--workdir", default=".rbl")
     rp.add_argument("--out", default="report", help="folder for report.html, report.md and plots/ (default report)")
+    for q in (r, ls, lb, rp):  # the global options also work after the subcommand
+        q.add_argument("--plugin", action="append", default=argparse.SUPPRESS, metavar="FILE.py")
+        q.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS)
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Parse ``argv``, run the subcommand, and turn every failure into one line on stderr and an
+    exit code from :data:`EXIT_CODES` (``-v``: with the traceback)."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
@@ -111,10 +146,35 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "eval":
             return run_eval(args)
         return _run(args)
-    except (ValueError, TypeError, KeyError, FileNotFoundError) as exc:
-        msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
-        print(f"robustbench-lite: error: {msg}", file=sys.stderr)
-        return 2
+    except BaseException as exc:  # noqa: BLE001 - every failure becomes one line and an exit code
+        if isinstance(exc, SystemExit):
+            raise
+        return _fail(exc, args.verbose)
+
+
+def _fail(exc: BaseException, verbose: bool) -> int:
+    """Print ``exc`` as one line (plus its traceback with ``verbose``); return its exit code."""
+    if isinstance(exc, KeyboardInterrupt):
+        code, msg = EXIT_INTERRUPTED, "interrupted; finished cells are stored, and the same command resumes the run"
+    elif isinstance(exc, PluginError):
+        code, msg = EXIT_PLUGIN, str(exc)
+    elif isinstance(exc, (StoreError, sqlite3.Error)):
+        code, msg = EXIT_WORKDIR, str(exc)
+    elif isinstance(exc, FileNotFoundError) or isinstance(exc, (ValueError, TypeError, KeyError)):
+        code = EXIT_BAD_INPUT
+        msg = exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)
+    elif isinstance(exc, OSError):
+        where = f"{exc.filename}: " if getattr(exc, "filename", None) else ""
+        fix = "" if "pick another" in str(exc.strerror) else "; check that --workdir and --out are writable folders"
+        code, msg = EXIT_WORKDIR, f"{where}{exc.strerror or exc}{fix}"
+    else:
+        code = EXIT_INTERNAL
+        msg = f"internal error: {type(exc).__name__}: {exc} (rerun with -v for the traceback, and please report it)"
+    if verbose:
+        traceback.print_exception(type(exc), exc, exc.__traceback__, file=sys.stderr)
+    first = str(msg).strip().splitlines()[0] if str(msg).strip() else type(exc).__name__
+    print(f"robustbench-lite: error: {first}", file=sys.stderr)
+    return code
 
 
 def _list(args: argparse.Namespace) -> int:
@@ -136,7 +196,7 @@ def _list(args: argparse.Namespace) -> int:
 def _report(workdir: str, out: str) -> int:
     from .report.html import write_report  # matplotlib is needed only here
 
-    with Store(f"{workdir}/store.sqlite") as store:
+    with Store(f"{workdir}/store.sqlite", create=False) as store:
         rows = store.rows()
     html_path, md_path = write_report(rows, out)
     print(f"wrote {html_path} and {md_path}")
@@ -144,9 +204,12 @@ def _report(workdir: str, out: str) -> int:
 
 
 def _leaderboard(workdir: str, out: str) -> int:
-    with Store(f"{workdir}/store.sqlite") as store:
+    with Store(f"{workdir}/store.sqlite", create=False) as store:
         rows = store.rows()
+    if not rows:
+        raise ValueError(f"the results store in {workdir} holds no cells yet: run `robustbench-lite run --workdir {workdir}` first")
     paths = leaderboard.write(rows, out)
+    faults.point("leaderboard-written")
     print(leaderboard.render(rows))
     print("\nwrote " + ", ".join(str(p) for p in paths))
     return 0
@@ -158,12 +221,21 @@ def _config(path: str, data_root: str | None):
     return load_grid(path, data_root=data_root)
 
 
+def _check_out(out: str) -> None:
+    """Fail before any work when the leaderboard folder cannot be written."""
+    path = Path(out)
+    if path.exists() and not path.is_dir():
+        raise NotADirectoryError(20, "a file is in the way of the leaderboard folder; pick another --out", str(path))
+    path.mkdir(parents=True, exist_ok=True)
+
+
 def _run(args: argparse.Namespace) -> int:
-    threats = [ThreatModel.parse(t) for t in args.threats] if args.threats else None
+    threats = [ThreatModel.parse(t) for t in args.threats] if args.threats is not None else None
     preset = _config(args.config, args.data_root) if args.config else get_preset(args.preset)
     plan = preset.plan(
         attacks=args.attacks, threats=threats, n=args.n, defenses=args.defenses, datasets=args.datasets
     )
+    _check_out(args.out)
     executor = None
     if args.executor == "ray":
         from .harness.ray_executor import RayExecutor  # ray is an optional extra
@@ -181,7 +253,7 @@ def _run(args: argparse.Namespace) -> int:
         f"{summary.errors} errors, {elapsed:.1f} s"
     )
     _leaderboard(args.workdir, args.out)
-    return 1 if summary.errors else 0
+    return EXIT_CELLS_FAILED if summary.errors else EXIT_OK
 
 
 if __name__ == "__main__":

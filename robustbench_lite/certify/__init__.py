@@ -20,7 +20,7 @@ from ..core.config import Plugin
 from ..core.registry import Registry
 from ..core.threat import Norm, ThreatModel
 
-VERIFIERS = Registry("verifier", "robustbench_lite.certify", "robustbench_lite.verifiers")
+VERIFIERS = Registry("verifier", "robustbench_lite.certify", "robustbench_lite.verifiers", base="robustbench_lite.certify:Verifier")
 register_verifier = VERIFIERS.register
 create_verifier = VERIFIERS.create
 list_verifiers = VERIFIERS.list

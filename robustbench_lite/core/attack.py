@@ -30,6 +30,7 @@ import torch
 from torch import Tensor, nn
 
 from .config import Plugin, setting
+from .models import check_logits
 from .threat import Geometry, Norm, ThreatModel, check_eps
 
 LossFn = Callable[[Tensor, Tensor], Tensor]
@@ -60,19 +61,27 @@ class _Counter(nn.Module):
     """Wraps a model and counts forward passes and input-gradient evaluations per image.
 
     A module that runs the network several times per call (EOT) says so with an integer
-    ``passes_per_forward`` attribute; the counts are multiplied by it (nested ones multiply)."""
+    ``passes_per_forward`` attribute; the counts are multiplied by it (nested ones multiply).
+    The first output is checked: logits ``(batch, classes)`` with a logit for every label
+    (``labels``: the largest label + 1), so a label out of range or a model with the wrong output
+    shape fails with a message instead of deep inside a loss."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, labels: int = 0) -> None:
         super().__init__()
         self.model = model
         self.forwards = 0
         self.backwards = 0
         self.passes = 1
+        self.labels = labels
+        self._checked = False
         for m in model.modules():
             self.passes *= int(getattr(m, "passes_per_forward", 1))
 
     def forward(self, x: Tensor) -> Tensor:
         out = self.model(x)
+        if not self._checked:
+            check_logits(out, x.shape[0], self.labels)
+            self._checked = True
         n = x.shape[0] * self.passes
         self.forwards += n
         if out.requires_grad:
@@ -133,8 +142,9 @@ class Attack(Plugin):
         """The call-time checks every attack kind shares: model, images, labels, generator."""
         check_model(model)
         x = check_images(x)
+        check_dtype(model, x)
         y = check_labels(y, x.shape[0]).to(x.device)
-        return x, y, seeded(gen, self.seed, x.device), _Counter(model)
+        return x, y, seeded(gen, self.seed, x.device), _Counter(model, int(y.max()) + 1)
 
 
 # -------------------------------------------------------------------------------------------------
@@ -170,6 +180,16 @@ def check_images(x: object, name: str = "x") -> Tensor:
             "and put any normalization inside the model"
         )
     return x
+
+
+def check_dtype(model: nn.Module, x: Tensor) -> None:
+    """Images in a float dtype other than the model's weights fail with the dtype to use."""
+    param = next(iter(model.parameters()), None)
+    if param is not None and param.is_floating_point() and x.dtype != param.dtype:
+        raise TypeError(
+            f"x is {str(x.dtype)[6:]} but the model's weights are {str(param.dtype)[6:]}; pass x.to({param.dtype}) "
+            f"(e.g. x.float() for a float32 model)"
+        )
 
 
 def check_labels(y: object, n: int) -> Tensor:

@@ -87,8 +87,9 @@ def load(
     """
     if name not in DATASETS:
         raise ValueError(f"unknown dataset {name!r}; choose one of {list_datasets()} (or --plugin a file that registers it)")
-    if not 0.0 <= val_fraction < 1.0:
-        raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    if isinstance(val_fraction, bool) or not isinstance(val_fraction, (int, float)) or not 0.0 <= val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be a number in [0, 1), got {val_fraction!r}")
+    check_train_limit(train_limit)
     root_path = Path(root) if root is not None else (Path(os.environ[ENV_ROOT]) if os.environ.get(ENV_ROOT) else None)
     train, test, num_classes = _checked(name, DATASETS.get(name)(root_path))
     val = None
@@ -102,12 +103,24 @@ def load(
     return Data(name=name, train=train, test=test, num_classes=num_classes, val=val)
 
 
+def check_train_limit(train_limit: object) -> None:
+    """``train_limit`` is ``None`` (all training points) or an int >= 1."""
+    if train_limit is not None and (isinstance(train_limit, bool) or not isinstance(train_limit, int) or train_limit < 1):
+        raise ValueError(f"train_limit must be None (all training points) or an int >= 1, got {train_limit!r}")
+
+
 def _checked(name: str, loaded: object) -> tuple[DataSplit, DataSplit, int]:
     """A dataset loader's result, checked: ``(train, test, num_classes)`` of images in [0, 1]."""
     if not (isinstance(loaded, tuple) and len(loaded) == 3 and isinstance(loaded[0], DataSplit)
             and isinstance(loaded[1], DataSplit) and isinstance(loaded[2], int)):
         raise TypeError(f"dataset {name!r}: a loader must return (train: DataSplit, test: DataSplit, num_classes: int)")
     train, test, num_classes = loaded
+    # float16/float64 images are accepted as float32 (the models' precision)
+    train, test = (DataSplit(s.x.float(), s.y) if s.x.is_floating_point() and s.x.dtype != torch.float32 else s for s in (train, test))
+    if num_classes < 2:
+        raise ValueError(f"dataset {name!r}: num_classes must be >= 2, got {num_classes}")
+    if len(train) == 0 or len(test) == 0:
+        raise ValueError(f"dataset {name!r}: the loader returned an empty {'train' if len(train) == 0 else 'test'} split")
     for split_name, split in (("train", train), ("test", test)):
         if not split.x.is_floating_point() or float(split.x.min()) < 0 or float(split.x.max()) > 1:
             raise ValueError(f"dataset {name!r}: {split_name} images must be floats in [0, 1]; divide uint8 images by 255")

@@ -126,6 +126,23 @@ def accuracy(model: nn.Module, split: DataSplit, device: torch.device | str, bat
     return float((predict(model, split.x, device, batch_size) == split.y).float().mean())
 
 
+def check_logits(out: object, batch: int, labels: int, num_classes: int | None = None) -> None:
+    """Raise ``ValueError`` naming the fix unless ``out`` is a ``(batch, classes)`` float tensor
+    with ``classes >= labels`` (the largest label + 1) and, given, ``classes == num_classes``."""
+    if not isinstance(out, Tensor):
+        raise TypeError(f"the model must return a tensor of logits, got {type(out).__name__}")
+    shape = tuple(out.shape)
+    fix = "the model must return one logit per class, shape (batch, num_classes)"
+    if out.dim() != 2 or shape[0] != batch:
+        raise ValueError(f"the model returned outputs of shape {shape} for a batch of {batch}; {fix}")
+    if not out.is_floating_point():
+        raise TypeError(f"the model returned {out.dtype} outputs; {fix}, as floats")
+    if num_classes is not None and shape[1] != num_classes:
+        raise ValueError(f"the model returns {shape[1]} logits but the dataset has {num_classes} classes; {fix}")
+    if shape[1] < labels:
+        raise ValueError(f"the model returns {shape[1]} logits but the labels go up to {labels - 1}; {fix}")
+
+
 def split_head(model: nn.Module) -> tuple[nn.Module, nn.Linear]:
     """``(features, head)`` of a model that is an ``nn.Sequential`` ending in an ``nn.Linear``."""
     if not isinstance(model, nn.Sequential) or not isinstance(model[-1], nn.Linear):

@@ -25,16 +25,51 @@ from typing import Any
 log = logging.getLogger(__name__)
 
 
-class Registry:
-    """A named collection of plugin factories with wildcard listing and close-match errors."""
+class PluginError(RuntimeError):
+    """A plugin file or entry point could not be imported, or registered something that is not a
+    plugin; the message names the file and the fix."""
 
-    def __init__(self, noun: str, builtin_package: str, entry_point_group: str) -> None:
+
+class Registry:
+    """A named collection of plugin factories with wildcard listing and close-match errors.
+
+    ``base`` (a class, or ``"module:Class"`` resolved on first use, so a registry can be made
+    before its base class is importable) is what every registered object must derive from;
+    without it, registered objects must be callable (factories such as model builders)."""
+
+    def __init__(self, noun: str, builtin_package: str, entry_point_group: str, base: type | str | None = None) -> None:
         self.noun = noun
         self._builtin_package = builtin_package
         self._group = entry_point_group
         self._items: dict[str, Callable[..., Any]] = {}
         self._loaded = False
+        self._base = base
         _REGISTRIES.append(self)
+
+    @property
+    def base(self) -> type | None:
+        """The class every registered object derives from (``None``: any callable)."""
+        if isinstance(self._base, str):
+            module, _, name = self._base.partition(":")
+            self._base = getattr(importlib.import_module(module), name)
+        return self._base  # type: ignore[return-value]
+
+    def check(self, name: str, obj: object) -> None:
+        """Raise ``TypeError`` naming the fix unless ``obj`` is a valid plugin for this registry."""
+        base = self.base
+        if base is None:
+            if not callable(obj):
+                raise TypeError(
+                    f"{self.noun} {name!r}: register a function or class that builds the {self.noun}, "
+                    f"got {type(obj).__name__} {obj!r:.60}"
+                )
+            return
+        if not (isinstance(obj, type) and issubclass(obj, base)):
+            what = f"class {obj.__qualname__}" if isinstance(obj, type) else f"{type(obj).__name__} {obj!r:.60}"
+            raise TypeError(
+                f"{self.noun} {name!r}: register a subclass of {base.__module__}.{base.__qualname__}{_BASE_HINTS.get(self.noun, '')} "
+                f"(decorate the class itself), got {what}"
+            )
 
     # -- registration -------------------------------------------------------------------------
     def register(self, name: str) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
@@ -43,6 +78,7 @@ class Registry:
             raise ValueError(f"{self.noun} names are non-empty lower-case strings, got {name!r}")
 
         def decorator(obj: Callable[..., Any]) -> Callable[..., Any]:
+            self.check(name, obj)
             existing = self._items.get(name)
             if existing is not None and _qualname(existing) != _qualname(obj):
                 raise ValueError(
@@ -74,7 +110,10 @@ class Registry:
                 log.warning("could not load %s plugin %r from %s: %s", self.noun, ep.name, ep.value, exc)
                 continue
             if ep.name not in self._items:
-                self.register(ep.name)(obj)
+                try:
+                    self.register(ep.name)(obj)
+                except (TypeError, ValueError) as exc:
+                    log.warning("could not register %s plugin %r from %s: %s", self.noun, ep.name, ep.value, exc)
 
     # -- lookup -------------------------------------------------------------------------------
     def get(self, name: str) -> Callable[..., Any]:
@@ -83,7 +122,7 @@ class Registry:
             return self._items[name]
         except KeyError:
             close = difflib.get_close_matches(str(name), list(self._items), n=3, cutoff=0.5)
-            hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+            hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else "."
             raise KeyError(
                 f"unknown {self.noun} {name!r}{hint} Known: {', '.join(sorted(self._items))}. "
                 f"Use list_{self.noun}s() to see them, or --plugin path.py to add one."
@@ -104,14 +143,17 @@ class Registry:
 
 
 _REGISTRIES: list[Registry] = []
+_BASE_HINTS = {"attack": " (EvasionAttack, UniversalAttack or PoisoningAttack)"}
 
 
 def _qualname(obj: Any) -> str:
     return f"{getattr(obj, '__module__', '?')}.{getattr(obj, '__qualname__', repr(obj))}"
 
 
-ATTACKS = Registry("attack", "robustbench_lite.attacks", "robustbench_lite.attacks")
-DEFENSES = Registry("defense", "robustbench_lite.defenses", "robustbench_lite.defenses")
+ATTACKS = Registry("attack", "robustbench_lite.attacks", "robustbench_lite.attacks", base="robustbench_lite.core.attack:Attack")
+DEFENSES = Registry(
+    "defense", "robustbench_lite.defenses", "robustbench_lite.defenses", base="robustbench_lite.training.defense:Defense"
+)
 MODELS = Registry("model", "robustbench_lite.core.models", "robustbench_lite.models")
 DATASETS = Registry("dataset", "robustbench_lite.core.datasets", "robustbench_lite.datasets")
 
@@ -128,7 +170,12 @@ list_datasets = DATASETS.list
 
 
 def load_plugin_file(path: str | Path) -> None:
-    """Import a Python file so that its ``@register_*`` decorators run (the CLI's ``--plugin``)."""
+    """Import a Python file so that its ``@register_*`` decorators run (the CLI's ``--plugin``).
+
+    A file that does not import (a syntax error, an exception at import, a registration of
+    something that is not a plugin) raises :class:`PluginError` naming the file, the line and
+    the cause; the partly imported module is forgotten, and so is whatever it registered before
+    it failed."""
     path = Path(path)
     if path.suffix != ".py" or not path.is_file():
         raise ValueError(f"--plugin expects an existing .py file, got {str(path)!r}")
@@ -142,8 +189,32 @@ def load_plugin_file(path: str | Path) -> None:
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     sys.modules[module_name] = module
+    before = {id(reg): dict(reg._items) for reg in _REGISTRIES}
     try:
         spec.loader.exec_module(module)
-    except Exception:
+    except BaseException as exc:
         del sys.modules[module_name]
-        raise
+        for reg in _REGISTRIES:  # forget what the broken file registered before it failed
+            if id(reg) in before:
+                reg._items = before[id(reg)]
+        if not isinstance(exc, Exception):
+            raise
+        raise PluginError(f"plugin {path}: {_where(exc, path)}{type(exc).__name__}: {_first_line(exc)}") from exc
+
+
+def _where(exc: BaseException, path: Path) -> str:
+    """``line N: `` of the plugin file where ``exc`` arose (syntax errors carry their own line)."""
+    if isinstance(exc, SyntaxError) and exc.lineno:
+        return f"line {exc.lineno}: "
+    tb = exc.__traceback__
+    line = None
+    while tb is not None:
+        if Path(tb.tb_frame.f_code.co_filename).resolve() == path.resolve():
+            line = tb.tb_lineno
+        tb = tb.tb_next
+    return f"line {line}: " if line else ""
+
+
+def _first_line(exc: BaseException) -> str:
+    text = exc.msg if isinstance(exc, SyntaxError) else str(exc)
+    return (text or "").strip().splitlines()[0] if text else "(no message)"

@@ -20,6 +20,13 @@ Two more wrappers answer the other masking checks (Carlini et al. 2019, §5.2; C
   largest, so a softmax saturated by a huge logit scale gives CE gradients again, and CE then
   leans on the runner-up class as the CW margin does; argmax unchanged.
 
+And one for the escalation ladder (:mod:`~robustbench_lite.eval.escalate`):
+
+* :class:`NoiseEOT`: EOT over small Gaussian input noise chosen by the attacker (Athalye et al.
+  2018, §4.3, with the transformation a noise of a few percent of eps): the mean logits over noisy
+  copies.  Its gradient is the gradient of the noise-smoothed model, which averages away
+  high-frequency terms that shatter the plain gradient (§4.2) while moving the function little.
+
 Every wrapper is an ``nn.Module`` returning logits, so any gradient attack can use it; the
 adversarial points are always judged on the original model.
 """
@@ -32,7 +39,7 @@ from contextlib import contextmanager
 import torch
 from torch import Tensor, nn
 
-__all__ = ["BPDA", "EOT", "LogOutputs", "NonDifferentiable", "RescaleLogits", "adapt", "bpda", "marked_layers"]
+__all__ = ["BPDA", "EOT", "LogOutputs", "NoiseEOT", "NonDifferentiable", "RescaleLogits", "adapt", "bpda", "marked_layers"]
 
 
 class NonDifferentiable(nn.Module):
@@ -122,6 +129,37 @@ class EOT(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         # one batched pass over ``samples`` copies: each copy draws its own randomness
         out = self.model(x.repeat(self.samples, *([1] * (x.dim() - 1))))
+        return out.view(self.samples, x.shape[0], *out.shape[1:]).mean(dim=0)
+
+
+class NoiseEOT(nn.Module):
+    """The mean logits of ``samples`` copies of the input plus Gaussian noise of std ``sigma``
+    (clipped to [0, 1]); the noise comes from a generator seeded with ``seed`` (one per device),
+    so a rerun draws the same noise."""
+
+    def __init__(self, model: nn.Module, sigma: float, samples: int = 8, seed: int = 0) -> None:
+        super().__init__()
+        if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
+            raise ValueError(f"NoiseEOT samples must be an int >= 1, got {samples!r}")
+        if not (isinstance(sigma, (int, float)) and sigma >= 0):
+            raise ValueError(f"NoiseEOT sigma must be a number >= 0, got {sigma!r}")
+        self.model = model
+        self.sigma = float(sigma)
+        self.samples = samples
+        self.seed = seed
+        self._gens: dict[str, torch.Generator] = {}
+
+    @property
+    def passes_per_forward(self) -> int:
+        return self.samples
+
+    def forward(self, x: Tensor) -> Tensor:
+        key = str(x.device)
+        if key not in self._gens:
+            self._gens[key] = torch.Generator(device=x.device).manual_seed(self.seed)
+        xs = x.repeat(self.samples, *([1] * (x.dim() - 1)))
+        noise = torch.randn(xs.shape, generator=self._gens[key], device=x.device, dtype=x.dtype)
+        out = self.model((xs + self.sigma * noise).clamp(0.0, 1.0))
         return out.view(self.samples, x.shape[0], *out.shape[1:]).mean(dim=0)
 
 

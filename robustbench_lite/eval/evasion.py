@@ -19,12 +19,14 @@ from torch import Tensor, nn
 from ..core.attack import EvasionAttack
 from ..core.data import DataSplit
 from ..core.device import DevicePolicy, as_policy, halving_on_oom
-from ..core.models import predict
+from ..core.models import check_logits
 from ..core.ops import ce
 from ..core.registry import create_attack
 from ..core.threat import Norm, ThreatModel
 from . import adaptive as wrappers
 from . import flags as checks
+from .checkpoint import Checkpoint, MemoryCheckpoint, attack_id, record_from, record_payload
+from .escalate import Escalated, Escalation, StepRecord, run_step
 
 # model-level checks whose firing makes an adaptive evaluation rerun the gradient attacks
 MASKING = (
@@ -32,6 +34,7 @@ MASKING = (
     checks.MORE_STEPS_NO_HELP,
 )
 _STUCK = {checks.ZERO_GRAD, checks.LARGE_EPS, checks.BLACK_BOX_WINS, checks.MORE_STEPS_NO_HELP}  # -> bpda + rescale
+DEFAULT_ESCALATION = Escalation()
 
 
 @dataclass(frozen=True)
@@ -66,6 +69,7 @@ class Evaluation:
     flags: dict[str, set[str]]  # attack name or "worst_case:<threat>" -> flags
     plain_records: list[AttackRecord] | None = None  # before an adaptive rerun (None: no rerun)
     model_flags: frozenset[str] = frozenset()  # codes of the model-level checks that fired
+    escalated: dict[ThreatModel, Escalated] = dataclasses.field(default_factory=dict)  # the ladder, per threat
 
     @property
     def clean_acc(self) -> float:
@@ -73,7 +77,8 @@ class Evaluation:
 
 
 def input_grad_norms(model: nn.Module, split: DataSplit, device: torch.device, batch_size: int = 500) -> Tensor:
-    """L2 norm of the CE gradient w.r.t. each input (for the zero-gradient check)."""
+    """L2 norm of the CE gradient w.r.t. each input (for the zero-gradient check); empty for an
+    empty split (a model with no correct point)."""
     out = []
     model.eval()
     for i in range(0, len(split), batch_size):
@@ -82,7 +87,31 @@ def input_grad_norms(model: nn.Module, split: DataSplit, device: torch.device, b
         with torch.enable_grad():
             (g,) = torch.autograd.grad(ce(model(x), y).sum(), x)
         out.append(g.flatten(1).norm(dim=1).cpu())
-    return torch.cat(out)
+    return torch.cat(out) if out else torch.empty(0)
+
+
+@torch.no_grad()
+def clean_predictions(
+    model: nn.Module, split: DataSplit, policy: DevicePolicy, *, num_classes: int | None = None, batch_size: int = 1000,
+) -> tuple[Tensor, Tensor, int]:
+    """``(correct, finite, classes)``: per point, the prediction is right and every output is
+    finite; and the number of logits the model returns.
+
+    The outputs are checked first: a model must return logits of shape ``(batch, classes)`` with
+    a logit for every label (and ``num_classes`` of them when given); a point whose outputs are
+    NaN or inf counts as misclassified (its argmax means nothing)."""
+    correct, finite, classes = [], [], 0
+    for i in range(0, len(split), batch_size):
+        x, y = policy.batch_to(split.x[i : i + batch_size]), policy.batch_to(split.y[i : i + batch_size])
+        with policy.autocast("eval"):
+            out = model(x)
+        if i == 0:
+            check_logits(out, x.shape[0], int(split.y.max()) + 1 if len(split) else 0, num_classes)
+            classes = int(out.shape[1])
+        ok = torch.isfinite(out).all(dim=1)
+        correct.append(((out.argmax(1) == y) & ok).cpu())
+        finite.append(ok.cpu())
+    return torch.cat(correct), torch.cat(finite), classes
 
 
 @torch.no_grad()
@@ -98,6 +127,8 @@ def model_checks(
     x, y = probe.x.to(device), probe.y.to(device)
     first, second = model(x), model(x)
     found = {checks.probability_outputs(first), checks.randomized_outputs(first, second)}
+    if not (torch.isfinite(first).all() and torch.isfinite(second).all()):
+        found.add(checks.NON_FINITE)
     # a randomized model is probed in expectation (EOT), so that luck does not fire this check
     probed = wrappers.EOT(model, 8) if checks.RANDOMIZED in found else model
     pgd = create_attack("pgd", norm=Norm.LINF, eps=1.0, steps=probe_steps, random_start=False)
@@ -205,6 +236,10 @@ def evaluate(
     eot_samples: int = 8,
     probe_iterations: bool = True,
     policy: DevicePolicy | None = None,
+    checkpoint: Checkpoint | None = None,
+    escalation: Escalation | None = DEFAULT_ESCALATION,
+    surrogate: Callable[[], nn.Module | None] | None = None,
+    num_classes: int | None = None,
 ) -> Evaluation:
     """Evaluate ``attacks`` on the first ``n`` points of ``split``.
 
@@ -213,18 +248,30 @@ def evaluate(
     accuracy after it, cumulatively); otherwise on every clean-correct point, so each row is the
     attack's own robust accuracy.  An attack that raises is recorded with its error.
 
-    ``precomputed`` maps positions in ``attacks`` to records already measured (a resumed run);
-    ``on_record(position, record, clean_acc)`` is called as each new record is done (to store it
-    at once).  ``Evaluation.records`` follows the order of ``attacks``.
+    ``precomputed`` maps positions in ``attacks`` to final records of an earlier evaluation (not
+    rerun, not adapted again); ``on_record(position, record, clean_acc)`` is called as each new
+    plain record is done.  ``checkpoint`` keeps every stage as it finishes and hands back the
+    ones a killed evaluation already did (:mod:`~robustbench_lite.eval.checkpoint`).
+    ``Evaluation.records`` follows the order of ``attacks``.
+
+    The model's outputs are checked on the first batch (logits of shape ``(batch, classes)``,
+    ``num_classes`` of them when given); points with NaN or inf outputs count as misclassified
+    and raise ``non-finite-outputs``.  Images that are float16 or float64 are evaluated as float32.
 
     Every cell gets the checks of :mod:`checks` (flags per attack and per worst case).  With
     ``adaptive`` (default), when a masking check fires (zero gradients, probability outputs,
-    randomized outputs, large eps not reaching 0, black-box beating white-box) each gradient
-    attack is rerun through :func:`wrappers.adapt` (BPDA for marked layers, EOT with
-    ``eot_samples`` passes, log-probabilities, logit rescaling) on the points it left unbroken;
-    its record becomes the per-point worst of both runs and carries an ``adapted:...`` flag.
-    With ``probe_iterations`` (default) each threat with an iterative gradient attack also gets
-    the more-iterations check (:func:`iterations_probe`, 110 PGD steps on 64 points).
+    randomized outputs, large eps not reaching 0, black-box beating white-box, more iterations
+    not helping) each gradient attack is rerun through :func:`wrappers.adapt` (BPDA for marked
+    layers, EOT with ``eot_samples`` passes, log-probabilities, logit rescaling) on the points it
+    left unbroken; its record becomes the per-point worst of both runs and carries an
+    ``adapted:...`` flag.  Then each threat's worst case escalates through ``escalation``'s ladder
+    (:mod:`~robustbench_lite.eval.escalate`: noise-smoothed EOT, a transfer attack from
+    ``surrogate()`` when given, Square with AutoAttack's budget) on its survivors while the budget
+    lasts (a threat escalates when a model-level masking check or one of its own fired);
+    ``Evaluation.escalated`` holds each step's per-point outcome, and the worst case
+    (``worst_case`` and its ``adapted:...`` flag) includes them.  With ``probe_iterations``
+    (default) each threat with an iterative gradient attack also gets the more-iterations check
+    (:func:`iterations_probe`, 110 PGD steps on 64 points).
 
     ``batch_size`` is a number or a function of the attack (an autotuned choice per attack kind);
     an attack that runs out of CUDA memory is rerun with half the batch (see
@@ -233,6 +280,7 @@ def evaluate(
     """
     policy = policy if policy is not None else as_policy(device)
     device = policy.device
+    ck: Checkpoint = checkpoint if checkpoint is not None else MemoryCheckpoint()
 
     def attack_batch(attack: EvasionAttack) -> int:
         return batch_size(attack) if callable(batch_size) else batch_size
@@ -240,17 +288,40 @@ def evaluate(
     for a in attacks:
         if not isinstance(a, EvasionAttack):
             raise TypeError(f"evaluate takes evasion attacks, got {type(a).__name__}")
-    if not isinstance(n, int) or n < 1:
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
         raise ValueError(f"n must be a positive int, got {n!r}")
-    split = split.head(n)
+    if not isinstance(split, DataSplit):
+        raise TypeError(f"split must be a DataSplit (images in [0, 1] and labels), got {type(split).__name__}")
+    split = _as_float32(split.head(n))
     model = policy.model_to(model).eval()
-    with policy.autocast("eval"):
-        correct = predict(model, split.x, device) == split.y
+
+    def run(attack: EvasionAttack, mask: Tensor, scope: str, attack_model: nn.Module | None = None) -> AttackRecord:
+        rec, _ = halving_on_oom(
+            lambda b: run_attack(
+                model, attack, split, mask, device=device, batch_size=b, scope=scope, attack_model=attack_model, policy=policy
+            ),
+            attack_batch(attack),
+        )
+        return rec
+
+    # -- clean predictions and the model-level checks ------------------------------------------
+    hit = ck.get("checks")
+    if hit is not None and hit[1] is not None:
+        correct, found, classes = hit[1], set(hit[0]["flags"]), int(hit[0]["classes"])
+    else:
+        correct, finite, classes = clean_predictions(model, split, policy, num_classes=num_classes)
+        correct_split = split.subset(correct.nonzero().flatten())
+        found = model_checks(model, correct_split, device)
+        grad_flag = checks.zero_gradients(input_grad_norms(model, correct_split, device))
+        if grad_flag:
+            found.add(grad_flag)
+        if not finite.all():
+            found.add(checks.NON_FINITE)
+        ck.put("checks", {"flags": sorted(found), "classes": classes}, correct)
     correct_split = split.subset(correct.nonzero().flatten())
-    grad_flag = checks.zero_gradients(input_grad_norms(model, correct_split, device))
-    found = model_checks(model, correct_split, device)
-    if grad_flag:
-        found.add(grad_flag)
+    clean_acc = float(correct.float().mean())
+
+    # -- the attacks, cheapest first -------------------------------------------------------------
     records: list[AttackRecord | None] = [None] * len(attacks)
     worst: dict[ThreatModel, Tensor] = {}
     precomputed = precomputed or {}
@@ -260,30 +331,31 @@ def evaluate(
         alive = worst.setdefault(attack.threat, correct.clone())
         mask = alive if survivors_only else correct
         scope = "survivors" if survivors_only else "all"
+        stage = f"attack:{attack_id(attack)}"
         if i in precomputed:
             rec = precomputed[i]
+        elif (hit := ck.get(stage)) is not None:
+            rec = record_from(attack, hit[0], hit[1])
         else:
             try:
-                rec, _ = halving_on_oom(
-                    lambda b, attack=attack, mask=mask, scope=scope: run_attack(
-                        model, attack, split, mask, device=device, batch_size=b, scope=scope, policy=policy
-                    ),
-                    attack_batch(attack),
-                )
+                rec = run(attack, mask, scope)
             except Exception as exc:  # one failing attack must not lose the others
                 rec = AttackRecord(attack, None, 0.0, 0, 0, int(mask.sum()), scope, error=_describe(exc))
+            ck.put(stage, record_payload(rec), rec.robust)
             if on_record is not None:
-                on_record(i, rec, float(correct.float().mean()))
+                on_record(i, rec, clean_acc)
         records[i] = rec
         if rec.robust is not None:
             worst[attack.threat] = alive & rec.robust
     done = [r for r in records if r is not None]
     flags = cell_flags(done, found)
     if probe_iterations:
-        _probe_iterations(model, done, correct, correct_split, worst, flags, device)
+        _probe_iterations(model, done, correct, correct_split, worst, flags, device, ck)
     fired = set(found) | {f for fs in flags.values() for f in fs}
     if not adaptive or not fired & set(MASKING):
         return Evaluation(len(split), correct, done, worst, flags, model_flags=frozenset(found))
+
+    # -- the adaptive rerun of each gradient attack through wrappers ------------------------------
     wrapped, names = wrappers.adapt(
         model,
         bpda=bool(fired & _STUCK),
@@ -291,46 +363,126 @@ def evaluate(
         log_outputs=checks.PROBABILITY_OUTPUTS in fired,
         rescale=bool(fired & _STUCK),
     )
-    if not names:
-        return Evaluation(len(split), correct, done, worst, flags, model_flags=frozenset(found))
-    tag = checks.adapted(names)
     merged = list(done)
-    for i in order:
+    tag = checks.adapted(names)
+    rerun: set[ThreatModel] = set()
+    for i in order if names else ():
         rec = merged[i]
         if i in precomputed or rec.robust is None or not rec.attack.needs_grad or not rec.robust.any():
             continue
-        try:
-            again, _ = halving_on_oom(
-                lambda b, rec=rec: run_attack(
-                    model, rec.attack, split, rec.robust, device=device, batch_size=b, scope=rec.scope,
-                    attack_model=wrapped, policy=policy,
-                ),
-                attack_batch(rec.attack),
-            )
-        except Exception as exc:  # keep the plain record; say the rerun failed
-            flags.setdefault(f"{rec.attack.name}@{rec.attack.threat.label}", set()).add(f"error:adaptive:{type(exc).__name__}")
+        key = f"{rec.attack.name}@{rec.attack.threat.label}"
+        stage = f"adaptive:{attack_id(rec.attack)}"
+        hit = ck.get(stage)
+        if hit is None:
+            try:
+                again = run(rec.attack, rec.robust, rec.scope, wrapped)
+                hit = ({"error": "", "seconds": again.seconds, "grad_evals": again.grad_evals,
+                        "forward_evals": again.forward_evals}, rec.robust & again.robust)
+            except Exception as exc:  # keep the plain record; say the rerun failed
+                hit = ({"error": type(exc).__name__}, None)
+            ck.put(stage, *hit)
+        payload, robust = hit
+        if payload["error"] or robust is None:
+            flags.setdefault(key, set()).add(f"error:adaptive:{payload['error']}")
             continue
         merged[i] = dataclasses.replace(
-            rec, robust=rec.robust & again.robust, seconds=rec.seconds + again.seconds,
-            grad_evals=rec.grad_evals + again.grad_evals, forward_evals=rec.forward_evals + again.forward_evals,
+            rec, robust=robust, seconds=rec.seconds + payload["seconds"],
+            grad_evals=rec.grad_evals + payload["grad_evals"], forward_evals=rec.forward_evals + payload["forward_evals"],
         )
-        flags.setdefault(f"{rec.attack.name}@{rec.attack.threat.label}", set()).add(tag)
-        flags.setdefault(f"worst_case@{rec.attack.threat.label}", set()).add(tag)
-        worst[rec.attack.threat] = worst[rec.attack.threat] & merged[i].robust
-    return Evaluation(len(split), correct, merged, worst, flags, plain_records=done, model_flags=frozenset(found))
+        flags.setdefault(key, set()).add(tag)
+        worst[rec.attack.threat] = worst[rec.attack.threat] & robust
+        rerun.add(rec.attack.threat)
+
+    # -- the escalation ladder on each threat's survivors ------------------------------------------
+    escalated: dict[ThreatModel, Escalated] = {}
+    if escalation is not None:
+        lazy = _Lazy(surrogate, policy)
+        inner, _ = wrappers.adapt(  # the noise samples of step 1 are the EOT: no EOT inside them
+            model, bpda=bool(fired & _STUCK), log_outputs=checks.PROBABILITY_OUTPUTS in fired, rescale=bool(fired & _STUCK)
+        )
+        for threat in list(worst):
+            own = set(found) | {f for key, fs in flags.items() if key.endswith(f"@{threat.label}") for f in fs}
+            if not own & set(MASKING):
+                continue  # this threat's own checks are quiet (the rerun was for another threat's flags)
+            esc = _escalate(threat, worst[threat], escalation, ck, run, inner, model, lazy, split, classes)
+            escalated[threat] = esc
+            worst[threat] = worst[threat] & esc.robust
+    for threat in worst:
+        used = [*(names if threat in rerun else []), *(escalated[threat].names if threat in escalated else [])]
+        if used:
+            flags.setdefault(f"worst_case@{threat.label}", set()).add(checks.adapted(used))
+    return Evaluation(
+        len(split), correct, merged, worst, flags, plain_records=done, model_flags=frozenset(found), escalated=escalated,
+    )
+
+
+class _Lazy:
+    """The surrogate, built on first use (training it can take a while) and moved to the device."""
+
+    def __init__(self, make: Callable[[], nn.Module | None] | None, policy: DevicePolicy) -> None:
+        self.make, self.policy, self.built, self.model = make, policy, False, None
+
+    def get(self) -> nn.Module | None:
+        if not self.built:
+            self.built = True
+            made = self.make() if self.make is not None else None
+            self.model = self.policy.model_to(made).eval() if made is not None else None
+        return self.model
+
+
+def _escalate(
+    threat: ThreatModel, alive: Tensor, cfg: Escalation, ck: Checkpoint, run: Callable[..., AttackRecord],
+    wrapped: nn.Module, model: nn.Module, surrogate: _Lazy, split: DataSplit, num_classes: int,
+) -> Escalated:
+    """The ladder on one threat: each step on the points still unbroken, while budget lasts."""
+    steps: list[StepRecord] = []
+    robust, spent = alive.clone(), 0.0
+    for step in cfg.steps:
+        if not robust.any() or spent + cfg.cost(step) > cfg.budget:
+            break
+        spent += cfg.cost(step)
+        stage = f"escalate:{threat.label}:{step}"
+        hit = ck.get(stage)
+        if hit is not None and hit[1] is not None:
+            rec = StepRecord.from_payload(hit[0], hit[1])
+        else:
+            try:
+                rec = run_step(
+                    step, threat, robust, cfg, run_one=lambda a, m, am: run(a, m, "survivors", am), wrapped=wrapped,
+                    judge=model, surrogate=surrogate.get() if step == "transfer" else None, like=split.x, num_classes=num_classes,
+                )
+            except Exception as exc:  # a failed step keeps what the others found
+                rec = StepRecord(step, robust.clone(), int(robust.sum()), 0, 0.0, 0, 0, error=f"{type(exc).__name__}: {exc}"[:300])
+            ck.put(stage, rec.as_payload(), rec.robust)
+        steps.append(rec)
+        robust = robust & rec.robust
+    return Escalated(robust, steps)
+
+
+def _as_float32(split: DataSplit) -> DataSplit:
+    """Float16/float64 images as float32 (the models' precision); other dtypes are left for the
+    attacks' input checks to name."""
+    if split.x.is_floating_point() and split.x.dtype != torch.float32:
+        return DataSplit(split.x.float(), split.y)
+    return split
 
 
 def _probe_iterations(
     model: nn.Module, records: Sequence[AttackRecord], correct: Tensor, correct_split: DataSplit,
-    worst: Mapping[ThreatModel, Tensor], flags: dict[str, set[str]], device: torch.device,
+    worst: Mapping[ThreatModel, Tensor], flags: dict[str, set[str]], device: torch.device, ck: Checkpoint,
 ) -> None:
-    """Run :func:`iterations_probe` per threat; a flag goes on the threat's iterative gradient
-    attacks and its worst case."""
+    """Run :func:`iterations_probe` per threat (its outcome is a stage); a flag goes on the
+    threat's iterative gradient attacks and its worst case."""
     for threat, mask in worst.items():
         stuck = [r for r in records if r.attack.threat == threat and r.attack.needs_grad and r.attack.iterative]
         if not stuck:
             continue
-        code = iterations_probe(model, correct_split, threat, mask[correct], device)
+        stage = f"probe:{threat.label}"
+        hit = ck.get(stage)
+        if hit is None:
+            hit = ({"code": iterations_probe(model, correct_split, threat, mask[correct], device)}, None)
+            ck.put(stage, *hit)
+        code = hit[0]["code"]
         if code is None:
             continue
         flags.setdefault(f"worst_case@{threat.label}", set()).add(code)

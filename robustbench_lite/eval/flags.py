@@ -21,6 +21,8 @@ BLACK_BOX_WINS = "black-box-beats-white-box"
 LARGE_EPS = "large-eps-not-zero"
 MORE_STEPS_NO_HELP = "more-iterations-no-help"
 CERTIFIED_BROKEN = "certified-broken"
+NON_FINITE = "non-finite-outputs"
+CLEAN_MISMATCH = "clean-acc-mismatch"
 ADAPTED = "adapted"  # prefix: "adapted:bpda+rescale" says which wrappers an adaptive rerun used
 
 FLAGS: dict[str, str] = {
@@ -43,7 +45,13 @@ FLAGS: dict[str, str] = {
     "(or the model recovered from the training program) is unsound; do not trust the certified column",
     ADAPTED: "a masking check fired and the gradient attacks were rerun through wrappers (bpda: straight-through "
     "backward for marked non-differentiable layers; eot: mean over forward passes; log-outputs: attack log p; "
-    "rescale: logits divided by the gap between their two largest); the row keeps the per-point worst of the plain and adaptive runs",
+    "rescale: logits divided by the gap between their two largest), then the worst case escalated on its survivors "
+    "(noise-eot: APGD on the model smoothed by small Gaussian input noise; transfer: PGD on a standard-trained "
+    "surrogate; square: Square Attack with 5000 queries); the row keeps the per-point worst of every run",
+    NON_FINITE: "the model returned NaN or inf outputs on some evaluated points; they count as misclassified, and the "
+    "model (or its weights) needs fixing before its numbers mean anything",
+    CLEAN_MISMATCH: "the clean accuracy measured here differs from the one recorded when the model was trained by more "
+    "than sampling noise: the cached weights may not be the trained ones (retrain: delete the model's cache files)",
 }
 
 
@@ -60,7 +68,7 @@ def randomized_outputs(first: Tensor, second: Tensor, rtol: float = 1e-5, atol: 
     """Flag when two forward passes of the same inputs differ (beyond float noise)."""
     if first.shape != second.shape:
         return RANDOMIZED
-    return None if torch.allclose(first, second, rtol=rtol, atol=atol) else RANDOMIZED
+    return None if torch.allclose(first, second, rtol=rtol, atol=atol, equal_nan=True) else RANDOMIZED
 
 
 def black_box_beats_white_box(
@@ -121,6 +129,16 @@ def single_step_beats_iterative(
         return set()
     best_single = min(single)
     return {name for name, acc in robust_acc.items() if iterative[name] and acc > best_single + tolerance}
+
+
+def clean_acc_mismatch(measured: float, recorded: object, n: int, sigmas: float = 4.0, slack: float = 0.02) -> str | None:
+    """Flag when ``measured`` (on ``n`` points) differs from the ``recorded`` clean accuracy by
+    more than ``sigmas`` binomial standard deviations plus ``slack`` (the points are a sample of
+    the set the recorded number was measured on).  A missing or invalid record never flags."""
+    if isinstance(recorded, bool) or not isinstance(recorded, (int, float)) or not 0.0 <= recorded <= 1.0 or n < 1:
+        return None
+    sd = (recorded * (1 - recorded) / n) ** 0.5
+    return CLEAN_MISMATCH if abs(measured - recorded) > sigmas * sd + slack else None
 
 
 def join(flags: Iterable[str | None]) -> str:

@@ -137,12 +137,32 @@ class BatchTuner:
         return f"{model_key}|{step}|{policy.device}|{'float32' if dtype is None else str(dtype)[6:]}|{points}"
 
     def load(self) -> dict[str, dict]:
+        """The cached choices; a file that does not parse or is not a JSON object counts as
+        empty (with a warning: every choice is probed again and the file rewritten)."""
         if self.path is None or not self.path.is_file():
             return {}
         try:
-            return json.loads(self.path.read_text())
-        except (OSError, json.JSONDecodeError):
+            table = json.loads(self.path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            log.warning("autotune cache %s does not parse (%s); probing again", self.path, type(exc).__name__)
             return {}
+        if not isinstance(table, dict):
+            log.warning("autotune cache %s holds a %s, not a JSON object; probing again", self.path, type(table).__name__)
+            return {}
+        return table
+
+    def cached(self, key: str, points: int) -> int | None:
+        """The cached batch for ``key`` if it is a valid choice (else ``None``, with a warning
+        for an entry that is there but wrong)."""
+        hit = self.load().get(key)
+        if hit is None:
+            return None
+        batch = hit.get("batch") if isinstance(hit, dict) else None
+        if isinstance(batch, bool) or not isinstance(batch, int) or batch not in candidate_batches(points, self.candidates):
+            log.warning("autotune cache %s: entry %s holds batch %r, not one of the candidates; probing again",
+                        self.path, key, batch if isinstance(hit, dict) else hit)
+            return None
+        return batch
 
     def batch_for(
         self, model: nn.Module, model_key: str, step: str, x: Tensor, y: Tensor, policy: DevicePolicy
@@ -150,9 +170,9 @@ class BatchTuner:
         """The cached choice, or probe ``x[:probe_points]`` and cache the fastest batch."""
         points = min(len(x), self.probe_points)
         key = self.cache_key(model_key, step, policy, points)
-        hit = self.load().get(key)
-        if hit is not None and int(hit["batch"]) in candidate_batches(points, self.candidates):
-            return int(hit["batch"])
+        hit = self.cached(key, points)
+        if hit is not None:
+            return hit
         timings = probe(
             model, x[:points], y[:points], step=step, policy=policy, candidates=self.candidates, rounds=self.rounds,
             clock=self.clock,

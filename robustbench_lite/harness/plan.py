@@ -69,8 +69,16 @@ def kind_of(cell: Cell):
 
 @dataclass(frozen=True)
 class Plan:
+    """Named cells; cells with the same key (the same measurement asked twice) are kept once."""
+
     name: str
     cells: tuple[Cell, ...]
+
+    def __post_init__(self) -> None:
+        unique: dict[str, Cell] = {}
+        for c in self.cells:
+            unique.setdefault(c.key, c)
+        object.__setattr__(self, "cells", tuple(unique.values()))
 
     def groups(self) -> dict[tuple[str, str, str], list[Cell]]:
         out: dict[tuple[str, str, str], list[Cell]] = {}

@@ -15,7 +15,9 @@ from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from ..core.config import config_hash
 from ..core.models import ModelSpec
+from ..core.registry import ATTACKS, DATASETS, DEFENSES
 from ..core.threat import ThreatModel
 from .plan import Cell, Plan
 from .specs import AttackSpec, DataSpec, DefenseSpec
@@ -61,7 +63,15 @@ class Preset:
     ) -> Plan:
         """Expand to cells.  ``attacks``/``threats``/``defenses``/``datasets`` replace the preset's
         lists (an attack that does not support a threat's norm is left out of that threat; a
-        dataset given by name is trained on in full)."""
+        dataset given by name is trained on in full).  Every name is checked against its registry
+        before any work, an empty list or ``n < 1`` is refused, and a name given twice counts once
+        (with a warning)."""
+        attacks, threats, defenses, datasets = (
+            _unique(v, what) for v, what in ((attacks, "attack"), (threats, "threat"), (defenses, "defense"), (datasets, "dataset"))
+        )
+        _check_names(attacks, defenses, datasets)
+        if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+            raise ValueError(f"--n must be a positive number of test points, got {n!r}")
         grid = list(self.grid)
         if threats is not None:
             default_attacks = tuple({a.name: a for _, atts in self.grid for a in atts}.values())
@@ -91,10 +101,12 @@ class Preset:
                         if not att.supports(threat):
                             log.info("%s does not support %s; left out", att.name, threat.norm.value)
                             continue
-                        cells.append(Cell(data, model, defense, att, threat, n or self.n, self.survivors))
+                        cells.append(Cell(data, model, defense, att, threat, n if n is not None else self.n, self.survivors))
                 cells.extend(self._extra_cells(data, model, defense, attacks, threats))
         if not cells:
             raise ValueError("the plan has no cells: check --attacks and --threats (norms the attacks support)")
+        for spec in {config_hash(c.defense.as_dict()): c.defense for c in cells}.values():
+            spec.build()  # bad defense settings fail here, before any work
         return Plan(self.name, tuple(cells))
 
     def _extra_cells(self, data, model, defense, attacks, threats) -> list[Cell]:
@@ -111,6 +123,31 @@ class Preset:
                     continue
                 out.append(Cell(data, model, defense, att, ex.threat, ex.n, kind=ex.kind))
         return out
+
+
+def _unique(values: Sequence | None, what: str) -> list | None:
+    """``values`` without repeats (first kept, a warning for the others); an empty list is refused."""
+    if values is None:
+        return None
+    if isinstance(values, (str, bytes)):
+        raise TypeError(f"give the {what}s as a list of names, not the string {values!r}")
+    if not values:
+        raise ValueError(f"the list of {what}s is empty; leave the option out to use the preset's, or name at least one")
+    out = list(dict.fromkeys(values))
+    if len(out) < len(values):
+        repeated = sorted({str(v) for v in values if list(values).count(v) > 1})
+        log.warning("%s given more than once: %s; each runs once", what, ", ".join(repeated))
+    return out
+
+
+def _check_names(attacks: Sequence[str] | None, defenses: Sequence[str] | None, datasets: Sequence[str] | None) -> None:
+    """Unknown names fail here, before any work (the registries suggest close matches)."""
+    for names, registry in ((attacks, ATTACKS), (defenses, DEFENSES), (datasets, DATASETS)):
+        for name in names or ():
+            if not isinstance(name, str):
+                raise TypeError(f"{registry.noun} names are strings, got {name!r}")
+            registry.get(name)
+
 
 
 class PresetFiles(Mapping):

@@ -14,6 +14,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import replace
 from typing import Any
 
+from .kinds import Sink
 from .rows import OnRow, Row
 from .run import GroupTask, RunContext, error_rows, run_group
 
@@ -29,13 +30,16 @@ def _import_ray() -> Any:
 
 
 def _group_task(task: GroupTask, ctx: RunContext) -> list[Row]:
-    """What a Ray worker runs (a plain function, so Ray pickles it by reference)."""
-    return run_group(task.cells, ctx, task.done)
+    """What a Ray worker runs (a plain function, so Ray pickles it by reference); it resumes from
+    the stages a killed local run stored, but stores none itself (rows arrive per group)."""
+    return run_group(task.cells, ctx, task.done, stages=task.stages)
 
 
 class RayExecutor:
     """Groups as Ray tasks on the cluster at ``address`` (``None``: start a local Ray instance
     with ``num_cpus`` CPUs, shut down after the run; ``"auto"``: the cluster this machine is in)."""
+
+    parallel = True  # the driver claims every pending group, then submits them together
 
     def __init__(self, address: str | None = None, num_cpus: int = 2, gpus_per_task: float = 1.0) -> None:
         if address is None and num_cpus < 1:
@@ -50,9 +54,11 @@ class RayExecutor:
             return {"num_gpus": self.gpus_per_task, "num_cpus": 1}
         return {"num_cpus": 1}
 
-    def run(self, tasks: Sequence[GroupTask], ctx: RunContext, on_row: OnRow | None = None) -> Iterator[tuple[GroupTask, list[Row]]]:
-        """Submit every group, then yield each one's rows as it finishes (``on_row`` is not
-        used: rows arrive per group)."""
+    def run(
+        self, tasks: Sequence[GroupTask], ctx: RunContext, on_row: OnRow | None = None, sink: Sink | None = None
+    ) -> Iterator[tuple[GroupTask, list[Row]]]:
+        """Submit every group, then yield each one's rows as it finishes (``on_row`` and ``sink``
+        are not used: rows arrive per group)."""
         if not tasks:
             return
         ray = _import_ray()

@@ -3,12 +3,17 @@ store every row.
 
 The unit of work is a *group*: the cells of one (data, model, defense).  :func:`run_group` does
 one group (train or load the model through the on-disk cache, then hand each cell kind its cells,
-in the kinds' order) and returns its rows; it never writes the store.  An executor runs groups:
-:class:`LocalExecutor` one after another in this process,
-:class:`~robustbench_lite.harness.ray_executor.RayExecutor` as Ray tasks on a cluster.  Only the
-driver (:func:`run_plan`) writes the SQLite store, so resume works the same under every executor:
-finished cells (status ``ok``) are skipped, a cell that raises is stored as an error and the run
-goes on.
+in the kinds' order) and returns its rows; it never opens the store itself.  An executor runs
+groups: :class:`LocalExecutor` one after another in this process, handing each row and each
+evaluation stage to the driver's store the moment it is measured (a :class:`StoreSink`), so a
+killed run resumes mid-group; :class:`~robustbench_lite.harness.ray_executor.RayExecutor` as Ray
+tasks on a cluster, whose rows arrive per group.  Only the driver (:func:`run_plan`) writes the
+SQLite store, so resume works the same under every executor: finished cells (status ``ok``) are
+skipped, a cell that raises is stored as an error and the run goes on.
+
+The driver claims each group in the store (a lease) before running it, so two runs on one
+workdir never compute the same group: the second one waits for the first and then skips what it
+finished (or takes over the lease of a run that died).
 """
 
 from __future__ import annotations
@@ -16,10 +21,11 @@ from __future__ import annotations
 import functools
 import logging
 import subprocess
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
@@ -29,20 +35,23 @@ from ..core.data import Data
 from ..core.device import make_policy
 from ..core.registry import load_plugin_file
 from ..training.cache import ModelCache, train_or_load
-from .kinds import Group, kind
+from . import faults
+from .kinds import Group, Sink, Stage, kind
 from .plan import Cell, Plan
 from .rows import WORST_CASE, CellResult, OnRow, Row, error_row
 from .specs import DataSpec
 from .store import Store
 
 log = logging.getLogger(__name__)
+WAIT_POLL_SECONDS = 2.0  # how often a run waiting for another run's group looks again
 
 @dataclass
 class RunSummary:
     computed: int = 0  # attack cells measured in this run
-    skipped: int = 0  # attack cells found finished in the store
+    skipped: int = 0  # attack cells found finished in the store (by an earlier run, or a concurrent one)
     errors: int = 0  # attack cells that raised in this run
     computed_keys: list[str] = field(default_factory=list)
+    waited: int = 0  # groups this run found claimed by another live run and waited for
 
 
 @dataclass(frozen=True)
@@ -65,27 +74,61 @@ class RunContext:
 
 @dataclass(frozen=True)
 class GroupTask:
-    """One group's cells and the rows already stored for them (``status == ok``)."""
+    """One group's cells, the rows already stored for them (``status == ok``) and the stages of
+    an evaluation a killed run left behind."""
 
     cells: tuple[Cell, ...]
     done: Mapping[str, Row]
+    stages: Mapping[str, Stage] = field(default_factory=dict)
+
+
+def group_prefix(cells: Sequence[Cell]) -> str:
+    """The stage-key (and lease) prefix of a group."""
+    return "/".join(cells[0].group) + "/"
 
 
 class Executor(Protocol):
-    """Runs groups and yields ``(task, rows)`` as each finishes (in any order)."""
+    """Runs groups and yields ``(task, rows)`` as each finishes (in any order).  ``sink``, when
+    the executor can use it, stores rows and stages as they are measured."""
 
-    def run(self, tasks: Sequence[GroupTask], ctx: RunContext, on_row: OnRow | None = None) -> Iterator[tuple[GroupTask, list[Row]]]:
+    def run(
+        self, tasks: Sequence[GroupTask], ctx: RunContext, on_row: OnRow | None = None, sink: Sink | None = None
+    ) -> Iterator[tuple[GroupTask, list[Row]]]:
         ...
 
 
-class LocalExecutor:
-    """Today's loop: groups one after another in this process; ``on_row`` gets each attack row
-    the moment it is measured (the driver stores it at once, so a kill keeps it)."""
+class StoreSink:
+    """A :class:`~robustbench_lite.harness.kinds.Sink` writing to the driver's store."""
 
-    def run(self, tasks: Sequence[GroupTask], ctx: RunContext, on_row: OnRow | None = None) -> Iterator[tuple[GroupTask, list[Row]]]:
-        datasets: dict[DataSpec, Data] = {}
+    def __init__(self, store: Store) -> None:
+        self.store = store
+
+    def row(self, row: CellResult, mask: Tensor | None) -> None:
+        self.store.put(row, mask)
+
+    def rows(self, rows: Sequence[Row], drop_stages: str | None = None) -> None:
+        self.store.put_many(rows, drop_stages)
+
+    def stage(self, key: str, payload: dict[str, Any], mask: Tensor | None) -> None:
+        self.store.put_stage(key, payload, mask)
+
+
+class LocalExecutor:
+    """Groups one after another in this process; ``sink`` (or ``on_row``) gets each row and
+    stage the moment it is measured (the driver stores it at once, so a kill keeps it)."""
+
+    parallel = False  # one group at a time: the driver claims each just before it runs
+
+    def __init__(self) -> None:
+        self._datasets: dict[DataSpec, Data] = {}
+
+    def run(
+        self, tasks: Sequence[GroupTask], ctx: RunContext, on_row: OnRow | None = None, sink: Sink | None = None
+    ) -> Iterator[tuple[GroupTask, list[Row]]]:
         for task in tasks:
-            yield task, run_group(task.cells, ctx, task.done, on_row=on_row, datasets=datasets)
+            yield task, run_group(
+                task.cells, ctx, task.done, on_row=on_row, datasets=self._datasets, stages=task.stages, sink=sink
+            )
 
 
 @functools.lru_cache(maxsize=1)
@@ -127,28 +170,61 @@ def run_plan(
     )
     executor = executor if executor is not None else LocalExecutor()
     summary = RunSummary()
+    ModelCache(workdir / "models").clean_stale()
     with Store(workdir / "store.sqlite") as store:
-        tasks = []
-        for cells in plan.groups().values():
-            done = {}
-            for c in cells:
-                hit = store.get(c.key)
-                if hit is not None and hit[0].status == "ok":
-                    done[c.key] = hit
-            summary.skipped += len(done)
-            if len(done) == len(cells):
-                labels = _labels_of(cells[0].data, ctx)
-                for name, part in _by_kind(cells):
-                    kind(name).refresh(part, store, labels)
-                continue
-            tasks.append(GroupTask(tuple(cells), done))
+        pending = [GroupTask(tuple(cells), {}) for cells in plan.groups().values()]
+        while pending:
+            waiting, claimed = [], []
+            for task in pending:
+                task = _refreshed(task, store)
+                if len(task.done) == len(task.cells):  # finished (by an earlier run, or the one we waited for)
+                    summary.skipped += len(task.done)
+                    labels = _labels_of(task.cells[0].data, ctx)
+                    for name, part in _by_kind(task.cells):
+                        kind(name).refresh(part, store, labels)
+                    continue
+                if not store.claim(group_prefix(task.cells)):
+                    waiting.append(task)
+                    continue
+                task = _refreshed(task, store)  # what the store holds now that the group is ours
+                summary.skipped += len(task.done)
+                claimed.append(task)
+                if not getattr(executor, "parallel", True):
+                    _run_tasks(executor, [task], ctx, store, summary)
+                    claimed = []
+            if claimed:
+                _run_tasks(executor, claimed, ctx, store, summary)
+            if waiting:
+                summary.waited += len(waiting)
+                log.warning(
+                    "%d group(s) are being computed by another run on this workdir (%s); waiting for it",
+                    len(waiting), store.holder_of(group_prefix(waiting[0].cells)) or "finishing",
+                )
+                time.sleep(WAIT_POLL_SECONDS)
+            pending = waiting
+    return summary
 
-        def store_row(row: CellResult, mask: Tensor | None) -> None:
-            store.put(row, mask)
 
-        for task, rows in executor.run(tasks, ctx, on_row=store_row):
-            for row, mask in rows:
-                store.put(row, mask)
+def _refreshed(task: GroupTask, store: Store) -> GroupTask:
+    """``task`` with its finished cells and stored stages as the store holds them now."""
+    done = {}
+    for c in task.cells:
+        hit = store.get(c.key)
+        if hit is not None and hit[0].status == "ok":
+            done[c.key] = hit
+    stages = store.stages(group_prefix(task.cells)) if len(done) < len(task.cells) else {}
+    return GroupTask(task.cells, done, stages)
+
+
+def _run_tasks(executor: Executor, tasks: list[GroupTask], ctx: RunContext, store: Store, summary: RunSummary) -> None:
+    """Run claimed groups, store their rows (one transaction per group) and release them."""
+    sink = StoreSink(store)
+    try:
+        for task, rows in executor.run(tasks, ctx, on_row=sink.row, sink=sink):
+            store.put_many(rows, drop_stages=group_prefix(task.cells) if _complete(task, rows) else None)
+            faults.point("group-stored")
+            store.release(group_prefix(task.cells))
+            for row, _mask in rows:
                 if row.attack == WORST_CASE or row.key in task.done:
                     continue
                 if row.model_key:  # measured (an attack that raised is measured with its error)
@@ -158,7 +234,15 @@ def run_plan(
                     summary.errors += 1
                     if not row.model_key:
                         log.warning("%s on %s: %s", row.attack, row.defense, row.error.splitlines()[0] if row.error else "")
-    return summary
+    finally:
+        for task in tasks:
+            store.release(group_prefix(task.cells))
+
+
+def _complete(task: GroupTask, rows: Sequence[Row]) -> bool:
+    """Every pending cell of the group got a row (its evaluations are over: their stages can go)."""
+    keys = {r.key for r, _ in rows}
+    return all(c.key in keys or c.key in task.done for c in task.cells)
 
 
 def run_group(
@@ -168,16 +252,19 @@ def run_group(
     *,
     on_row: OnRow | None = None,
     datasets: dict[DataSpec, Data] | None = None,
+    stages: Mapping[str, Stage] | None = None,
+    sink: Sink | None = None,
 ) -> list[Row]:
     """The one per-group function every executor calls: train or load the group's model once
     (through the model cache under ``ctx.workdir``), then let each cell kind run its cells (in the
     kinds' order) and return the rows to store.
 
     ``done`` maps finished cells' keys to their stored rows (a kind reuses them instead of
-    rerunning, e.g. the evasion worst case folds in their masks); ``on_row`` sees each row as it is
-    measured.  Does not touch the store."""
+    rerunning, e.g. the evasion worst case folds in their masks); ``stages`` holds what a killed
+    evaluation of the group stored; ``sink`` (else ``on_row`` for rows only) sees each row and
+    stage as it is measured.  Does not open the store."""
     done = dict(done or {})
-    emit: OnRow = on_row if on_row is not None else (lambda row, mask: None)
+    emit: OnRow = sink.row if sink is not None else on_row if on_row is not None else (lambda row, mask: None)
     first = cells[0]
     if ctx.threads is not None and torch.get_num_threads() != ctx.threads:
         # CPU reductions split by thread, so the thread count changes the last bits of training and
@@ -191,12 +278,17 @@ def run_group(
         if first.data not in datasets:
             datasets[first.data] = first.data.load(ctx.data_root)
         data = datasets[first.data]
+        _warn_short_test(cells, data)
         cache = ModelCache(Path(ctx.workdir) / "models")
         trained = train_or_load(first.model, first.defense.build(), data, cache, policy=policy, progress=ctx.progress)
     except Exception as exc:  # no model: every pending cell of the group records why
-        log.exception("training %s/%s failed", first.model.name, first.defense.name)
+        log.error("training %s/%s failed: %s: %s", first.model.name, first.defense.name, type(exc).__name__, _first_line(exc))
+        log.debug("the traceback", exc_info=True)
         return [(error_row(c, f"training failed: {type(exc).__name__}: {exc}", code_version()), None) for c in cells if c.key not in done]
-    group = Group(trained, data, policy, cache, ctx.workdir, ctx.batch_size, code_version(), done, emit)
+    group = Group(
+        trained, data, policy, cache, ctx.workdir, ctx.batch_size, code_version(), done, emit,
+        stages=dict(stages or {}), sink=sink, prefix=group_prefix(cells),
+    )
     rows: list[Row] = []
     for name, part in sorted(_by_kind(cells), key=lambda item: kind(item[0]).order):
         rows.extend(kind(name).run(part, group))
@@ -208,9 +300,25 @@ def _labels_of(spec: DataSpec, ctx: RunContext):
 
     @functools.lru_cache(maxsize=1)
     def labels() -> Tensor:
-        return load(spec.name, ctx.data_root, val_fraction=spec.val_fraction, train_limit=spec.train_limit).test.y
+        return spec.load(ctx.data_root).test.y
 
     return labels
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else "(no message)"
+
+
+def _warn_short_test(cells: Sequence[Cell], data: Data) -> None:
+    """Warn once per group when cells ask for more test points than the dataset has (the rows
+    record the number really evaluated)."""
+    asked = max(c.n for c in cells)
+    if asked > len(data.test):
+        log.warning(
+            "%s has %d test points, fewer than the %d asked for (--n): evaluating all %d; the rows say n=%d",
+            data.name, len(data.test), asked, len(data.test), len(data.test),
+        )
 
 
 def _by_kind(cells: Sequence[Cell]) -> list[tuple[str, list[Cell]]]:

@@ -23,6 +23,15 @@ class DataSpec:
     train_limit: int | None = None
     val_fraction: float = 0.0
 
+    def __post_init__(self) -> None:
+        from ..core.data import check_train_limit
+
+        if not isinstance(self.name, str) or not self.name:
+            raise ValueError(f"a dataset name must be a non-empty string, got {self.name!r}")
+        check_train_limit(self.train_limit)
+        if isinstance(self.val_fraction, bool) or not isinstance(self.val_fraction, (int, float)) or not 0 <= self.val_fraction < 1:
+            raise ValueError(f"val_fraction must be a number in [0, 1), got {self.val_fraction!r}")
+
     def as_dict(self) -> dict[str, Any]:
         return {"name": self.name, "train_limit": self.train_limit, "val_fraction": self.val_fraction}
 

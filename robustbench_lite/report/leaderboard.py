@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -62,19 +63,32 @@ def wide_tables(rows: Sequence[CellResult]) -> dict[str, pd.DataFrame]:
     return kind("evasion").tables(rows)
 
 
+def write_csv(table: pd.DataFrame, path: Path) -> None:
+    """Write ``table`` to ``path`` atomically: a temporary file beside it, then ``os.replace``, so
+    a kill mid-write leaves the old file (or none), never a truncated one."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        table.to_csv(tmp, index=False, float_format="%.6g")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
 def write(rows: Sequence[CellResult], out_dir: str | Path) -> list[Path]:
-    """Write ``cells.csv`` and every kind's tables under ``out_dir``; return the paths."""
+    """Write ``cells.csv`` and every kind's tables under ``out_dir`` (each atomically); return the paths."""
     out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise NotADirectoryError(f"{out_dir} is a file, not a folder for the leaderboard CSVs; pick another --out")
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
     long = _public(long_table(rows))
     if not long.empty:
         p = out_dir / "cells.csv"
-        long.to_csv(p, index=False, float_format="%.6g")
+        write_csv(long, p)
         paths.append(p)
     for name, table in tables(rows).items():
         p = out_dir / f"{name}.csv"
-        table.to_csv(p, index=False, float_format="%.6g")
+        write_csv(table, p)
         paths.append(p)
     return paths
 

@@ -1,7 +1,7 @@
 """Numbers users can trust: the masking checks, the BPDA/EOT wrappers and the adaptive harness.
 
-Acceptance: on models wrapped so that their gradients lie, the harness's worst case comes within
-0.05 of the unwrapped model's and the cell carries the right flag; an honest model has none.
+Acceptance: on models wrapped so that their gradients lie, the harness's worst case is at most
+0.05 above the unwrapped model's and the cell carries the right flag; an honest model has none.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from torch import nn
 from robustbench_lite import create_attack, evaluate
 from robustbench_lite.eval import flags as checks
 from robustbench_lite.eval.adaptive import BPDA, EOT, LogOutputs, RescaleLogits, adapt, bpda, marked_layers
+from robustbench_lite.eval.escalate import Escalation
 
 EPS = 0.1
 N = 100
@@ -137,12 +138,14 @@ WRAPPED = {
 def test_lying_gradients_are_flagged_and_the_worst_case_stays_honest(name, honest, digits_model, digits):
     wrap, expected = WRAPPED[name]
     torch.manual_seed(0)
-    ev = evaluate(wrap(digits_model), _attacks(), digits.test, n=N)
+    ev = evaluate(wrap(digits_model), _attacks(), digits.test, n=N, escalation=Escalation(square_queries=1000))
     reference = float(honest.worst_case[create_attack("pgd", eps=EPS).threat].float().mean())
     worst = float(next(iter(ev.worst_case.values())).float().mean())
     assert expected <= ev.flags[WC], ev.flags[WC]
     assert any(f.startswith("adapted:") for f in ev.flags[WC])
-    assert abs(worst - reference) <= 0.05, (worst, reference)
+    # never optimistic: every point counted broken was checked on the model, so only a worst case
+    # above the honest model's is a failure (the escalation ladder may find more than its attacks)
+    assert worst <= reference + 0.05, (worst, reference)
     # the gradient attacks' own rows carry the flags too, and the adaptive rerun helped them
     pgd_plain = next(r for r in ev.plain_records if r.attack.name == "pgd").robust_acc
     pgd = next(r for r in ev.records if r.attack.name == "pgd").robust_acc

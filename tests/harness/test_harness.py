@@ -58,27 +58,37 @@ def test_rerun_skips_finished_cells(tmp_path):
 
 
 def test_interrupted_run_resumes_without_recomputing(tmp_path, monkeypatch):
+    import robustbench_lite.eval.evasion as evasion_mod
     import robustbench_lite.harness.store as store_mod
 
-    real_put, calls = store_mod.Store.put, {"n": 0}
+    real_put_stage, staged = store_mod.Store.put_stage, []
 
-    def dying_put(self, row, mask=None):
-        real_put(self, row, mask)
-        if row.attack != "worst_case":
-            calls["n"] += 1
-            if calls["n"] == 2:
-                raise KeyboardInterrupt  # the run is killed after two cells are stored
+    def dying_put_stage(self, key, payload, mask=None):
+        real_put_stage(self, key, payload, mask)
+        if "/attack:" in key:
+            staged.append(key.split("/attack:")[1].split(":")[0])
+            if len(staged) == 2:
+                raise KeyboardInterrupt  # the run is killed after two attacks are measured
 
-    monkeypatch.setattr(store_mod.Store, "put", dying_put)
+    monkeypatch.setattr(store_mod.Store, "put_stage", dying_put_stage)
     with pytest.raises(KeyboardInterrupt):
         _smoke(tmp_path)
-    monkeypatch.setattr(store_mod.Store, "put", real_put)
+    monkeypatch.setattr(store_mod.Store, "put_stage", real_put_stage)
     with Store(tmp_path / "store.sqlite") as s:
-        finished = {r.key for r in s.rows() if r.status == "ok" and r.attack != "worst_case"}
-    assert len(finished) == 2
+        assert not [r for r in s.rows() if r.status == "ok"]  # no cell is finished without its flags
+        assert len([k for k in s.stages("") if "/attack:" in k]) == 2
+    real_run, ran = evasion_mod.run_attack, []
+
+    def counting_run(model, attack, *args, **kwargs):
+        ran.append(attack.name)
+        return real_run(model, attack, *args, **kwargs)
+
+    monkeypatch.setattr(evasion_mod, "run_attack", counting_run)
     resumed = _smoke(tmp_path)
-    assert resumed.skipped == 2 and resumed.computed == 3
-    assert not finished & set(resumed.computed_keys)
+    assert resumed.computed == 5 and resumed.errors == 0
+    assert len(ran) == 3 and sorted(ran + staged) == sorted(["fgsm", "ifgsm", "least-likely", "pgd", "pgd"])
+    with Store(tmp_path / "store.sqlite") as s:
+        assert not s.stages("")  # the finished evaluation's stages are gone
 
 
 PLUGIN = textwrap.dedent(

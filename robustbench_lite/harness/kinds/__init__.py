@@ -20,7 +20,7 @@ import logging
 import traceback
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 import pandas as pd
 from torch import Tensor
@@ -29,6 +29,7 @@ from ...core.data import Data
 from ...core.device import DevicePolicy
 from ...core.registry import Registry, create_attack
 from ...training.cache import ModelCache, TrainedModel
+from .. import faults
 from ..rows import CellResult, OnRow, Row, cell_row, error_row, split_metrics
 
 if TYPE_CHECKING:
@@ -37,9 +38,41 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-KINDS = Registry("kind", "robustbench_lite.harness.kinds", "robustbench_lite.kinds")
+KINDS = Registry("kind", "robustbench_lite.harness.kinds", "robustbench_lite.kinds", base="robustbench_lite.harness.kinds:CellKind")
 register_kind = KINDS.register
 list_kinds = KINDS.list
+
+
+Stage = tuple[dict[str, Any], Tensor | None]
+
+
+class Sink(Protocol):
+    """Where a group's results go as they are measured (the driver's store, for the local
+    executor): single rows, a part's rows in one transaction, and evaluation stages."""
+
+    def row(self, row: CellResult, mask: Tensor | None) -> None: ...
+
+    def rows(self, rows: Sequence[Row], drop_stages: str | None = None) -> None: ...
+
+    def stage(self, key: str, payload: dict[str, Any], mask: Tensor | None) -> None: ...
+
+
+class GroupCheckpoint:
+    """A group's stored stages under one part's prefix, as an evaluation checkpoint
+    (:class:`~robustbench_lite.eval.checkpoint.Checkpoint`): a stage is stored through the sink the
+    moment it is done, and the kill hook (:mod:`~robustbench_lite.harness.faults`) sees its name."""
+
+    def __init__(self, group: Group, part: str) -> None:
+        self.group, self.prefix = group, f"{group.prefix}{part}/"
+
+    def get(self, name: str) -> Stage | None:
+        return self.group.stages.get(self.prefix + name)
+
+    def put(self, name: str, payload: dict[str, Any], mask: Tensor | None) -> None:
+        self.group.stages[self.prefix + name] = (payload, mask)
+        if self.group.sink is not None:
+            self.group.sink.stage(self.prefix + name, payload, mask)
+        faults.point(f"stage:{name}")
 
 
 @dataclass
@@ -56,6 +89,22 @@ class Group:
     done: Mapping[str, Row]  # finished rows of the group's cells, by cell key (resume)
     emit: OnRow  # stores a row the moment it is measured
     measured: dict[str, Row] = field(default_factory=dict)  # rows of this run, by key, in order
+    stages: dict[str, Stage] = field(default_factory=dict)  # stored stages of a killed evaluation (resume)
+    sink: Sink | None = None  # stores rows and stages as they are measured (None: returned rows only)
+    prefix: str = ""  # the group's stage-key prefix
+
+    def checkpoint(self, part: str) -> GroupCheckpoint:
+        """The stages of one part of the group's work (e.g. an evaluation) as a checkpoint."""
+        return GroupCheckpoint(self, part)
+
+    def commit(self, rows: Sequence[Row], part: str | None = None) -> None:
+        """Store ``rows`` in one transaction (all or none survive a kill), dropping the stages of
+        ``part`` (the evaluation that produced them is done)."""
+        for row, mask in rows:
+            self.measured[row.key] = (row, mask)
+        if self.sink is not None:
+            self.sink.rows(rows, None if part is None else f"{self.prefix}{part}/")
+        faults.point(f"commit:{part or 'rows'}")
 
     def add(self, row: CellResult, mask: Any, *, emit: bool = True) -> Row:
         """Record a row of this run (and store it at once with ``emit``)."""

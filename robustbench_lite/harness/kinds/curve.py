@@ -17,12 +17,13 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import pandas as pd
 import torch
+from torch import Tensor
 
 from ...core.config import config_hash
 from ...core.models import predict
@@ -150,7 +151,7 @@ class Curve(CellKind):
             out.append(group.add(row, mask, emit=False))
         return out
 
-    def refresh(self, cells: Sequence[Cell], store: Store) -> None:
+    def refresh(self, cells: Sequence[Cell], store: Store, labels: Callable[[], Tensor]) -> None:
         """Optimality and the worst case of finished curves, from the stored distances."""
         from ..run import code_version
 

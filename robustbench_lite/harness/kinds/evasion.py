@@ -10,6 +10,7 @@ model/defense, one column per attack, sorted by the worst case.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -19,12 +20,15 @@ from typing import ClassVar
 
 import pandas as pd
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from ...core.config import config_hash
 from ...core.threat import ThreatModel
+from ...eval.escalate import Escalated, Escalation
 from ...eval.evasion import AttackRecord, evaluate, worst_class
-from ...eval.flags import INCOMPLETE, join
+from ...eval.flags import INCOMPLETE, NON_FINITE, clean_acc_mismatch, join
+from ...training.cache import train_or_load
+from ...training.defense import Defense
 from ..autotune import BatchTuner, attack_pass
 from ..plan import Cell
 from ..rows import WORST_CASE, CellResult, Row, error_row
@@ -35,6 +39,9 @@ log = logging.getLogger(__name__)
 
 ID_COLUMNS = ["dataset", "model", "defense", "norm", "eps", "n"]
 WORST_CLASS = "worst_class"  # the lowest per-class robust accuracy of the worst case
+# the escalation ladder the harness runs when a masking check fires (read at each evaluation, so a
+# plugin file can swap it, e.g. for a cheaper one in tests; None turns it off)
+ESCALATION: Escalation | None = Escalation()
 
 
 @dataclass(frozen=True)
@@ -67,6 +74,9 @@ class Evasion(CellKind):
         return rows
 
     def _run_part(self, cells: list[Cell], survivors: bool, group: Group) -> list[Row]:
+        """One :func:`evaluate` call over cells that share ``survivors``: a unit that resumes
+        from its stored stages and whose rows (flags, adaptive reruns and worst case included)
+        are stored together at the end."""
         n = cells[0].n
         rows: list[Row] = []
         latest: dict[str, Row] = {c.key: group.done[c.key] for c in cells if c.key in group.done}
@@ -76,7 +86,7 @@ class Evasion(CellKind):
                 attacks.append(c.build())
             except Exception as exc:
                 row = error_row(c, f"bad attack config: {type(exc).__name__}: {exc}", group.version)
-                rows.append(group.add(row, None))
+                rows.append((row, None))
                 latest[c.key] = (row, None)
                 attacks.append(None)
                 continue
@@ -88,52 +98,83 @@ class Evasion(CellKind):
                     success_rate=r.success_rate, median_l2=r.median_l2,
                 )
         live = [i for i, a in enumerate(attacks) if a is not None]
+        part = "evasion:" + config_hash(sorted(c.key for c in cells))
         if not live:
+            group.commit(rows, part)
             return rows
 
         def on_record(j: int, rec: AttackRecord, clean_acc: float) -> None:
-            cell = cells[live[j]]
-            group.emit(self.attack_row(cell, group, rec, clean_acc, flags=""), rec.robust)
             if rec.error:
-                log.warning("attack %s failed: %s", cell.attack.name, rec.error.splitlines()[0])
+                log.warning("attack %s failed: %s", cells[live[j]].attack.name, rec.error.splitlines()[0])
 
         trained, data = group.trained, group.data
         ev = evaluate(
             trained.model, [attacks[i] for i in live], data.test, n=n, policy=group.policy,
             batch_size=_batch_rule(group, n), survivors_only=survivors,
             precomputed={j: precomputed[i] for j, i in enumerate(live) if i in precomputed}, on_record=on_record,
+            checkpoint=group.checkpoint(part), surrogate=lambda: surrogate_model(cells[0], group), escalation=ESCALATION,
+            num_classes=data.num_classes,
         )
-        # the attack rows again, with their flags (flags need every attack of the threat)
+        if NON_FINITE in ev.model_flags:
+            log.warning(
+                "%s/%s returns NaN or inf outputs on some of the %d points: they count as misclassified (flag %s)",
+                cells[0].model.name, cells[0].defense.name, ev.n, NON_FINITE,
+            )
+        mismatch = clean_acc_mismatch(ev.clean_acc, trained.sidecar.get("clean_acc"), ev.n)
+        if mismatch:
+            log.warning(
+                "%s/%s: clean accuracy %.3f on %d points, but %.3f when it was trained: the cached weights may not be the "
+                "trained ones (delete %s.* in the model cache to retrain)", cells[0].model.name, cells[0].defense.name,
+                ev.clean_acc, ev.n, trained.sidecar.get("clean_acc"), trained.key,
+            )
+        # the attack rows, with their flags (flags need every attack of the threat)
         for j, rec in enumerate(ev.records):
             cell = cells[live[j]]
-            flags = join(ev.flags.get(f"{cell.attack.name}@{cell.threat.label}", set()))
-            row = group.add(self.attack_row(cell, group, rec, ev.clean_acc, flags), rec.robust, emit=False)
+            found = set(ev.flags.get(f"{cell.attack.name}@{cell.threat.label}", set()))
+            if mismatch:
+                found.add(mismatch)
+            if live[j] in precomputed:  # keep what its own evaluation found (e.g. its adaptive rerun)
+                found.update(f for f in group.done[cell.key][0].flags.split(";") if f)
+            row = (self.attack_row(cell, group, rec, ev.clean_acc, join(found), ev.n), rec.robust)
             rows.append(row)
             latest[cell.key] = row
-        labels = data.test.head(n).y
-        for row, mask in worst_case_rows(cells, latest, ev.flags, group.version, labels=labels):
-            rows.append(group.add(row, mask, emit=False))
+        wc_flags = {k: set(v) | ({mismatch} if mismatch and k.startswith(WORST_CASE) else set()) for k, v in ev.flags.items()}
+        labels = data.test.head(ev.n).y
+        rows.extend(worst_case_rows(cells, latest, wc_flags, group.version, ev.escalated, labels=labels))
+        group.commit(rows, part)
         return rows
 
-    def attack_row(self, cell: Cell, group: Group, rec: AttackRecord, clean_acc: float, flags: str) -> CellResult:
+    def attack_row(
+        self, cell: Cell, group: Group, rec: AttackRecord, clean_acc: float, flags: str, n: int | None = None
+    ) -> CellResult:
         values = EvasionRow(rec.robust_acc, rec.attacked, rec.scope, rec.target_hit_rate, rec.success_rate, rec.median_l2)
         return self.result(
-            cell, group, values, method=rec.attack, clean_acc=clean_acc, seconds=rec.seconds,
+            cell, group, values, method=rec.attack, clean_acc=clean_acc, seconds=rec.seconds, n=cell.n if n is None else n,
             grad_evals=rec.grad_evals, forward_evals=rec.forward_evals, flags=flags,
             status="error" if rec.error else "ok", error=rec.error, metrics="",
         )
 
     def refresh(self, cells: Sequence[Cell], store: Store, labels: Callable[[], Tensor]) -> None:
-        """The worst-case rows of a finished group, from the masks the store holds (the worst
-        class from the stored row when its mask is unchanged, else from the test labels)."""
+        """The worst-case rows of a finished group, from the masks the store holds.  A stored
+        worst case is only ever lowered: its own mask (the escalation ladder's finds) and flags
+        are folded in; its worst class comes from the test labels when the row lacks it."""
         latest = {c.key: hit for c in cells if (hit := store.get(c.key)) is not None}
+        fresh = []
         for row, mask in worst_case_rows(cells, latest, version=_version()):
             old = store.get(row.key)
-            if old is not None and old[0].metrics and old[1] is not None and torch.equal(old[1], mask):
-                row = replace(row, metrics=old[0].metrics)
-            else:
-                row = replace(row, metrics=_worst_class_metrics(mask, labels()[: row.n]))
-            store.put(row, mask)
+            if old is not None and old[1] is not None and old[1].shape == mask.shape and old[0].status == "ok":
+                same = torch.equal(old[1] & mask, old[1]) and set(row.flags.split(";")) <= set(old[0].flags.split(";"))
+                if same and WORST_CLASS in _metrics(old[0].metrics):
+                    continue  # nothing to change: the stored row already holds at least as much
+                mask = mask & old[1]
+                flags = join(set(row.flags.split(";")) | set(old[0].flags.split(";")))
+                row = dataclasses.replace(
+                    old[0], robust_acc=float(mask.float().mean()), flags=flags, code_version=row.code_version
+                )
+            row = replace(row, metrics=_with_worst_class(row.metrics, mask, labels()[: row.n]))
+            fresh.append((row, mask))
+        if fresh:
+            store.put_many(fresh)
 
     # -- tables ---------------------------------------------------------------------------------
     def tables(self, rows: Sequence[CellResult]) -> dict[str, pd.DataFrame]:
@@ -199,6 +240,29 @@ def _extra_columns(rows: Sequence[CellResult]) -> dict[tuple, dict]:
     return merged
 
 
+SURROGATE_RECIPE = "standard"
+_BASE_SETTINGS = frozenset(f.name for f in dataclasses.fields(Defense)) - {"monitor_eps", "monitor_points", "monitor_steps"}
+
+
+def surrogate_model(cell: Cell, group: Group) -> nn.Module | None:
+    """The escalation ladder's transfer surrogate: the cell's architecture trained by the plain
+    ``standard`` recipe with the group's training settings (epochs, batch size, optimizer,
+    schedule, seed; the defense's own settings dropped), through the model cache, so a preset
+    that also has a ``standard`` defense with those settings trains it once.  ``None`` when that
+    is the model under test (a surrogate identical to the model transfers nothing new)."""
+    from ...core.registry import create_defense
+
+    params = {k: v for k, v in cell.defense.params.items() if k in _BASE_SETTINGS}
+    defense = create_defense(SURROGATE_RECIPE, **params)
+    if cell.defense.name == SURROGATE_RECIPE and defense.get_params() == cell.defense.build().get_params():
+        return None
+    log.info("training the transfer surrogate: %s with the %s recipe %s", cell.model.name, SURROGATE_RECIPE, params)
+    trained = train_or_load(cell.model, defense, group.data, group.cache, policy=group.policy, progress=False)
+    if trained.key == group.trained.key:
+        return None
+    return trained.model
+
+
 def _batch_rule(group: Group, n: int):
     """A fixed batch size, or (``auto``) a function of the attack: the tuned batch of its pass."""
     if group.batch_size != "auto":
@@ -218,13 +282,16 @@ def _batch_rule(group: Group, n: int):
 
 def worst_case_rows(
     cells: Iterable[Cell], latest: Mapping[str, Row], flags: Mapping[str, set[str]] | None = None, version: str = "",
-    labels: Tensor | None = None,
+    escalated: Mapping[ThreatModel, Escalated] | None = None, labels: Tensor | None = None,
 ) -> list[Row]:
     """One ``worst_case`` row per threat: the per-point AND of its cells' robust masks.
 
     ``latest`` maps cell keys to their newest rows (cells absent or not ``ok`` make the worst
     case ``incomplete``); ``flags`` are an evaluation's flags (``worst_case@<threat>`` keys);
-    with the points' ``labels`` the row's metrics hold its worst class."""
+    ``escalated`` the escalation ladder's outcome per threat (its mask is ANDed in, its costs
+    added, and its steps go into the row's ``metrics`` as ``escalation``); with the points'
+    ``labels`` the metrics hold the worst class too."""
+    escalated = escalated or {}
     flags = flags or {}
     by_threat: dict[ThreatModel, list[Cell]] = {}
     for c in cells:
@@ -244,24 +311,36 @@ def worst_case_rows(
             found.add(INCOMPLETE)
         found.update(flags.get(f"{WORST_CASE}@{threat.label}", set()))
         ref = ok[0][0]
+        esc = escalated.get(threat)
+        steps = esc.steps if esc is not None and esc.robust.shape == mask.shape else []
+        if steps:
+            mask &= esc.robust
+        metrics = json.dumps({"escalation": [s.as_payload() for s in steps]}) if steps else ""
         row = CellResult(
             dataset=ref.dataset, model=ref.model, defense=ref.defense, attack=WORST_CASE, norm=ref.norm, eps=ref.eps,
             kind=ref.kind, n=ref.n, clean_acc=ref.clean_acc, robust_acc=float(mask.float().mean()),
-            seconds=sum(r.seconds for r, _ in ok), grad_evals=sum(r.grad_evals for r, _ in ok),
-            forward_evals=sum(r.forward_evals for r, _ in ok), attacked=max(r.attacked for r, _ in ok),
+            seconds=sum(r.seconds for r, _ in ok) + sum(s.seconds for s in steps),
+            grad_evals=sum(r.grad_evals for r, _ in ok) + sum(s.grad_evals for s in steps),
+            forward_evals=sum(r.forward_evals for r, _ in ok) + sum(s.forward_evals for s in steps),
+            attacked=max(r.attacked for r, _ in ok),
             scope="all", target_hit_rate=None, success_rate=None, median_l2=None, flags=join(found), status="ok", error="",
             train_seconds=ref.train_seconds, attack_params=json.dumps(sorted(r.attack for r, _ in ok)),
             key=worst_case_key(tcells), model_key=ref.model_key, code_version=version,
-            metrics=_worst_class_metrics(mask, labels) if labels is not None else "",
+            metrics=_with_worst_class(metrics, mask, labels) if labels is not None else metrics,
         )
         out.append((row, mask))
     return out
 
 
-def _worst_class_metrics(mask: Tensor, labels: Tensor) -> str:
-    """The worst case's lowest per-class robust accuracy and its class, as the row's metrics."""
+def _metrics(text: str) -> dict:
+    """A row's ``metrics`` JSON as a dict (empty when there are none)."""
+    return json.loads(text) if text else {}
+
+
+def _with_worst_class(metrics: str, mask: Tensor, labels: Tensor) -> str:
+    """``metrics`` plus the worst case's lowest per-class robust accuracy and its class."""
     acc, cls = worst_class(mask, labels)
-    return json.dumps({WORST_CLASS: acc, "worst_class_label": cls})
+    return json.dumps({**_metrics(metrics), WORST_CLASS: acc, "worst_class_label": cls})
 
 
 def worst_case_key(cells: Iterable[Cell]) -> str:

@@ -16,7 +16,7 @@ from robustbench_lite.harness.gridfile import load_grid, toml_loads
 from robustbench_lite.harness.presets import PRESET_DIR, PRESETS, get_preset
 from robustbench_lite.harness.store import Store
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 # the sorted cell keys of the Python presets (and of six override variants), frozen before the
 # presets moved to TOML
 FROZEN = json.loads((Path(__file__).parent / "data" / "preset_keys.json").read_text())

@@ -1,0 +1,90 @@
+"""Side by side: the original AutoAttack (``pyautoattack``; Croce & Hein, ICML 2020, its standard
+version: APGD-CE, APGD-T with 9 targets, FAB-T with 9 targets, Square with 5000 queries) against
+our full attack set (the ``full`` preset's Linf 0.1 attacks, cheapest first on the survivors,
+through :func:`~robustbench_lite.evaluate` with its checks, probes and, where a masking check fires,
+the escalation ladder) on the same models and test points (CPU).
+
+Models (bench_common's fixtures): small-cnn with standard training (2 epochs on 20k Fashion-MNIST
+images) and with PGD-7 adversarial training (Linf eps 0.1, 2 epochs on 10k images).
+
+    python scripts/bench_autoattack.py --n 500
+
+For each model: both robust accuracies (clean-misclassified points count as not robust), the
+points each broke that the other did not, and the seconds of each (wall and process CPU, one torch
+thread).  ``--rounds 2`` runs each twice, interleaved (the second round starts with AutoAttack).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import bench_common as bc
+
+from robustbench_lite import create_attack, evaluate, predict
+from robustbench_lite.harness.presets import PRESETS
+
+EPS = 0.1
+
+
+def full_attacks():
+    """The ``full`` preset's attacks at Linf 0.1, as the harness builds them."""
+    (threat, specs), = [(t, a) for t, a in PRESETS["full"].grid if t.eps == EPS]
+    return [create_attack(s.name, norm=threat.norm, eps=threat.eps, **s.params) for s in specs]
+
+
+def ours(model, split, n):
+    def run():
+        ev = evaluate(model, full_attacks(), split, n=n, survivors_only=True)
+        return ev.worst_case[full_attacks()[0].threat], ev
+
+    return run
+
+
+def autoattack(model, x, y, seed):
+    from pyautoattack import AutoAttack
+
+    def run():
+        aa = AutoAttack(model, norm="Linf", eps=EPS, version="standard", device="cpu", seed=seed)
+        x_adv = aa.run_standard_evaluation(x, y, batch_size=500)
+        return predict(model, x_adv, "cpu", batch_size=500) == y, None
+
+    return run
+
+
+def main() -> None:
+    p = bc.parser(__doc__, n=500, rounds=1)
+    p.add_argument("--models", default="standard,pgd-at", help="comma-separated: standard, pgd-at")
+    args = bc.parse(p)
+    logging.getLogger("auto-attack").setLevel(logging.WARNING)
+    fixtures = {"standard": bc.standard_model, "pgd-at": bc.pgd_at_model}
+    print(f"# {bc.environment()}; Linf eps {EPS}; first {args.n} Fashion-MNIST test points")
+    rows = []
+    for name in args.models.split(","):
+        fx = fixtures[name]()
+        print(f"{name}: {fx.describe()}")
+        split = fx.data.test.head(args.n)
+        x, y = split.x, split.y
+        clean = predict(fx.model, x, "cpu") == y
+        t = bc.interleaved({"ours": ours(fx.model, split, args.n), "autoattack": autoattack(fx.model, x, y, args.seed)}, args.rounds)
+        mine, aa = t["ours"].result[0], t["autoattack"].result[0]
+        ev = t["ours"].result[1]
+        only_mine = clean & ~mine & aa
+        only_aa = clean & ~aa & mine
+        rows.append((name, float(clean.float().mean()), float(mine.float().mean()), float(aa.float().mean()),
+                     int(only_mine.sum()), int(only_aa.sum()), t["ours"], t["autoattack"]))
+        flags = sorted({f for fs in ev.flags.values() for f in fs})
+        print(f"  ours: flags {flags or 'none'}; per attack (cumulative, survivors):",
+              ", ".join(f"{r.attack.name} {r.robust_acc:.3f} ({r.seconds:.1f} s)" for r in ev.records))
+        if only_aa.any():
+            print(f"  points only AutoAttack broke: {only_aa.nonzero().flatten().tolist()}")
+    print()
+    print("| model | clean | ours robust | AutoAttack robust | only ours broke | only AA broke "
+          "| ours wall / CPU s | AA wall / CPU s | wall ratio |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for name, clean, mine, aa, om, oa, tm, ta in rows:
+        print(f"| {name} | {clean:.3f} | {mine:.3f} | {aa:.3f} | {om} | {oa} | {tm.wall_median:.1f} / {tm.cpu_median:.1f} "
+              f"| {ta.wall_median:.1f} / {ta.cpu_median:.1f} | {tm.wall_median / ta.wall_median:.3f} |")
+
+
+if __name__ == "__main__":
+    main()
