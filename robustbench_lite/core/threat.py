@@ -7,7 +7,8 @@ Every norm owns one :class:`Geometry` object (``Norm.LINF.geometry``), which is 
 knows how the norm measures a perturbation, projects onto its ball (and onto ball ∩ [0, 1]), picks
 the steepest-ascent direction and draws random points.  Attacks, defenses and evaluations ask the
 geometry instead of branching on the norm, so a new norm is one enum member and one geometry class
-here, plus the attacks that opt in (their ``norms``).
+here (its longer math in a module of its own, as :mod:`robustbench_lite.core.l1`), plus the attacks
+that opt in (their ``norms``).
 """
 
 from __future__ import annotations
