@@ -148,20 +148,8 @@ def _execute(args: argparse.Namespace, plan, info: dict) -> int:
 
 
 def _summary_lines(rows) -> list[str]:
-    import json
-
+    from .harness.kinds import kind
     from .harness.rows import WORST_CASE
 
-    out = []
-    for r in sorted(rows, key=lambda r: (r.kind, r.norm, r.eps, r.attack != WORST_CASE, r.attack)):
-        if r.kind == "evasion" and r.attack == WORST_CASE:
-            out.append(f"{r.norm} eps {r.eps:g}: clean {r.clean_acc:.3f}, robust (worst case) {r.robust_acc:.3f}"
-                       + (f"  [{r.flags}]" if r.flags else ""))
-        elif r.kind == "curve" and r.status == "ok":
-            m = json.loads(r.metrics or "{}")
-            curve = ", ".join(f"{e:g}:{a:.2f}" for e, a in zip(m.get("grid", []), m.get("curve", []), strict=False))
-            score = m.get("optimality")
-            tag = "worst case" if r.attack == WORST_CASE else f"{r.attack} (optimality {score:.3f})" if score is not None \
-                else r.attack
-            out.append(f"curve {r.norm} {tag}: {curve}")
-    return out
+    ordered = sorted(rows, key=lambda r: (r.kind, r.norm, r.eps, r.attack != WORST_CASE, r.attack))
+    return [line for r in ordered if (line := kind(r.kind).summary_line(r))]

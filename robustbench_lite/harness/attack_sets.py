@@ -17,11 +17,11 @@ from __future__ import annotations
 import difflib
 from collections.abc import Sequence
 
+from ..core.attack import EvasionAttack
 from ..core.registry import ATTACKS
 from ..core.threat import Norm
 from .specs import AttackSpec
 
-SETS = ("quick", "standard", "full")
 _SQUARE = {"queries": 1000, "p_init": 0.3}
 _TWEAKS = {"square": _SQUARE, "acg": {"loss": "cw"}}
 
@@ -38,12 +38,17 @@ def _spec(name: str, num_classes: int | None) -> AttackSpec | None:
     return AttackSpec(name, params)
 
 
+def _every_evasion_attack() -> list[str]:
+    return [a for a in ATTACKS.list() if issubclass(ATTACKS.get(a), EvasionAttack)]
+
+
+_MEMBERS = {"quick": lambda: ["fgsm", "pgd"], "standard": lambda: ["apgd-ce", "apgd-t-dlr", "acg", "square"],
+            "full": _every_evasion_attack}
+SETS = tuple(_MEMBERS)
+
+
 def _set(name: str, norm: Norm) -> list[str]:
-    if name == "quick":
-        return ["fgsm", "pgd"]
-    if name == "standard":
-        return ["apgd-ce", "apgd-t-dlr", "acg", "square"]
-    return [a for a in ATTACKS.list() if ATTACKS.get(a).cell_kind == "evasion"]
+    return _MEMBERS[name]()
 
 
 def attack_specs(what: str | Sequence[str], norm: Norm | str, num_classes: int | None = None) -> tuple[AttackSpec, ...]:

@@ -383,8 +383,8 @@ class _Reader:
         kind = self.typed(t.get("kind", ""), str, f"{where}.kind", "a cell kind name")
         if kind and kind not in KINDS:
             raise self.fail(f"{where}.kind", f"unknown kind {kind!r}; kinds: {', '.join(KINDS.list())}")
-        if kind == "curve":
-            raise self.fail(f"{where}.kind", 'curves have their own section: [[curves]] with curve = "linf:0:0.2:11"')
+        if kind and (section := KINDS.get(kind).own_section):
+            raise self.fail(f"{where}.kind", f"{kind} cells have their own section: {section}")
         listed = self.array(t.get("defenses", []), f"{where}.defenses")
         names = tuple(self.typed(d, str, f"{where}.defenses", "defense names") for d in listed)
         if not names:

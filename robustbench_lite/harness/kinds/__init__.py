@@ -129,6 +129,8 @@ class CellKind:
     sort: ClassVar[tuple[tuple[str, bool], ...]] = ()
     #: run order inside a group (lower first); a kind that reads another's rows runs after it
     order: ClassVar[int] = 0
+    #: where a grid file declares this kind's cells when not as ``[[extra]]`` (empty: in [[extra]])
+    own_section: ClassVar[str] = ""
     #: table columns the terminal leaderboard leaves out (they are in the CSVs)
     hidden_in_terminal: ClassVar[tuple[str, ...]] = ("dataset", "attack_params", "error")
 
@@ -140,6 +142,10 @@ class CellKind:
     def build(self, cell: Cell) -> Any:
         """What the cell runs (an attack by default), with the cell's threat."""
         return create_attack(cell.attack.name, norm=cell.threat.norm, eps=cell.threat.eps, **cell.attack.params)
+
+    def summary_line(self, row: CellResult) -> str | None:
+        """One line for the ``eval`` command's summary of ``row`` (None: the row is not summarised)."""
+        return None
 
     def knows(self, method: str) -> bool:
         """Whether ``method`` names something this kind's cells can run (an attack by default)."""

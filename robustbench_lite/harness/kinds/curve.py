@@ -95,6 +95,7 @@ class Curve(CellKind):
     sort: ClassVar[tuple[tuple[str, bool], ...]] = (("attack", True), ("eps", True))
     order: ClassVar[int] = 2
     hidden_in_terminal: ClassVar[tuple[str, ...]] = ("dataset", "status", "error")
+    own_section: ClassVar[str] = '[[curves]] with curve = "linf:0:0.2:11"'
 
     def key_fields(self, cell: Cell) -> dict[str, Any]:
         return {"grid": list(getattr(cell, "grid", ())), "order": getattr(cell, "order", "up")}
@@ -150,6 +151,18 @@ class Curve(CellKind):
         for row, mask in finish(cells, latest, model_flags, group.version):
             out.append(group.add(row, mask, emit=False))
         return out
+
+    def summary_line(self, row: CellResult) -> str | None:
+        if row.status != "ok":
+            return None
+        m = json.loads(row.metrics or "{}")
+        curve = ", ".join(f"{e:g}:{a:.2f}" for e, a in zip(m.get("grid", []), m.get("curve", []), strict=False))
+        score = m.get("optimality")
+        if row.attack == WORST_CASE:
+            tag = "worst case"
+        else:
+            tag = row.attack if score is None else f"{row.attack} (optimality {score:.3f})"
+        return f"curve {row.norm} {tag}: {curve}"
 
     def refresh(self, cells: Sequence[Cell], store: Store, labels: Callable[[], Tensor]) -> None:
         """Optimality and the worst case of finished curves, from the stored distances."""

@@ -144,6 +144,12 @@ class Evasion(CellKind):
         group.commit(rows, part)
         return rows
 
+    def summary_line(self, row: CellResult) -> str | None:
+        if row.attack != WORST_CASE:
+            return None
+        flags = f"  [{row.flags}]" if row.flags else ""
+        return f"{row.norm} eps {row.eps:g}: clean {row.clean_acc:.3f}, robust (worst case) {row.robust_acc:.3f}{flags}"
+
     def attack_row(
         self, cell: Cell, group: Group, rec: AttackRecord, clean_acc: float, flags: str, n: int | None = None
     ) -> CellResult:
