@@ -13,10 +13,11 @@ statistics, the function it computes in eval mode) and offers:
 * ``radius(model, x, y, norm, hi, tol) -> [B]``: per point, a certified radius found by bisection
   on eps (0 for misclassified points), for certified-accuracy-versus-eps curves.
 
-Plugins implement ``_bounds(model, x, y, norm, eps)`` (per-point ``eps``).  Verifiers that work on
+Plugins implement ``_margin_bounds(model, x, y, threat)``, or ``_bounds(model, x, y, norm, eps)``
+with a radius per point (what the bisection calls; by default once per distinct radius).  Verifiers that work on
 the layers of the network derive from :class:`BoundVerifier`, which parses the model into supported
 layers (:func:`parse_network`: an unsupported layer is a ``ValueError`` naming it, the supported
-layers and the zoo models that parse), casts the points to float64, runs ``_margin_bounds(net,
+layers and the zoo models that parse), casts the points to float64, runs ``_net_bounds(net,
 inset, y)`` in chunks of ``batch_size`` points and folds the margin matrix into the last layer.
 
 Built-in verifiers: ``ibp`` (Gowal et al. 2018), ``crown`` (Zhang et al. 2018), ``alpha-crown``
@@ -75,11 +76,23 @@ class Verifier(Plugin):
 
     norms: ClassVar[tuple[Norm, ...]] = (Norm.LINF,)
 
-    # -- what plugins implement -------------------------------------------------------------------
+    # -- what plugins implement (one of the two) --------------------------------------------------
+    def _margin_bounds(self, model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel) -> Tensor:
+        """Sound lower bounds ``[B, K]`` of ``f_y − f_c`` over the threat ball around each point
+        ∩ [0, 1], any value at ``c = y``.  Runs under ``no_grad``, model in eval mode."""
+        raise NotImplementedError(f"verifier {self.name} must implement _margin_bounds or _bounds")
+
     def _bounds(self, model: nn.Module, x: Tensor, y: Tensor, norm: Norm, eps: Tensor) -> Tensor:
-        """Sound lower bounds ``[B, K]`` of ``f_y − f_c`` over the ``norm`` ball of radius ``eps[b]``
-        around ``x[b]`` ∩ [0, 1], any value at ``c = y``.  Runs under ``no_grad``, model in eval."""
-        raise NotImplementedError
+        """The same with a radius per point (``eps[b]``), which the bisection of :meth:`radius`
+        needs; by default :meth:`_margin_bounds` once per distinct radius."""
+        out = torch.empty(x.shape[0], 0, dtype=torch.float64, device=x.device)
+        for e in eps.unique():
+            idx = (eps == e).nonzero()[:, 0]
+            part = self._margin_bounds(model, x[idx], y[idx], ThreatModel(norm, float(e))).to(torch.float64)
+            if out.shape[1] != part.shape[1]:
+                out = torch.full((x.shape[0], part.shape[1]), float("nan"), dtype=torch.float64, device=x.device)
+            out[idx] = part.to(x.device)
+        return out
 
     # -- public API -------------------------------------------------------------------------------
     def margin_bounds(self, model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel) -> Tensor:
@@ -101,11 +114,13 @@ class Verifier(Plugin):
 
     def radius(
         self, model: nn.Module, x: Tensor, y: Tensor, norm: Norm | str = Norm.LINF,
-        hi: float | None = None, tol: float = 1e-3,
+        hi: float | None = None, tol: float = 1e-3, *, known: tuple[float, Tensor] | None = None,
     ) -> Tensor:
         """Per point, a certified radius found by bisection on ``[0, hi]`` to ``tol``: the point is
         certified at the returned eps (0: misclassified, or not certified at ``tol``).  ``hi``
         defaults to the largest distance inside ``[0, 1]^d`` (1 for Linf, ``√d`` for L2).
+        ``known = (eps, mask)``: what :meth:`certify` already returned at ``eps`` (< ``hi``), so the
+        search starts in ``[eps, hi]`` where ``mask`` holds and in ``[0, eps]`` elsewhere.
         Certification need not be monotone in eps, so this is a certified radius, not necessarily
         the largest one."""
         norm = self._check_threat(Norm.parse(norm))
@@ -118,6 +133,12 @@ class Verifier(Plugin):
             correct = _correct(model, x, y)
             lo = torch.zeros(x.shape[0], dtype=torch.float64, device=x.device)
             up = torch.full_like(lo, hi)
+            if known is not None:
+                at, mask = float(known[0]), known[1].to(x.device, torch.bool)
+                if not (0 < at < hi) or mask.shape != correct.shape:
+                    raise ValueError(f"known must be (eps in (0, hi)={hi}, a mask of {x.shape[0]} points), got eps {at}")
+                lo = torch.where(mask, at, lo)
+                up = torch.where(mask, up, at)
             while True:
                 idx = (correct & (up - lo > tol)).nonzero()[:, 0]
                 if idx.numel() == 0:
@@ -157,12 +178,12 @@ class Verifier(Plugin):
 @dataclass(frozen=True, kw_only=True)
 class BoundVerifier(Verifier):
     """A verifier that propagates bounds through the parsed layers of the network in float64;
-    plugins implement :meth:`_margin_bounds`."""
+    plugins implement :meth:`_net_bounds`."""
 
     norms: ClassVar[tuple[Norm, ...]] = BALL_NORMS
     batch_size: int = setting(200, low=1)  # points per chunk (memory); results do not depend on it
 
-    def _margin_bounds(self, net: Network, inset: InputSet, y: Tensor) -> Tensor:
+    def _net_bounds(self, net: Network, inset: InputSet, y: Tensor) -> Tensor:
         """Sound lower bounds ``[B, K]`` of ``f_y − f_c`` over ``inset`` (float64; any value at
         ``c = y``)."""
         raise NotImplementedError
@@ -175,7 +196,7 @@ class BoundVerifier(Verifier):
         for i in range(0, x.shape[0], self.batch_size):
             xs = x[i : i + self.batch_size].to(torch.float64)
             inset = InputSet.make(xs, norm, eps[i : i + self.batch_size])
-            out.append(self._margin_bounds(net, inset, y[i : i + self.batch_size]).detach().to(torch.float64))
+            out.append(self._net_bounds(net, inset, y[i : i + self.batch_size]).detach().to(torch.float64))
         return torch.cat(out)
 
 

@@ -46,7 +46,7 @@ class AlphaCROWN(BoundVerifier):
     lr: float = setting(0.1, low=0.0, low_open=True)
     skip_certified: bool = setting(True)  # points whose CROWN margins are all positive keep them
 
-    def _margin_bounds(self, net, inset, y):
+    def _net_bounds(self, net, inset, y):
         bounds, _ = layer_bounds(net, inset, self.intermediate)
         best = crown_margins(net, bounds, inset, y)
         todo = torch.ones_like(y, dtype=torch.bool)

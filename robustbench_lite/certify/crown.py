@@ -28,6 +28,6 @@ class CROWN(BoundVerifier):
 
     intermediate: str = setting("crown", choices=("crown", "ibp"))
 
-    def _margin_bounds(self, net, inset, y):
+    def _net_bounds(self, net, inset, y):
         bounds, _ = layer_bounds(net, inset, self.intermediate)
         return crown_margins(net, bounds, inset, y)

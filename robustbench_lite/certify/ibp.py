@@ -31,7 +31,7 @@ from . import (
 class IBP(BoundVerifier):
     """Interval bounds; the cheapest verifier (two forward passes per layer)."""
 
-    def _margin_bounds(self, net, inset, y):
+    def _net_bounds(self, net, inset, y):
         _, last_in = layer_bounds(net, inset, "ibp")
         return ibp_margins(net, last_in, y)
 
