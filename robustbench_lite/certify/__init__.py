@@ -109,8 +109,12 @@ class Verifier(Plugin):
         model, x, y = self._check(model, x, y)
         with eval_mode(model), torch.no_grad():
             correct = _correct(model, x, y)
-            bounds = self._checked_bounds(model, x, y, threat.norm, self._eps(x, threat.eps))
-            return ((bounds > 0).all(dim=1) & correct).cpu()
+            idx = correct.nonzero()[:, 0]  # a misclassified point is never certified: skip its bounds
+            certified = torch.zeros_like(correct)
+            if idx.numel():
+                bounds = self._checked_bounds(model, x[idx], y[idx], threat.norm, self._eps(x[idx], threat.eps))
+                certified[idx] = (bounds > 0).all(dim=1)
+            return certified.cpu()
 
     def radius(
         self, model: nn.Module, x: Tensor, y: Tensor, norm: Norm | str = Norm.LINF,

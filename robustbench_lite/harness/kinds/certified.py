@@ -3,7 +3,7 @@
 A certified cell names a verifier (:mod:`robustbench_lite.certify`) and a threat.  It certifies the
 first ``n`` test points of the group's model and stores the per-point certified mask, the
 verifier's seconds, and the per-point certified radius found by bisection on eps over
-``[0, 2 eps]`` to ``eps / 8`` (:meth:`~robustbench_lite.certify.Verifier.radius`, started from the
+``[0, 2 eps]`` to ``eps / 4`` (:meth:`~robustbench_lite.certify.Verifier.radius`, started from the
 certificate at eps): the certified-accuracy-vs-eps curve (``curve_eps``, ``curve``) that the report
 draws on the same axes as the attacked curve.  Sound verifiers can be combined: ``union_acc`` is the
 share certified by this cell's verifier or by any certified cell of the group run before it on the
@@ -33,7 +33,7 @@ from ..rows import WORST_CASE, CellResult, Row
 from . import CellKind, Group, register_kind, rows_of_kind
 
 COLUMN = "certified"
-CURVE_STEPS = 8  # the radius bisection's resolution: eps / CURVE_STEPS, over [0, 2 eps]
+CURVE_STEPS = 4  # the radius bisection's resolution: eps / CURVE_STEPS, over [0, 2 eps]
 
 
 @dataclass(frozen=True)
@@ -83,10 +83,10 @@ class Certified(CellKind):
         grid = [eps * i / CURVE_STEPS for i in range(2 * CURVE_STEPS + 1)]
         with torch.no_grad():
             clean = float((model(x).argmax(1) == y).float().mean()) if len(points) else float("nan")
-        union, names = certified.clone(), [verifier.name]
+        union, names = certified.clone(), [label(verifier.name, verifier.get_params())]
         for row, mask in _certified_before(cell, group):
             union |= mask.cpu().bool()
-            names.append(row.attack)
+            names.append(label(row.attack, json.loads(row.attack_params or "{}")))
         worst = _worst_case(cell, group)
         flags = ""
         if worst is not None and bool((union & ~worst[1].cpu().bool()).any()):
@@ -111,6 +111,14 @@ class Certified(CellKind):
             cols[COLUMN] = max(cols[COLUMN], r.robust_acc, union if union is not None else 0.0)
             cols["flags"].update(f for f in r.flags.split(";") if f)
         return out
+
+
+def label(name: str, params: dict[str, Any]) -> str:
+    """A verifier's name with its settings that differ from the defaults (batch size aside), e.g.
+    ``crown[intermediate=ibp]``."""
+    defaults = create_verifier(name).get_params()
+    changed = [f"{k}={v}" for k, v in sorted(params.items()) if k != "batch_size" and defaults.get(k) != v]
+    return f"{name}[{','.join(changed)}]" if changed else name
 
 
 def _certified_before(cell: Cell, group: Group) -> list[Row]:
