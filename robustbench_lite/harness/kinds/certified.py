@@ -25,7 +25,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from ...certify import create_verifier
+from ...certify import VERIFIERS, create_verifier
 from ...core.threat import ThreatModel
 from ...eval.flags import CERTIFIED_BROKEN
 from ..plan import Cell
@@ -60,6 +60,9 @@ class Certified(CellKind):
     sort: ClassVar[tuple[tuple[str, bool], ...]] = (
         ("norm", True), ("eps", True), ("model", True), ("defense", True), ("certified_acc", False),
     )
+
+    def knows(self, method: str) -> bool:
+        return method in VERIFIERS
 
     def build(self, cell: Cell) -> Any:
         return create_verifier(cell.attack.name, **cell.attack.params)
