@@ -98,8 +98,8 @@ class Certified(CellKind):
             cell.threat.norm.value, eps, cell.n, clean, float(certified.float().mean()),
             None if worst is None else worst[0].robust_acc, seconds,
             union_acc=float(union.float().mean()), verifiers="+".join(sorted(set(names))),
-            curve_seconds=curve_seconds, curve_eps=grid,
-            curve=[float((radii >= e - 1e-12).float().mean()) for e in grid],
+            curve_seconds=curve_seconds, curve_eps=[round(e, 10) for e in grid],
+            curve=[clean] + [float((radii >= e - 1e-12).float().mean()) for e in grid[1:]],  # eps 0: clean
             _radii=[round(float(r), 8) for r in radii],
         )
         return self.result(cell, group, values, method=verifier, robust_acc=values.certified_acc, flags=flags), certified
