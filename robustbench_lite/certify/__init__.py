@@ -208,5 +208,8 @@ def _correct(model: nn.Module, x: Tensor, y: Tensor) -> Tensor:
     """Which points the model classifies correctly (in chunks of 1000)."""
     if x.shape[0] == 0:
         return torch.zeros(0, dtype=torch.bool, device=x.device)
-    pred = torch.cat([model(x[i : i + 1000]).argmax(1) for i in range(0, x.shape[0], 1000)])
-    return pred.to(y.device) == y
+    logits = [model(x[i : i + 1000]) for i in range(0, x.shape[0], 1000)]
+    k = logits[0].shape[1]
+    if int(y.max()) >= k:
+        raise ValueError(f"labels must be < {k} (the model's number of logits), got {int(y.max())}")
+    return torch.cat([out.argmax(1) for out in logits]).to(y.device) == y

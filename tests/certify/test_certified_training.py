@@ -109,6 +109,8 @@ def test_a_short_run_through_the_training_loop_ramps_eps_and_certifies(digits):
     assert [r.metrics["eps"] for r in log] == pytest.approx([0.0, 0.025, 0.05, 0.05], abs=2e-3)
     assert all(0.0 <= r.metrics["ibp_certified_acc"] <= 1.0 for r in log)
     x, y = digits.test.x[:100], digits.test.y[:100]
-    cert = d.certify(model, x, y, ThreatModel("linf", 0.05))
+    cert = create_verifier("ibp").certify(model, x, y, ThreatModel("linf", 0.05))
     assert cert.dtype == torch.bool and cert.shape == (100,)
-    assert d.certify(model, x, y, ThreatModel("l0", 1)) is None
+    split = (digits.val if digits.val is not None else digits.test).head(d.monitor_points)
+    monitor = create_verifier("ibp").certify(model, split.x, split.y, ThreatModel("linf", 0.05))
+    assert log[-1].metrics["ibp_certified_acc"] == pytest.approx(float(monitor.float().mean()))  # the monitor is IBP
