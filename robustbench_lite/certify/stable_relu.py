@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from ..core.threat import Norm, ThreatModel
+from ..core.threat import Norm
 from . import Verifier, register_verifier
 
 
@@ -38,12 +38,12 @@ class StableReLU(Verifier):
 
     norms = (Norm.LINF,)
 
-    def _margin_bounds(self, model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel) -> Tensor:
+    def _bounds(self, model: nn.Module, x: Tensor, y: Tensor, norm: Norm, eps: Tensor) -> Tensor:
         first, second = one_hidden_layer(model)
-        eps = threat.eps
         w1, w2 = first.weight.double(), second.weight.double()
+        eps = eps.to(w1.device, torch.float64)[:, None]  # [n, 1]: per-point radii
         z = x.flatten(1).double().to(w1.device) @ w1.T  # [n, h]
-        radius = eps * w1.abs().sum(1)  # [h]
+        radius = eps * w1.abs().sum(1)  # [n, h]
         fixed = ((z - radius >= 0) | (z + radius <= 0)).all(1)
         active = (z > 0).double()
         logits = z.clamp_min(0) @ w2.T  # [n, K]
@@ -51,5 +51,4 @@ class StableReLU(Verifier):
         diff = w2[y][:, None, :] - w2[None, :, :]  # [n, K, h]: f_y - f_c in the hidden space
         grads = torch.einsum("nch,nh,hd->ncd", diff, active, w1)
         worst = logits.gather(1, y[:, None]) - logits - eps * grads.abs().sum(-1)
-        worst = worst.scatter(1, y[:, None], float("inf"))
         return torch.where(fixed[:, None], worst, torch.full_like(worst, float("-inf")))

@@ -72,6 +72,28 @@ def one_hidden_relu(input_shape: InputShape, num_classes: int, hidden: int = 64)
     return nn.Sequential(nn.Flatten(), nn.Linear(d, hidden, bias=False), nn.ReLU(), nn.Linear(hidden, num_classes, bias=False))
 
 
+@register_model("cnn-cert-small")
+def cnn_cert_small(input_shape: InputShape, num_classes: int, width: int = 16, hidden: int = 100) -> nn.Module:
+    """The small certification model of Wong & Kolter (ICML 2018): two 4x4 stride-2 convolutions
+    (16, 32 channels), a 100-unit linear layer and the logits; no pooling or normalization, so
+    every verifier in :mod:`robustbench_lite.certify` bounds it tightly and cheaply."""
+    c, h, w = input_shape
+
+    def side(n: int) -> int:  # a 4x4, stride-2, padding-1 convolution
+        return (n - 2) // 2 + 1
+
+    return nn.Sequential(
+        nn.Conv2d(c, width, 4, stride=2, padding=1),
+        nn.ReLU(),
+        nn.Conv2d(width, 2 * width, 4, stride=2, padding=1),
+        nn.ReLU(),
+        nn.Flatten(),
+        nn.Linear(2 * width * side(side(h)) * side(side(w)), hidden),
+        nn.ReLU(),
+        nn.Linear(hidden, num_classes),
+    )
+
+
 def _timm_model(arch: str, input_shape: InputShape, num_classes: int, **kwargs) -> nn.Module:
     try:
         import timm

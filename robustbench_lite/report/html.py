@@ -262,7 +262,9 @@ def _curves_html(rows: Sequence[CellResult]) -> list[str]:
     e = html.escape
     out = ["<h2>Robustness curves</h2><p class='muted'>Robust accuracy at each eps of the grid (eps 0 = clean), "
            "per attack; optimality (AttackBench) compares each attack's curve with the per-point best of all "
-           "attacks run: 1 = the best everywhere. area = area under the curve / eps max.</p>"]
+           "attacks run: 1 = the best everywhere. area = area under the curve / eps max. A <code>certified (...)</code> "
+           "row (dashed in the plot) is the share of points whose certified radius over the named verifiers is at "
+           "least eps: a proven lower bound; the band up to the attacked worst case is still unknown.</p>"]
     for title, t in tables:
         out.append(f"<h3>{e(title)}</h3><table><tr>" + "".join(f"<th>{e(c)}</th>" for c in t.columns) + "</tr>")
         for _, r in t.iterrows():

@@ -31,7 +31,7 @@ VARIANTS = {
 
 
 def test_toml_presets_give_exactly_the_cells_of_the_python_presets():
-    assert sorted(PRESETS) == ["full", "poisoning", "quick", "smoke"]
+    assert sorted(PRESETS) == ["certified", "full", "poisoning", "quick", "smoke"]
     for name in PRESETS:
         assert sorted(c.key for c in get_preset(name).plan().cells) == FROZEN[name], name
     for label, overrides in VARIANTS.items():

@@ -195,10 +195,11 @@ class CellKind:
     def tables(self, rows: Sequence[CellResult]) -> dict[str, pd.DataFrame]:
         """This kind's tables from all stored ``rows``: by default one per dataset
         (``<dataset>_<kind>``) with model, defense, attack and the fields of :attr:`row`, then the
-        status and the first line of any error, sorted by :attr:`sort`."""
+        status and the first line of any error, sorted by :attr:`sort`.  Fields whose name starts
+        with ``_`` are private (stored, e.g. per-point values, but not in the tables)."""
         if self.row is None:
             return {}
-        columns = [f.name for f in dataclasses.fields(self.row)]
+        columns = [f.name for f in dataclasses.fields(self.row) if not f.name.startswith("_")]  # "_": private
         by_dataset: dict[str, list[dict[str, Any]]] = {}
         for r in rows_of_kind(rows, self.name):
             metrics = json.loads(r.metrics) if r.metrics else {}
