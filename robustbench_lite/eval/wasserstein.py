@@ -162,6 +162,7 @@ def wasserstein_certificate(
     model: nn.Module, x: Tensor, y: Tensor, *, gamma: float, rho: float, steps: int = 15, step: float = 1.0,
     clip: bool = True, attack_steps: int = 100, restarts: int = 3, bisections: int = 4, expansions: int = 8,
     seed: int = 0, batch_size: int = 500, loss: Loss = ops.ce,
+    attack_runs: dict[float, tuple[Tensor, Tensor]] | None = None,
 ) -> WassersteinCertificate:
     """WRM's certificate ``γρ + E[φ_γ]`` at ``ρ̂`` and at ``rho`` on the points ``(x, y)``, with φ_γ
     from :func:`lagrangian_ascent` (``steps``, ``step``), beside the Wasserstein attack's mean loss
@@ -169,7 +170,11 @@ def wasserstein_certificate(
     high) by 4 up to ``expansions`` times until the budget is bracketed, then the bracket is halved
     ``bisections`` times on a log scale; the attack's value at a budget is the largest mean loss among
     the clean points, the runs whose mean cost is within it, and the per-point mix of the bracket's
-    two runs that fills it (:func:`fill_budget`)."""
+    two runs that fills it (:func:`fill_budget`).
+
+    ``attack_runs`` (γ' → per-point float64 (cost, loss) of the attack's points) is filled as the
+    attack runs; pass the same dict to calls on the same model, points and attack settings (other
+    γ or ρ) to reuse the runs they share."""
     if not (rho >= 0 and math.isfinite(rho)):
         raise ValueError(f"rho must be a finite number >= 0, got {rho!r}")
     x, y = x.detach(), y.detach()
@@ -184,7 +189,7 @@ def wasserstein_certificate(
     phi, rho_hat = float((losses(z) - gamma * cost_z).mean()), float(cost_z.mean())
     clean = float(losses(x).mean())
     gen = torch.Generator().manual_seed(seed)
-    runs: dict[float, tuple[Tensor, Tensor]] = {}  # γ' -> per-point (cost, loss), float64
+    runs = {} if attack_runs is None else attack_runs  # γ' -> per-point (cost, loss), float64
 
     def attack(g: float) -> float:
         """The attack's mean cost at multiplier ``g`` (run once per ``g``)."""

@@ -230,6 +230,13 @@ def test_wasserstein_certificate_is_never_below_the_wasserstein_attack(wrm_digit
         with torch.no_grad():  # at ρ̂ the bound is the mean loss at the ascent's points
             z = lagrangian_ascent(model, x, y, gamma=g, steps=15)
             assert cert.bound_at_rho_hat == pytest.approx(float(ops.ce(model(z), y).double().mean()), rel=1e-5)
+    runs: dict = {}  # a shared attack cache: the second call reruns no attack and gives the same numbers
+    first = wasserstein_certificate(model, x, y, gamma=gamma, rho=0.5, attack_steps=10, restarts=1, bisections=1,
+                                    expansions=2, batch_size=64, attack_runs=runs)
+    count = len(runs)
+    again = wasserstein_certificate(model, x, y, gamma=gamma, rho=0.5, attack_steps=10, restarts=1, bisections=1,
+                                    expansions=2, batch_size=64, attack_runs=runs)
+    assert count > 0 and len(runs) == count and again == first
     with pytest.raises(ValueError, match="rho"):
         wasserstein_certificate(model, x, y, gamma=gamma, rho=-1.0)
 
