@@ -11,7 +11,7 @@ and the strong attacks, plus (:class:`Extra`) universal, one-pixel, poisoning an
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, MutableMapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -141,17 +141,23 @@ def _unique(values: Sequence | None, what: str) -> list | None:
 
 
 def _check_names(attacks: Sequence[str] | None, defenses: Sequence[str] | None, datasets: Sequence[str] | None) -> None:
-    """Unknown names fail here, before any work (the registries suggest close matches)."""
+    """Unknown names fail here, before any work (the registries suggest close matches).  An
+    attack name may also be what another cell kind runs (a verifier, the smoothing certifier)."""
+    from .kinds import KINDS, kind
+
     for names, registry in ((attacks, ATTACKS), (defenses, DEFENSES), (datasets, DATASETS)):
         for name in names or ():
             if not isinstance(name, str):
                 raise TypeError(f"{registry.noun} names are strings, got {name!r}")
+            if registry is ATTACKS and any(kind(k).knows(name) for k in KINDS.list()):
+                continue
             registry.get(name)
 
 
 
-class PresetFiles(Mapping):
-    """The built-in presets: one TOML file each in ``folder`` (``<name>.toml``), read on first use."""
+class PresetFiles(MutableMapping):
+    """The presets by name: the built-in ones are TOML files in ``folder`` (``<name>.toml``, read on
+    first use); a plugin file adds its own with ``PRESETS[name] = Preset(...)``."""
 
     def __init__(self, folder: Path) -> None:
         self.folder = folder
@@ -169,11 +175,24 @@ class PresetFiles(Mapping):
             self._loaded[name] = load_grid(self.path(name))
         return self._loaded[name]
 
+    def __setitem__(self, name: str, preset: Preset) -> None:
+        if not isinstance(preset, Preset):
+            raise TypeError(f"PRESETS[{name!r}] must be a Preset, got {type(preset).__name__}")
+        self._loaded[name] = preset
+
+    def __delitem__(self, name: str) -> None:
+        if name not in self._loaded:
+            raise KeyError(f"{name!r} is not a preset added at run time (the built-in TOML files stay)")
+        del self._loaded[name]
+
+    def _names(self) -> list[str]:
+        return sorted({p.stem for p in self.folder.glob("*.toml")} | set(self._loaded))
+
     def __iter__(self) -> Iterator[str]:
-        return iter(sorted(p.stem for p in self.folder.glob("*.toml")))
+        return iter(self._names())
 
     def __len__(self) -> int:
-        return len(list(self.folder.glob("*.toml")))
+        return len(self._names())
 
 
 PRESET_DIR = Path(__file__).resolve().parent.parent / "presets"

@@ -252,6 +252,8 @@ def train_or_load(
             "cached model %s: clean accuracy %.4f now, %.4f when it was trained: the weights were changed; retraining",
             key, measured, recorded,
         )
+    if len(data.train) == 0 and defense.needs_training_data:
+        raise ValueError(f"{data.name} has no training points for {defense.name}: check train_limit")
     torch.manual_seed(defense.seed)
     model = spec.build(data)  # same seed, same initial weights
     train_log = defense.fit(model, data, progress=progress, policy=policy)
@@ -277,11 +279,13 @@ def train_or_load(
 
 @torch.no_grad()
 def check_outputs(model: nn.Module, data: Data, name: str) -> None:
-    """The model's outputs on two training images must be logits ``(2, data.num_classes)``:
-    fail before training, naming the fix, rather than deep inside a loss."""
-    if len(data.train) == 0:
-        raise ValueError(f"{data.name} has no training points: check train_limit")
-    x = data.train.x[:2]
+    """The model's outputs on two images (training ones, else test ones: a user's data may hold
+    only test points) must be logits ``(2, data.num_classes)``: fail before training, naming the
+    fix, rather than deep inside a loss."""
+    split = data.train if len(data.train) else data.test
+    if len(split) == 0:
+        raise ValueError(f"{data.name} has no points: check the data and train_limit")
+    x = split.x[:2]
     was = model.training
     model.eval()
     try:

@@ -79,6 +79,8 @@ class Defense(Plugin):
 
     #: trains under the policy's autocast (a mixed-precision model gets its own cache key)
     uses_autocast: ClassVar[bool] = True
+    #: fitting reads the training split (a defense that only loads weights says False)
+    needs_training_data: ClassVar[bool] = True
 
     def generator(self, state: TrainState) -> torch.Generator:
         """The run's seeded generator for a loss's random choices (one is made if absent)."""

@@ -191,6 +191,7 @@ class UserWeights(Defense):
 
     registry_name: ClassVar[str] = "user-weights"
     uses_autocast: ClassVar[bool] = False
+    needs_training_data: ClassVar[bool] = False
 
     def get_params(self) -> dict[str, Any]:
         params = params_of(self)

@@ -9,6 +9,7 @@ case; an exception escaping ``main`` would be a traceback); a few need a process
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -535,11 +536,10 @@ def _api_cases(digits, digits_model, tmp: Path):
 
 
 def _bad_defense_plan():
-    from robustbench_lite.harness.presets import PRESETS, Preset
+    from robustbench_lite.harness.presets import PRESETS
     from robustbench_lite.harness.specs import DefenseSpec
 
-    smoke = PRESETS["smoke"]
-    broken = Preset(**{**smoke.__dict__, "defenses": (DefenseSpec("standard", {"epochs": 0}),)})
+    broken = dataclasses.replace(PRESETS["smoke"], defenses=(DefenseSpec("standard", {"epochs": 0}),))
     return broken.plan()
 
 

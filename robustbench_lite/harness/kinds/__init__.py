@@ -27,7 +27,7 @@ from torch import Tensor
 
 from ...core.data import Data
 from ...core.device import DevicePolicy
-from ...core.registry import Registry, create_attack
+from ...core.registry import ATTACKS, Registry, create_attack
 from ...training.cache import ModelCache, TrainedModel
 from .. import faults
 from ..rows import CellResult, OnRow, Row, cell_row, error_row, split_metrics
@@ -140,6 +140,10 @@ class CellKind:
     def build(self, cell: Cell) -> Any:
         """What the cell runs (an attack by default), with the cell's threat."""
         return create_attack(cell.attack.name, norm=cell.threat.norm, eps=cell.threat.eps, **cell.attack.params)
+
+    def knows(self, method: str) -> bool:
+        """Whether ``method`` names something this kind's cells can run (an attack by default)."""
+        return method in ATTACKS
 
     def key_fields(self, cell: Cell) -> dict[str, Any]:
         """Extra fields of the cell's key (an attack's settings already hold its threat)."""

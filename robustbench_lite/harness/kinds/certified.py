@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from ...certify import create_verifier
+from ...certify import VERIFIERS, create_verifier
 from ...core.threat import ThreatModel
 from ...eval.flags import CERTIFIED_BROKEN
 from ..plan import Cell
@@ -41,6 +41,9 @@ class Certified(CellKind):
     sort: ClassVar[tuple[tuple[str, bool], ...]] = (
         ("norm", True), ("eps", True), ("model", True), ("defense", True), ("certified_acc", False),
     )
+
+    def knows(self, method: str) -> bool:
+        return method in VERIFIERS
 
     def build(self, cell: Cell) -> Any:
         return create_verifier(cell.attack.name, **cell.attack.params)

@@ -57,6 +57,9 @@ class Smoothed(CellKind):
         ("eps", True), ("sigma", True), ("model", True), ("defense", True), ("certified_acc", False),
     )
 
+    def knows(self, method: str) -> bool:
+        return method == "smoothing"  # the name its cells give (AttackSpec("smoothing", settings))
+
     def build(self, cell: Cell) -> Any:
         if cell.threat.norm not in Smoothing.norms:  # the certificate is an L2 radius
             raise ValueError(f"randomized smoothing certifies L2 radii; give the cell an l2 threat, not {cell.threat.norm.value}")
