@@ -88,6 +88,9 @@ class Wasserstein(CellKind):
     row: ClassVar[type] = WassersteinRow
     sort: ClassVar[tuple[tuple[str, bool], ...]] = (("eps", True), ("model", True), ("defense", True))
 
+    def knows(self, method: str) -> bool:
+        return method == WassersteinCertificateSettings.registry_name
+
     def build(self, cell: Cell) -> Any:
         if cell.threat.norm is not Norm.L2:
             raise ValueError(f"the wasserstein kind takes an l2 threat (eps: the W2 radius), not {cell.threat.norm.value}")
