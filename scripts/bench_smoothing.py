@@ -1,7 +1,7 @@
 """Randomized smoothing (Cohen et al. 2019): our CERTIFY against ART's, side by side.
 
 For each sigma, a Fashion-MNIST small-cnn is trained by ``gaussian-aug`` at that sigma (cached in
-.rbl/models), then the same test points are certified by ``robustbench_lite.certify.smoothing`` and by
+bench_common's model cache), then the same test points are certified by ``robustbench_lite.certify.smoothing`` and by
 ART's ``PyTorchRandomizedSmoothing.certify`` with the same n0, n and alpha (ours first, then ART's, per
 sigma, so machine load hits both alike).  Printed: certified accuracy at each L2 radius for both, the
 abstain rate, and wall and process-CPU seconds.  A PNG plots certified accuracy against the L2 radius,
@@ -13,14 +13,13 @@ Monte Carlo error.
 
 from __future__ import annotations
 
-import argparse
-import time
 from pathlib import Path
 
+import bench_common as bc
 import numpy as np
 import torch
 
-from robustbench_lite import Data, ModelCache, ModelSpec, create_defense, load, train_or_load
+from robustbench_lite import Data, ModelSpec, create_defense, load
 from robustbench_lite.certify.binomial import all_agree_radius
 from robustbench_lite.certify.smoothing import Smoothing, certified_accuracy
 
@@ -38,14 +37,8 @@ def art_certify(model, x: torch.Tensor, num_classes: int, cfg: Smoothing, seed: 
     return torch.as_tensor(pred, dtype=torch.long), torch.as_tensor(radius, dtype=torch.float64)
 
 
-def timed(fn):
-    start, cpu = time.perf_counter(), time.process_time()
-    out = fn()
-    return out, time.perf_counter() - start, time.process_time() - cpu
-
-
 def main() -> None:
-    ap = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
+    ap = bc.parser(__doc__)
     ap.add_argument("--sigmas", type=float, nargs="+", default=[0.12, 0.25, 0.5])
     ap.add_argument("--radii", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75, 1.0, 1.5])
     ap.add_argument("--points", type=int, default=500)
@@ -55,17 +48,12 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=1000)
     ap.add_argument("--train", type=int, default=20000, help="training images (the first of the train split)")
     ap.add_argument("--epochs", type=int, default=2)
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--cache", default=".rbl/models")
     ap.add_argument("--plot", default=".rbl/bench_smoothing.png")
     ap.add_argument("--no-art", action="store_true", help="only ours (e.g. for a larger n)")
-    args = ap.parse_args()
-    torch.set_num_threads(args.threads)
+    args = bc.parse(ap)
     full = load("fashion-mnist", train_limit=args.train)
     data = Data(full.name, full.train, full.test, full.num_classes)
     x, y = data.test.x[: args.points], data.test.y[: args.points]
-    cache = ModelCache(args.cache)
     grid = np.round(np.arange(0.0, 2.0001, 0.01), 4)
     curves: dict[float, dict[str, np.ndarray]] = {}
     print(
@@ -76,15 +64,15 @@ def main() -> None:
     print(f"{'sigma':>6} {'impl':<5} {'base_acc':>8} {'abstain':>8}  {head}  {'wall_s':>7} {'cpu_s':>7}  max_radius")
     for sigma in args.sigmas:
         defense = create_defense("gaussian-aug", sigma=sigma, epochs=args.epochs, seed=args.seed)
-        trained = train_or_load(ModelSpec("small-cnn"), defense, data, cache, progress=False)
-        model = trained.model.eval()
+        fixture = bc.train(ModelSpec("small-cnn"), defense, data)
+        trained, model = fixture.trained, fixture.model
         cfg = Smoothing(sigma=sigma, n0=args.n0, n=args.n, alpha=args.alpha, batch_size=args.batch_size)
         runs = {"ours": lambda cfg=cfg, model=model: cfg.certify(model, x, torch.Generator().manual_seed(args.seed))}
         if not args.no_art:
             runs["ART"] = lambda cfg=cfg, model=model: art_certify(model, x, data.num_classes, cfg, args.seed)
         curves[sigma] = {}
         for impl, run in runs.items():
-            (pred, radius), wall, cpu = timed(run)
+            (pred, radius), wall, cpu = bc.timed(run)
             correct = pred == y
             acc = certified_accuracy(radius, correct, args.radii).tolist()
             curves[sigma][impl] = certified_accuracy(radius, correct, grid).numpy()
