@@ -13,18 +13,50 @@ The search (checkpoints, step-size halving, momentum 0.75, best point kept) live
 
 Start: ``x + ε·t/‖t‖`` (``t ~ U[−1,1]`` for Linf, ``N(0, I)`` for L2); restarts run on the points
 no earlier restart broke.  Defaults: 100 iterations, 1 restart (the paper's settings per run).
+
+The search each norm runs is the table :data:`SEARCHES`, and ``norms`` is its keys: Algorithm 1 for
+Linf and L2; for L1, l1-APGD (Croce & Hein, "Mind the box", ICML 2021; :mod:`._apgd_l1`), with the
+same losses, targets and restarts around it.  l1-APGD has no momentum term, so ``momentum`` must keep
+its default there.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, fields
 from typing import ClassVar
 
 import torch
 
-from robustbench_lite import EvasionAttack, LossFn, ops, register_attack, setting
+from robustbench_lite import EvasionAttack, LossFn, Norm, ops, register_attack, setting
 
-from ._apgd import auto_search
+from ._apgd import SearchResult, auto_search
+from ._apgd_l1 import l1_apgd
+
+
+def _apgd(model, x, label, loss_fn, *, norm, eps, steps, gen, rho, alpha, **kw) -> SearchResult:
+    """One APGD run (Algorithm 1) from ``x + ε·t/‖t‖``, ``t`` the norm's own noise."""
+    return auto_search(
+        model, x, label, loss_fn, norm=norm, eps=eps, steps=steps,
+        x_start=norm.geometry.sphere_start(x, eps, gen), method="apgd", rho=rho, alpha=alpha, **kw,
+    )
+
+
+@dataclass(frozen=True)
+class Search:
+    """How APGD searches one norm's ball: one run from a fresh random start, and whether the run
+    takes APGD's momentum (``alpha``)."""
+
+    run: Callable[..., SearchResult]
+    momentum: bool = True
+
+
+#: the search APGD runs in each norm's ball; a norm APGD supports is one entry here
+SEARCHES: dict[Norm, Search] = {
+    Norm.LINF: Search(_apgd),
+    Norm.L2: Search(_apgd),
+    Norm.L1: Search(l1_apgd, momentum=False),
+}
 
 
 def _dlr_targeted(logits, label):
@@ -45,6 +77,16 @@ class APGD(EvasionAttack):
     momentum: float = setting(0.75, low=0.0, high=1.0)
 
     loss_fn: ClassVar[LossFn] = staticmethod(ops.ce)
+    norms: ClassVar[tuple[Norm, ...]] = tuple(SEARCHES)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        default = next(f.default for f in fields(APGD) if f.name == "momentum")
+        if not SEARCHES[self.norm].momentum and self.momentum != default:
+            raise ValueError(
+                f"momentum={self.momentum:g} does not apply to {self.name} with norm {self.norm.value} (its "
+                f"search has no momentum term); leave momentum at its default {default:g}"
+            )
 
     @property
     def grad_budget(self) -> float:
@@ -58,9 +100,8 @@ class APGD(EvasionAttack):
         kw = {} if success is None else {"success": success}
         for _ in range(self.restarts):
             xs, ls = x[todo], label[todo]
-            res = auto_search(
-                model, xs, ls, loss_fn, norm=self.norm, eps=self.eps, steps=self.steps,
-                x_start=self.geometry.sphere_start(xs, self.eps, gen), method="apgd",
+            res = SEARCHES[self.norm].run(
+                model, xs, ls, loss_fn, norm=self.norm, eps=self.eps, steps=self.steps, gen=gen,
                 rho=self.rho, alpha=self.momentum, **kw,
             )
             out[todo] = res.x_adv

@@ -7,7 +7,8 @@ Every norm owns one :class:`Geometry` object (``Norm.LINF.geometry``), which is 
 knows how the norm measures a perturbation, projects onto its ball (and onto ball ∩ [0, 1]), picks
 the steepest-ascent direction and draws random points.  Attacks, defenses and evaluations ask the
 geometry instead of branching on the norm, so a new norm is one enum member and one geometry class
-here, plus the attacks that opt in (their ``norms``).
+here (its longer math in a module of its own, as :mod:`robustbench_lite.core.l1`), plus the attacks
+that opt in (their ``norms``).
 """
 
 from __future__ import annotations
@@ -20,13 +21,17 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
+from . import l1
+
 
 class Norm(str, Enum):
-    """The distance an evasion budget is measured in. ``L0`` counts changed pixels."""
+    """The distance an evasion budget is measured in. ``L0`` counts changed pixels; ``L1`` sums the
+    absolute changes of every coordinate (channels included)."""
 
     LINF = "linf"
     L2 = "l2"
     L0 = "l0"
+    L1 = "l1"
 
     @classmethod
     def parse(cls, value: Norm | str) -> Norm:
@@ -235,6 +240,43 @@ class L0Geometry(Geometry):
     def check_eps(self, eps: float) -> None:
         if eps != int(eps):
             raise ValueError(f"L0 eps counts pixels and must be a whole number, got {eps}")
+
+
+@_geometry
+class L1Geometry(Geometry):
+    """``‖δ‖₁``, the threat model of Croce & Hein, "Mind the box", ICML 2021.  Unlike L2, projecting
+    onto the ball and then clipping to the box is not the projection onto ball ∩ box (clipping frees
+    budget the ball projection had spent), so :meth:`project` is the exact projection onto the
+    intersection (:func:`robustbench_lite.core.l1.project_l1_box`)."""
+
+    norm = Norm.L1
+    aliases = ("l1", "1")
+    example_eps = 2.0
+
+    def distance(self, delta: Tensor) -> Tensor:
+        return l1.l1_norm(delta)
+
+    def project_ball(self, delta: Tensor, eps: float) -> Tensor:
+        """Duchi et al.'s sorting projection (ICML 2008, Figure 1)."""
+        return l1.project_l1_ball(delta, eps)
+
+    def project(self, x_adv: Tensor, x: Tensor, eps: float) -> Tensor:
+        return l1.project_l1_box(x_adv, x, eps)
+
+    def ascent(self, grad: Tensor) -> Tensor:
+        """One coordinate, ``sign(g_j)·e_j`` at ``j = argmax |g_j|`` (a vertex of the cross-polytope)."""
+        return l1.l1_ascent(grad)
+
+    def random_start(self, x: Tensor, eps: float, gen: torch.Generator) -> Tensor:
+        """A uniform point of the ε-sphere at radius ``ε·u``, ``u ~ U(0, 1)``, clipped."""
+        return l1.l1_random_start(x, eps, gen)
+
+    def noise(self, shape: tuple[int, ...], gen: torch.Generator, dtype: torch.dtype = torch.float32) -> Tensor:
+        """I.i.d. Laplace, whose normalised direction is uniform on the L1 sphere."""
+        return l1.l1_laplace(shape, gen, dtype)
+
+    def random_sphere(self, shape: tuple[int, ...], eps: float, gen: torch.Generator) -> Tensor:
+        return l1.l1_random_sphere(shape, eps, gen)
 
 
 def check_eps(eps: object, norm: Norm) -> float:

@@ -37,7 +37,7 @@ from torch import Tensor, nn
 from ..core.attack import EvasionAttack
 from ..core.config import setting, validate_settings
 from ..core.ops import ce
-from ..core.registry import create_attack
+from ..core.registry import ATTACKS
 from ..core.threat import ThreatModel
 from .adaptive import NoiseEOT
 
@@ -161,15 +161,16 @@ def noise_sigma(threat: ThreatModel, like: Tensor, fraction: float) -> float:
 
 
 def ladder_attacks(threat: ThreatModel, cfg: Escalation, step: str, seed: int = 0) -> list[EvasionAttack]:
-    """The attacks one step runs (gradient steps: APGD-CE and APGD-DLR; square: its restarts)."""
-    kw = {"norm": threat.norm, "eps": threat.eps}
+    """The attacks one step runs (gradient steps: APGD-CE and APGD-DLR; square: its restarts), less
+    those whose ``norms`` leave out the threat's norm (e.g. the transfer PGD and Square under L1)."""
     if step == "noise-eot":
-        return [create_attack("apgd-ce", steps=cfg.noise_steps, seed=seed, **kw),
-                create_attack("apgd-dlr", steps=cfg.noise_steps, seed=seed, **kw)]
-    if step == "transfer":
-        return [TransferPGD(steps=cfg.transfer_steps, check_every=cfg.transfer_check_every, seed=seed, **kw)]
-    return [create_attack("square", queries=cfg.square_queries, p_init=cfg.square_p_init, seed=seed + r, **kw)
-            for r in range(cfg.square_restarts)]
+        plan = [(ATTACKS.get(name), {"steps": cfg.noise_steps, "seed": seed}) for name in ("apgd-ce", "apgd-dlr")]
+    elif step == "transfer":
+        plan = [(TransferPGD, {"steps": cfg.transfer_steps, "check_every": cfg.transfer_check_every, "seed": seed})]
+    else:
+        plan = [(ATTACKS.get("square"), {"queries": cfg.square_queries, "p_init": cfg.square_p_init, "seed": seed + r})
+                for r in range(cfg.square_restarts)]
+    return [cls(norm=threat.norm, eps=threat.eps, **kw) for cls, kw in plan if threat.norm in cls.norms]
 
 
 RunOne = Callable[[EvasionAttack, Tensor, "nn.Module | None"], Any]  # (attack, mask, attack_model) -> AttackRecord
@@ -188,6 +189,8 @@ def run_step(
     robust = alive.clone()
     attacked = int(alive.sum())
     attacks = ladder_attacks(threat, cfg, step)
+    if not attacks:
+        return StepRecord(step, robust, attacked, 0, 0.0, 0, 0, error=f"no {step} attack supports {threat.norm.value}")
     if step == "transfer":
         if surrogate is None:
             return StepRecord(step, robust, attacked, 0, 0.0, 0, 0, error="no surrogate")

@@ -21,7 +21,7 @@ from ..core.data import DataSplit
 from ..core.device import DevicePolicy, as_policy, halving_on_oom
 from ..core.models import check_logits
 from ..core.ops import ce
-from ..core.registry import create_attack
+from ..core.registry import ATTACKS, create_attack
 from ..core.threat import Norm, ThreatModel
 from . import adaptive as wrappers
 from . import flags as checks
@@ -137,23 +137,37 @@ def model_checks(
     return {f for f in found if f}
 
 
+#: the attacks the more-iterations probe may run, in order of preference: the first whose ``norms``
+#: include the threat's (PGD-CE for Linf and L2; APGD-CE where PGD leaves a norm out, as L1, whose
+#: one-coordinate steepest step makes plain PGD a weak attack)
+PROBE_ATTACKS = ("pgd", "apgd-ce")
+
+
+def probe_attack(threat: ThreatModel, steps: int) -> EvasionAttack | None:
+    """The more-iterations probe's attack at ``threat`` with ``steps`` steps: the first of
+    :data:`PROBE_ATTACKS` whose ``norms`` include the threat's, or ``None``."""
+    name = next((a for a in PROBE_ATTACKS if threat.norm in ATTACKS.get(a).norms), None)
+    return None if name is None else create_attack(name, norm=threat.norm, eps=threat.eps, steps=steps)
+
+
 def iterations_probe(
     model: nn.Module, split: DataSplit, threat: ThreatModel, reference: Tensor, device: torch.device,
     *, points: int = 64, short: int = 10, factor: int = 10,
 ) -> str | None:
     """The more-iterations check on (up to) ``points`` clean-correct points of ``split``: PGD-CE
-    with ``short`` and ``factor x short`` steps, against ``reference`` (the per-point robust mask
-    of every attack of the threat, e.g. Square included) on the same points."""
+    (or the first of :data:`PROBE_ATTACKS` that supports the threat's norm; none: no check) with
+    ``short`` and ``factor x short`` steps, against ``reference`` (the per-point robust mask of
+    every attack of the threat, e.g. Square included) on the same points."""
     k = min(points, len(split))
-    if k == 0:
+    if k == 0 or probe_attack(threat, short) is None:
         return None
     probe = split.head(k)
     x, y = probe.x.to(device), probe.y.to(device)
     accs = []
     for steps in (short, short * factor):
-        pgd = create_attack("pgd", norm=threat.norm, eps=threat.eps, steps=steps)
+        attack = probe_attack(threat, steps)
         with torch.no_grad():
-            accs.append(float((model(pgd.run(model, x, y).x_adv).argmax(1) == y).float().mean()))
+            accs.append(float((model(attack.run(model, x, y).x_adv).argmax(1) == y).float().mean()))
     return checks.more_iterations_no_help(accs[0], accs[1], float(reference[:k].float().mean()))
 
 

@@ -182,3 +182,20 @@ def test_the_budget_stops_the_ladder_and_a_step_without_surrogate_says_so(digits
     assert [s.step for s in evaluate(lying, _attacks(), digits.test, n=40, escalation=tight).escalated[THREAT].steps] == ["noise-eot"]
     with pytest.raises(ValueError, match="escalation steps"):
         Escalation(steps=("noise-eot", "pray"))
+
+
+def test_an_l1_evaluation_probes_with_apgd_and_its_ladder_skips_the_steps_without_l1(digits_model, digits):
+    """PGD and Square leave L1 out of their norms: the more-iterations probe runs APGD-CE instead,
+    and the ladder's transfer and square steps record that no attack of theirs supports L1."""
+    from robustbench_lite import ThreatModel
+    from robustbench_lite.eval.evasion import probe_attack
+
+    assert probe_attack(ThreatModel("l1", 2.0), 10).name == "apgd-ce"
+    assert probe_attack(THREAT, 10).name == "pgd"
+    lying = nn.Sequential(Quantize(), digits_model).eval()
+    cheap = Escalation(noise_steps=2, noise_samples=2, transfer_steps=5, square_queries=30, budget=100.0)
+    attack = create_attack("apgd-ce", norm="l1", eps=2.0, steps=10)
+    ev = evaluate(lying, [attack], digits.test, n=40, escalation=cheap)
+    steps = {s.step: s.error for s in ev.escalated[attack.threat].steps}
+    assert steps == {"noise-eot": "", "transfer": "no transfer attack supports l1",
+                     "square": "no square attack supports l1"}

@@ -111,7 +111,7 @@ def _tables(out: Path) -> dict[str, pd.DataFrame]:
         df = pd.read_csv(path)
         if "metrics" in df.columns:
             df["metrics"] = [json.dumps(_no_seconds(json.loads(m))) if isinstance(m, str) and m else m for m in df["metrics"]]
-        tables[path.name] = df.drop(columns=[c for c in ("seconds", "train_seconds") if c in df.columns])
+        tables[path.name] = df.drop(columns=[c for c in ("seconds", "train_seconds", "code_version") if c in df.columns])
     return tables
 
 
