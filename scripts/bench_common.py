@@ -220,3 +220,25 @@ class Lambda(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.fn(x)
+
+
+def preset_recipe(name: str, preset: str = "full") -> tuple[ModelSpec, Any, Any]:
+    """The model spec, defense spec and data spec a built-in preset trains ``name`` with (its paired
+    model if it has one), so a script's model has the preset's cache key."""
+    from robustbench_lite.harness.presets import get_preset  # late: the harness is heavy
+
+    p = get_preset(preset)
+    for model, spec in p.paired:
+        if spec.name == name:
+            return model, spec, p.data[0]
+    for spec in p.defenses:
+        if spec.name == name:
+            return p.models[0], spec, p.data[0]
+    raise SystemExit(f"{name!r} is not a defense of the {preset!r} preset")
+
+
+def preset_model(name: str, cache: Path, preset: str = "full") -> Fixture:
+    """The model ``preset`` trains for defense ``name``, loaded from (or trained into) ``cache``."""
+    model, spec, data_spec = preset_recipe(name, preset)
+    data = load(data_spec.name, val_fraction=data_spec.val_fraction, train_limit=data_spec.train_limit)
+    return train(model, spec.build(), data, cache=cache)

@@ -21,6 +21,7 @@ BLACK_BOX_WINS = "black-box-beats-white-box"
 LARGE_EPS = "large-eps-not-zero"
 MORE_STEPS_NO_HELP = "more-iterations-no-help"
 CERTIFIED_BROKEN = "certified-broken"
+WASSERSTEIN_BOUND_BROKEN = "wasserstein-bound-broken"
 NON_FINITE = "non-finite-outputs"
 CLEAN_MISMATCH = "clean-acc-mismatch"
 ADAPTED = "adapted"  # prefix: "adapted:bpda+rescale" says which wrappers an adaptive rerun used
@@ -43,6 +44,9 @@ FLAGS: dict[str, str] = {
     "while the short run left points unbroken that a black-box or unbounded attack can break",
     CERTIFIED_BROKEN: "an attack broke a point that the defense's certificate counts as robust: the certificate "
     "(or the model recovered from the training program) is unsound; do not trust the certified column",
+    WASSERSTEIN_BOUND_BROKEN: "a Wasserstein attack reached a larger mean loss within the transport budget than WRM's "
+    "certificate allows: the ascent behind the certificate missed the supremum (gamma below the loss's smoothness "
+    "constant, a non-smooth network, too few steps), so the bound is not a certificate for this model",
     ADAPTED: "a masking check fired and the gradient attacks were rerun through wrappers (bpda: straight-through "
     "backward for marked non-differentiable layers; eot: mean over forward passes; log-outputs: attack log p; "
     "rescale: logits divided by the gap between their two largest), then the worst case escalated on its survivors "
@@ -95,6 +99,15 @@ def more_iterations_no_help(acc_short: float, acc_long: float, acc_reference: fl
     (black-box or unbounded) shows that ``margin`` more points can be broken."""
     stuck = acc_long >= acc_short - 1e-9
     return MORE_STEPS_NO_HELP if stuck and acc_reference < acc_short - margin else None
+
+
+def wasserstein_bound_broken(bounds: Iterable[float], attacked: Iterable[float], rtol: float = 1e-6) -> str | None:
+    """Flag a WRM certificate below the loss an attack reached within the same budget (pairs of
+    ``bounds`` and ``attacked`` mean losses; ``rtol`` absorbs float rounding of the means)."""
+    for bound, loss in zip(bounds, attacked, strict=True):
+        if loss > bound + rtol * max(1.0, abs(bound)):
+            return WASSERSTEIN_BOUND_BROKEN
+    return None
 
 
 def adapted(wrappers: Iterable[str]) -> str | None:
