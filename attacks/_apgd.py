@@ -71,6 +71,40 @@ class SearchResult:
     best_loss: Tensor  # f_max per point (at the successful iterate's stop for found points)
 
 
+class ActiveSet:
+    """The points of a batch whose search still runs: their state tensors ``st`` (pruned together
+    when points succeed) and the whole batch's results (the search's returned buffers).  ``st``
+    must hold ``xk`` and ``loss`` (the iterate and loss a succeeding point stops at) and ``xmax``
+    and ``fmax`` (the best point and loss the others end with)."""
+
+    def __init__(self, x_start: Tensor, st: dict[str, Tensor]) -> None:
+        b, dev = x_start.shape[0], x_start.device
+        self.out = x_start.clone()
+        self.found = torch.zeros(b, dtype=torch.bool, device=dev)
+        self.best_loss = torch.full((b,), float("-inf"), device=dev, dtype=x_start.dtype)
+        self.idx = torch.arange(b, device=dev)
+        self.st = st
+
+    def drop(self, hit: Tensor) -> bool:
+        """Record the points ``hit`` marks as found and stop them; True when none is left."""
+        if hit.any():
+            done = self.idx[hit]
+            self.out[done] = self.st["xk"][hit]
+            self.found[done] = True
+            self.best_loss[done] = self.st["loss"][hit]
+            keep = ~hit
+            self.idx = self.idx[keep]
+            for k in self.st:
+                self.st[k] = self.st[k][keep]
+        return self.idx.numel() == 0
+
+    def result(self) -> SearchResult:
+        """The batch's result: the points still running end at their best iterate."""
+        self.out[self.idx] = self.st["xmax"]
+        self.best_loss[self.idx] = self.st["fmax"]
+        return SearchResult(self.out, self.found, self.best_loss)
+
+
 def _bdot(a: Tensor, b: Tensor) -> Tensor:
     return (a.flatten(1) * b.flatten(1)).sum(dim=1)
 
@@ -118,14 +152,9 @@ def auto_search(
     geo = norm.geometry
     b = x.shape[0]
     ckpts = checkpoints(steps)
-    out = x_start.clone()
-    found = torch.zeros(b, dtype=torch.bool, device=x.device)
-    best_loss = torch.full((b,), float("-inf"), device=x.device, dtype=x.dtype)
-    idx = torch.arange(b, device=x.device)
-
     logits, loss, g = EvasionAttack.loss_grad(model, x_start, label, loss_fn)
     if trace is not None:
-        trace(idx, x_start)
+        trace(torch.arange(b, device=x.device), x_start)
     st = {
         "x0": x, "lab": label, "xk": x_start, "xprev": x_start, "g": g, "loss": loss,
         "xmax": x_start, "fmax": loss, "gmax": g,
@@ -137,24 +166,12 @@ def auto_search(
     if method == "acg":
         st["s"], st["smax"] = g, g
 
-    def drop(hit: Tensor) -> None:
-        nonlocal idx
-        done = idx[hit]
-        out[done] = st["xk"][hit]
-        found[done] = True
-        best_loss[done] = st["loss"][hit]
-        keep = ~hit
-        idx = idx[keep]
-        for k in st:
-            st[k] = st[k][keep]
-
+    active = ActiveSet(x_start, st)
     if stop_on_success:
-        hit = success(logits, label)
-        if hit.any():
-            drop(hit)
+        active.drop(success(logits, label))
     j = 1
     for k in range(steps):
-        if idx.numel() == 0:
+        if active.idx.numel() == 0:
             break
         xk, x0 = st["xk"], st["x0"]
         eta = _view(st["eta"], xk)
@@ -166,7 +183,7 @@ def auto_search(
             x_new = torch.where(_view(st["fresh"], xk), z, geo.project(mom, x0, eps))
         logits, loss, g = EvasionAttack.loss_grad(model, x_new, st["lab"], loss_fn)
         if trace is not None:
-            trace(idx, x_new)
+            trace(active.idx, x_new)
         st["inc"] = st["inc"] + (loss > st["loss"]).float()
         if method == "acg":
             st["s"] = g + _view(conjugate_beta(g, st["g"], st["s"]), g) * st["s"]
@@ -179,12 +196,8 @@ def auto_search(
             st["smax"] = torch.where(bv, st["s"], st["smax"])
         st["xprev"], st["xk"], st["g"], st["loss"] = xk, x_new, g, loss
         st["fresh"] = torch.zeros_like(st["fresh"])
-        if stop_on_success:
-            hit = success(logits, st["lab"])
-            if hit.any():
-                drop(hit)
-                if idx.numel() == 0:
-                    break
+        if stop_on_success and active.drop(success(logits, st["lab"])):
+            break
         if j < len(ckpts) and k + 1 == ckpts[j]:
             height = ckpts[j] - ckpts[j - 1]
             cond1 = st["inc"] < rho * height
@@ -202,9 +215,7 @@ def auto_search(
                 st["s"] = torch.where(hv, st["smax"], st["s"])
             st["inc"] = torch.zeros_like(st["inc"])
             j += 1
-    out[idx] = st["xmax"]
-    best_loss[idx] = st["fmax"]
-    return SearchResult(out, found, best_loss)
+    return active.result()
 
 
 def search_points(

@@ -44,7 +44,7 @@ from torch import Tensor, nn
 
 from robustbench_lite import EvasionAttack, LossFn, Norm
 
-from ._apgd import SearchResult, checkpoints
+from ._apgd import ActiveSet, SearchResult, checkpoints
 from ._ascent import SuccessFn, misclassified
 
 _GEO = Norm.L1.geometry
@@ -110,11 +110,6 @@ def l1_apgd_search(
     d = x[0].numel()
     ckpts = checkpoints(steps)
     eta0 = schedule.step * eps
-    out = x_start.clone()
-    found = torch.zeros(b, dtype=torch.bool, device=x.device)
-    best_loss = torch.full((b,), float("-inf"), device=x.device, dtype=x.dtype)
-    idx = torch.arange(b, device=x.device)
-
     logits, loss, g = EvasionAttack.loss_grad(model, x_start, label, loss_fn)
     st = {
         "x0": x, "lab": label, "xk": x_start, "g": g, "loss": loss,
@@ -137,24 +132,12 @@ def l1_apgd_search(
 
     period = max(int(schedule.every * steps), 1)
 
-    def drop(hit: Tensor) -> None:
-        nonlocal idx
-        done = idx[hit]
-        out[done] = st["xk"][hit]
-        found[done] = True
-        best_loss[done] = st["loss"][hit]
-        keep = ~hit
-        idx = idx[keep]
-        for key in st:
-            st[key] = st[key][keep]
-
+    active = ActiveSet(x_start, st)
     if stop_on_success:
-        hit = success(logits, label)
-        if hit.any():
-            drop(hit)
+        active.drop(success(logits, label))
     j = 1
     for it in range(steps):
-        if idx.numel() == 0:
+        if active.idx.numel() == 0:
             break
         xk = st["xk"]
         x_new = _GEO.project(xk + _view(st["eta"], xk) * sparse_step(st["g"], xk, st["k"]), st["x0"], eps)
@@ -168,12 +151,8 @@ def l1_apgd_search(
         st["xk"], st["g"], st["loss"] = x_new, g, loss
         if (it + 1) % period == 0:
             adapt()
-        if stop_on_success:
-            hit = success(logits, st["lab"])
-            if hit.any():
-                drop(hit)
-                if idx.numel() == 0:
-                    break
+        if stop_on_success and active.drop(success(logits, st["lab"])):
+            break
         if j < len(ckpts) and it + 1 == ckpts[j]:
             height = ckpts[j] - ckpts[j - 1]
             back = (st["inc"] < rho * height) | (~st["back_last"] & (st["fmax"] <= st["fmax_last"]))
@@ -184,9 +163,7 @@ def l1_apgd_search(
             st["loss"] = torch.where(back, st["fmax"], st["loss"])
             st["inc"] = torch.zeros_like(st["inc"])
             j += 1
-    out[idx] = st["xmax"]
-    best_loss[idx] = st["fmax"]
-    return SearchResult(out, found, best_loss)
+    return active.result()
 
 
 def l1_apgd(
