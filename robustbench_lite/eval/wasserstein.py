@@ -30,29 +30,16 @@ mean transport cost is at most the budget.  Means are taken in float64.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
 from ..core import ops
+from ..core.attack import eval_mode
 
 Loss = Callable[[Tensor, Tensor], Tensor]  # (logits, y) -> per-sample loss
-
-
-@contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    """The model in ``eval()`` inside the block (BatchNorm reads, never updates, its statistics);
-    every module's flag restored after."""
-    flags = [m.training for m in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for m, flag in zip(model.modules(), flags, strict=True):
-            m.training = flag
 
 
 def transport_cost(z: Tensor, z0: Tensor) -> Tensor:
@@ -77,7 +64,7 @@ def lagrangian_ascent(
         raise ValueError(f"steps must be >= 1, got {steps!r}")
     x = x.detach()
     z = (x if start is None else start.detach()).clone()
-    with _eval_mode(model):
+    with eval_mode(model):
         for t in range(1, steps + 1):
             z.requires_grad_(True)
             with torch.enable_grad():
@@ -102,7 +89,7 @@ def wasserstein_attack(
             noise = torch.randn(x.shape, generator=gen, device=gen.device, dtype=x.dtype).to(x.device)
             start = (x + sigma * noise).clamp(0.0, 1.0) if clip else x + sigma * noise
         z = lagrangian_ascent(model, x, y, gamma=gamma, steps=steps, clip=clip, start=start, loss=loss)
-        with torch.no_grad(), _eval_mode(model):
+        with torch.no_grad(), eval_mode(model):
             val = lagrangian(model(z), y, z, x, gamma, loss).double()
         better = val > best_val
         best[better], best_val[better] = z[better], val[better]
@@ -180,7 +167,7 @@ def wasserstein_certificate(
     x, y = x.detach(), y.detach()
 
     def losses(points: Tensor) -> Tensor:
-        with torch.no_grad(), _eval_mode(model):
+        with torch.no_grad(), eval_mode(model):
             return _batched(lambda a, b: loss(model(a), b), points, y, batch_size).double()
 
     z = _batched(lambda a, b: lagrangian_ascent(model, a, b, gamma=gamma, steps=steps, step=step, clip=clip, loss=loss),
