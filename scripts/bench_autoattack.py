@@ -72,6 +72,9 @@ def main() -> None:
         only_aa = clean & ~aa & mine
         rows.append((name, float(clean.float().mean()), float(mine.float().mean()), float(aa.float().mean()),
                      int(only_mine.sum()), int(only_aa.sum()), t["ours"], t["autoattack"]))
+        print(f"  robust: ours {rows[-1][2]:.3f}, AutoAttack {rows[-1][3]:.3f}; only ours broke {rows[-1][4]}, only AA "
+              f"broke {rows[-1][5]}; wall / CPU s: ours {t['ours'].wall_median:.1f} / {t['ours'].cpu_median:.1f}, "
+              f"AA {t['autoattack'].wall_median:.1f} / {t['autoattack'].cpu_median:.1f}", flush=True)
         flags = sorted({f for fs in ev.flags.values() for f in fs})
         print(f"  ours: flags {flags or 'none'}; per attack (cumulative, survivors):",
               ", ".join(f"{r.attack.name} {r.robust_acc:.3f} ({r.seconds:.1f} s)" for r in ev.records))
