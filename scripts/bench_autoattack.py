@@ -45,7 +45,7 @@ def autoattack(model, x, y, seed):
 
     def run():
         aa = AutoAttack(model, norm="Linf", eps=EPS, version="standard", device="cpu", seed=seed)
-        x_adv = aa.run_standard_evaluation(x, y, batch_size=500)
+        x_adv, _ = aa.run_standard_evaluation(x, y, batch_size=500)  # (adversarial images, their predictions)
         return predict(model, x_adv, "cpu", batch_size=500) == y, None
 
     return run
