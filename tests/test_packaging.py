@@ -36,7 +36,7 @@ def test_wheel_installs_into_a_fresh_venv_with_attacks_and_defenses(tmp_path):
         "assert 'pgd' in list_attacks() and 'standard' in list_defenses() and 'digits' in list_datasets();"
         "assert {'evasion', 'certified', 'curve'} <= set(list_kinds()) and list_verifiers();"
         "from robustbench_lite.harness.presets import PRESETS, get_preset;"
-        "assert sorted(PRESETS) == ['full', 'poisoning', 'quick', 'smoke'] and get_preset('quick').plan().cells;"
+        "assert sorted(PRESETS) == ['certified', 'full', 'poisoning', 'quick', 'smoke'] and get_preset('quick').plan().cells;"
         f"assert not pathlib.Path(robustbench_lite.__file__).is_relative_to({str(ROOT)!r});"
         "print(robustbench_lite.attacks.__path__[0])"
     )
