@@ -154,7 +154,7 @@ class ModelCache:
                 old = now - path.stat().st_mtime > STALE_SECONDS
             except OSError:
                 continue
-            if old or not _pid_alive(int(m["pid"])):
+            if old or not pid_alive(int(m["pid"])):
                 try:
                     path.unlink()
                     removed.append(path)
@@ -165,7 +165,9 @@ class ModelCache:
         return removed
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` of this machine still runs (this process counts as alive; a
+    process we may not signal is taken as alive)."""
     if pid == os.getpid():
         return True
     try:
