@@ -6,7 +6,11 @@
 - mixed precision (``torch.autocast``) per stage: ``train`` and ``attack`` use the policy's dtype
   (bf16 where the GPU supports it, else fp16; off on the CPU unless asked), ``eval`` (clean
   predictions and judging adversarial points) stays in float32 unless ``autocast_eval`` is set;
-- ``channels_last`` models and batches, and pinned host memory for copies, on CUDA only;
+- ``channels_last`` models and batches: for evaluation (attacks, predictions) on every device
+  (on the CPU it more than halves the forward time of pooled conv nets, whose NCHW max-pool
+  kernels are slow, and changes no prediction beyond float rounding), for training on CUDA only
+  (so CPU-trained weights stay bit-identical to the contiguous-layout runs);
+- pinned host memory for copies, on CUDA only;
 - ``torch.backends.cudnn.benchmark`` switched on during training on CUDA (and restored after).
 
 :func:`make_policy` reads the current machine; :func:`decide_policy` is the pure rule it applies
@@ -62,7 +66,8 @@ class DevicePolicy:
     train_dtype: torch.dtype | None = None  # autocast dtype for training (None: float32)
     attack_dtype: torch.dtype | None = None  # autocast dtype inside attacks
     eval_dtype: torch.dtype | None = None  # autocast dtype for clean/adversarial predictions
-    channels_last: bool = False
+    channels_last: bool = False  # layout for evaluation: attacks, clean and adversarial predictions
+    train_channels_last: bool = False  # layout while training
     pin_memory: bool = False
     cudnn_benchmark: bool = False
 
@@ -82,22 +87,27 @@ class DevicePolicy:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=dtype)
 
-    def model_to(self, model: nn.Module) -> nn.Module:
-        """Move ``model`` to the device (channels_last on CUDA); a no-op when it is already there."""
-        if self.channels_last:
-            return model.to(self.device, memory_format=torch.channels_last)
-        return model.to(self.device)
+    def layout(self, training: bool = False) -> torch.memory_format:
+        """The memory format for evaluation, or for training when ``training``."""
+        wanted = self.train_channels_last if training else self.channels_last
+        return torch.channels_last if wanted else torch.contiguous_format
 
-    def batch_to(self, x: Tensor) -> Tensor:
-        """Copy a batch to the device: through pinned memory and non-blocking on CUDA, channels_last
-        for image batches when the policy says so.  Tensors already on the device are not copied."""
+    def model_to(self, model: nn.Module, *, training: bool = False) -> nn.Module:
+        """Move ``model`` to the device in the layout for evaluation (or for training), in place;
+        a no-op when it is already so."""
+        return model.to(self.device, memory_format=self.layout(training))
+
+    def batch_to(self, x: Tensor, *, training: bool = False) -> Tensor:
+        """Copy a batch to the device: through pinned memory and non-blocking on CUDA, in the
+        layout for evaluation (or for training) when it is an image batch.  Tensors already on the
+        device are not copied."""
         if x.device == self.device or (x.device.type == self.device.type and self.device.index is None):
             out = x
         else:
             pinned = self.pin_memory and x.device.type == "cpu"
             out = (x.pin_memory() if pinned else x).to(self.device, non_blocking=pinned)
-        if self.channels_last and out.dim() == 4:
-            out = out.contiguous(memory_format=torch.channels_last)
+        if out.dim() == 4:
+            out = out.contiguous(memory_format=self.layout(training))
         return out
 
     @contextlib.contextmanager
@@ -126,7 +136,8 @@ class DevicePolicy:
 
         return {
             "device": str(self.device), "train_dtype": name(self.train_dtype), "attack_dtype": name(self.attack_dtype),
-            "eval_dtype": name(self.eval_dtype), "channels_last": self.channels_last, "pin_memory": self.pin_memory,
+            "eval_dtype": name(self.eval_dtype), "channels_last": self.channels_last,
+            "train_channels_last": self.train_channels_last, "pin_memory": self.pin_memory,
             "cudnn_benchmark": self.cudnn_benchmark,
         }
 
@@ -154,7 +165,7 @@ def decide_policy(
         raise ValueError("autocast_eval needs an autocast dtype: pass --autocast bf16|fp16 (or auto on CUDA)")
     return DevicePolicy(
         device=device, train_dtype=dtype, attack_dtype=dtype, eval_dtype=dtype if autocast_eval else None,
-        channels_last=cuda, pin_memory=cuda, cudnn_benchmark=cuda,
+        channels_last=True, train_channels_last=cuda, pin_memory=cuda, cudnn_benchmark=cuda,
     )
 
 

@@ -53,7 +53,7 @@ def retrain_last_layer(
     instead, so keep the default for those.
     """
     policy = as_policy(policy)
-    fresh = policy.model_to(copy.deepcopy(model))
+    fresh = policy.model_to(copy.deepcopy(model), training=True)
     features, head = split_head(fresh)
     for p in fresh.parameters():
         p.requires_grad_(False)

@@ -128,7 +128,7 @@ class Defense(Plugin):
         policy = policy if policy is not None else as_policy(device)
         device = policy.device
         torch.manual_seed(self.seed)
-        policy.model_to(model)
+        policy.model_to(model, training=True)
         params = [p for p in model.parameters() if p.requires_grad]
         if self.optimizer == "adam":
             opt: torch.optim.Optimizer = torch.optim.Adam(params, lr=self.lr, weight_decay=self.weight_decay)
@@ -156,7 +156,7 @@ class Defense(Plugin):
                     model.train()
                     for i in range(steps_per_epoch):
                         idx = perm[i * self.batch_size : (i + 1) * self.batch_size]
-                        xb, yb = policy.batch_to(x_all[idx]), policy.batch_to(y_all[idx])
+                        xb, yb = policy.batch_to(x_all[idx], training=True), policy.batch_to(y_all[idx], training=True)
                         with policy.autocast("train"):
                             loss = self.batch_loss(model, xb, yb, state)
                         if not torch.isfinite(loss):

@@ -34,7 +34,8 @@ TIMING = ["seconds", "train_seconds", "code_version"]
 def test_policy_on_cpu_is_plain_float32_unless_asked():
     p = decide_policy(CPU, "auto")
     assert (p.train_dtype, p.attack_dtype, p.eval_dtype) == (None, None, None)
-    assert not (p.channels_last or p.pin_memory or p.cudnn_benchmark)
+    assert not (p.train_channels_last or p.pin_memory or p.cudnn_benchmark)
+    assert p.channels_last  # evaluation runs channels_last everywhere: a layout, not a precision
     asked = decide_policy(CPU, "bf16", autocast_eval=True)
     assert asked.train_dtype == asked.attack_dtype == asked.eval_dtype == torch.bfloat16
     assert make_policy("cpu") == p
@@ -43,7 +44,7 @@ def test_policy_on_cpu_is_plain_float32_unless_asked():
 def test_policy_on_cuda_autocasts_training_and_attacks_but_not_evaluation_by_default():
     bf = decide_policy(CUDA, "auto", bf16_supported=True)
     assert bf.train_dtype == bf.attack_dtype == torch.bfloat16 and bf.eval_dtype is None
-    assert bf.channels_last and bf.pin_memory and bf.cudnn_benchmark
+    assert bf.channels_last and bf.train_channels_last and bf.pin_memory and bf.cudnn_benchmark
     fp = decide_policy(CUDA, "auto", bf16_supported=False)
     assert fp.train_dtype == torch.float16 and fp.eval_dtype is None
     assert decide_policy(CUDA, "auto", True, bf16_supported=True).eval_dtype == torch.bfloat16
@@ -91,6 +92,24 @@ def test_channels_last_moves_give_the_same_logits(digits_model, digits):
     assert conv.weight.is_contiguous(memory_format=torch.channels_last)
     with torch.no_grad():
         torch.testing.assert_close(model(xb), digits_model(x), rtol=1e-4, atol=1e-5)
+
+
+def test_cpu_training_keeps_the_contiguous_layout_and_its_exact_weights(digits):
+    """Evaluation layout must not leak into CPU training: the CPU policy trains exactly as the
+    all-contiguous one does (same weights to the bit), and leaves the model in the evaluation
+    layout afterwards only through ``model_to``."""
+    spec, defense = ModelSpec("small-cnn"), create_defense("standard", epochs=1, seed=0)
+    torch.manual_seed(0)
+    a, b = spec.build(digits), spec.build(digits)
+    b.load_state_dict(a.state_dict())
+    defense.fit(a, digits, progress=False, policy=make_policy("cpu"))
+    defense.fit(b, digits, progress=False, policy=DevicePolicy(CPU))
+    for (name, wa), wb in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
+        assert torch.equal(wa, wb), name
+    conv = next(m for m in a.modules() if isinstance(m, torch.nn.Conv2d))
+    assert conv.weight.is_contiguous()
+    make_policy("cpu").model_to(a)
+    assert conv.weight.is_contiguous(memory_format=torch.channels_last)
 
 
 def test_bf16_autocast_training_runs_and_gets_its_own_cache_key(digits, tmp_path):
