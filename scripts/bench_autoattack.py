@@ -75,7 +75,7 @@ def main() -> None:
         split = fx.data.test.head(args.n)
         x, y = split.x, split.y
         layout = torch.channels_last if args.aa_layout == "channels_last" else torch.contiguous_format
-        aa_model = copy.deepcopy(fx.model).to(memory_format=layout)  # ours converts fx.model in place
+        aa_model = copy.deepcopy(fx.model).to(memory_format=layout)
         clean = predict(fx.model, x, "cpu") == y
         t = bc.interleaved({"ours": ours(fx.model, split, args.n), "autoattack": autoattack(aa_model, x, y, args.seed)},
                            args.rounds)

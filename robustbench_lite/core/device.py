@@ -20,6 +20,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -30,6 +31,7 @@ from torch import Tensor, nn
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+F = TypeVar("F", bound=Callable)
 AUTOCAST_CHOICES = ("auto", "off", "bf16", "fp16")
 STAGES = ("train", "attack", "eval")
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -181,6 +183,33 @@ def as_policy(device: DevicePolicy | str | torch.device) -> DevicePolicy:
     if isinstance(device, DevicePolicy):
         return device
     return make_policy(device, autocast="off")
+
+
+@contextlib.contextmanager
+def layout_kept(model: nn.Module) -> Iterator[None]:
+    """Give ``model``'s 4-D parameters and buffers back their memory format on exit.
+
+    Evaluation converts a model to channels_last in place (:meth:`DevicePolicy.model_to`); a
+    user's model must not come back changed, e.g. ``safetensors`` refuses to save non-contiguous
+    tensors."""
+    contiguous = {id(t) for t in (*model.parameters(), *model.buffers()) if t.dim() == 4 and t.is_contiguous()}
+    try:
+        yield
+    finally:
+        for t in (*model.parameters(), *model.buffers()):
+            if id(t) in contiguous and not t.is_contiguous():
+                t.data = t.data.contiguous()
+
+
+def keeps_layout(fn: F) -> F:
+    """Decorate a function whose first argument is a model with :func:`layout_kept`."""
+
+    @functools.wraps(fn)
+    def wrapper(model, *args, **kwargs):
+        with layout_kept(model):
+            return fn(model, *args, **kwargs)
+
+    return wrapper  # type: ignore[return-value]
 
 
 def is_oom(exc: BaseException) -> bool:

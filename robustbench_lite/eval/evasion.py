@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from ..core.attack import EvasionAttack
 from ..core.data import DataSplit
-from ..core.device import DevicePolicy, as_policy, halving_on_oom
+from ..core.device import DevicePolicy, as_policy, halving_on_oom, keeps_layout
 from ..core.models import check_logits
 from ..core.ops import ce
 from ..core.registry import ATTACKS, create_attack
@@ -235,6 +235,7 @@ def min_norm_summary(distances: Tensor) -> tuple[float | None, float | None]:
     return float(found.numel() / distances.numel()), (float(found.median()) if found.numel() else None)
 
 
+@keeps_layout
 def evaluate(
     model: nn.Module,
     attacks: Sequence[EvasionAttack],

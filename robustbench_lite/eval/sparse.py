@@ -9,7 +9,7 @@ from torch import nn
 
 from ..core.attack import EvasionAttack
 from ..core.data import DataSplit
-from ..core.device import DevicePolicy, as_policy
+from ..core.device import DevicePolicy, as_policy, keeps_layout
 from ..core.models import predict
 
 
@@ -29,6 +29,7 @@ class SparseResult:
     seconds: float
 
 
+@keeps_layout
 def evaluate_sparse(
     model: nn.Module, attack: EvasionAttack, split: DataSplit, *, policy: DevicePolicy | torch.device | str = "cpu",
     batch_size: int = 100,

@@ -15,7 +15,7 @@ from torch import Tensor, nn
 
 from ..core.attack import UniversalAttack, apply_delta
 from ..core.data import DataSplit
-from ..core.device import DevicePolicy, as_policy
+from ..core.device import DevicePolicy, as_policy, keeps_layout
 from ..core.models import predict
 
 
@@ -48,6 +48,7 @@ def _predict_with(model: nn.Module, x: Tensor, delta: Tensor, policy: DevicePoli
         )
 
 
+@keeps_layout
 def evaluate_universal(
     model: nn.Module,
     attack: UniversalAttack,

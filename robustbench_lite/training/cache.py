@@ -240,7 +240,7 @@ def train_or_load(
     check_outputs(model, data, spec.name)
     sidecar = cache.load(key, model)
     if sidecar is not None:
-        model = policy.model_to(model).eval()
+        model = policy.model_to(model, training=True).eval()  # evaluation converts its own way, and back
         if sidecar.pop("verified"):
             return TrainedModel(model, key, sidecar, True)
         # a sidecar from before weight hashes: the weights must still give the recorded accuracy
@@ -259,7 +259,6 @@ def train_or_load(
     torch.manual_seed(defense.seed)
     model = spec.build(data)  # same seed, same initial weights
     train_log = defense.fit(model, data, progress=progress, policy=policy)
-    policy.model_to(model)
     sidecar = {
         "key": key,
         "model": spec.as_dict(),

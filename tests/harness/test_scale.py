@@ -112,6 +112,23 @@ def test_cpu_training_keeps_the_contiguous_layout_and_its_exact_weights(digits):
     assert conv.weight.is_contiguous(memory_format=torch.channels_last)
 
 
+def test_evaluate_gives_the_users_model_back_in_its_layout(digits_model, digits, tmp_path):
+    """Evaluation runs channels_last, but the caller's model comes back as it was: still
+    contiguous, so e.g. safetensors can save it."""
+    from safetensors.torch import save_file
+
+    model = copy.deepcopy(digits_model)
+    conv = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)][-1]  # several input channels
+    assert conv.in_channels > 1 and conv.weight.is_contiguous()  # as train_or_load hands it out
+    seen = []
+    orig = conv.forward
+    conv.forward = lambda x: (seen.append(conv.weight.is_contiguous(memory_format=torch.channels_last)), orig(x))[1]
+    evaluate(model, [create_attack("fgsm", eps=0.1)], digits.test, n=32, adaptive=False, probe_iterations=False)
+    assert seen and all(seen)  # it did run channels_last
+    assert conv.weight.is_contiguous()
+    save_file(model.state_dict(), str(tmp_path / "w.safetensors"))
+
+
 def test_bf16_autocast_training_runs_and_gets_its_own_cache_key(digits, tmp_path):
     cache = ModelCache(tmp_path)
     defense = create_defense("standard", epochs=1, batch_size=128, lr=3e-3)
