@@ -440,8 +440,11 @@ def test_ctrl_c_ends_in_one_line_and_exit_130(tmp_path):
     cmd = [sys.executable, "-m", "robustbench_lite.cli", "--plugin", str(tmp_path / "good_plugin.py"), "run", "--preset", "smoke",
            "--attacks", "sleepy-test", "--threats", "linf:0.1", "--n", "20", "--workdir", str(tmp_path / "w"),
            "--out", str(tmp_path / "o"), "--no-progress"]
+    # a shell's background job (nohup, `&`) starts with SIGINT ignored, and children inherit that:
+    # give the CLI the default disposition, as in a terminal, so Ctrl-C raises KeyboardInterrupt
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1", "RBL_TEST_MARKER": str(marker)})
+                            env={**os.environ, "OMP_NUM_THREADS": "1", "RBL_TEST_MARKER": str(marker)},
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 300
     while not marker.exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.2)
