@@ -32,6 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from robustbench_lite import EvasionAttack, LossFn, Norm
+from robustbench_lite.core.ops import per_sample
 
 from ._ascent import SuccessFn, misclassified
 
@@ -105,12 +106,38 @@ class ActiveSet:
         return SearchResult(self.out, self.found, self.best_loss)
 
 
+def track_best(st: dict[str, Tensor], x_new: Tensor, g: Tensor, loss: Tensor) -> Tensor:
+    """One step's bookkeeping shared by every APGD-style search: count the points whose loss rose
+    (``inc``, against the previous ``loss``) and keep each point's best iterate, gradient and loss
+    (``xmax``, ``gmax``, ``fmax``).  Returns the improved points' mask, shaped to broadcast over
+    ``x_new``.  Call it before the iterate and loss in ``st`` move on."""
+    st["inc"] = st["inc"] + (loss > st["loss"]).float()
+    better = loss > st["fmax"]
+    bv = per_sample(better, x_new)
+    st["xmax"] = torch.where(bv, x_new, st["xmax"])
+    st["gmax"] = torch.where(bv, g, st["gmax"])
+    st["fmax"] = torch.where(better, loss, st["fmax"])
+    return bv
+
+
+def restart_at_best(st: dict[str, Tensor], rho: float, height: int) -> Tensor:
+    """APGD's checkpoint rule (Croce & Hein, ICML 2020, section 3.1): a point whose loss rose in
+    fewer than ``rho · height`` of the last ``height`` steps, or whose best loss did not improve
+    since the previous checkpoint where it was not restarted, goes back to its best iterate,
+    gradient and loss; the rise counter restarts for all.  Returns the restarted points' mask
+    (1-D); the search applies its own consequences (APGD halves the step)."""
+    restart = (st["inc"] < rho * height) | (~st["restart_last"] & (st["fmax"] <= st["fmax_last"]))
+    st["restart_last"], st["fmax_last"] = restart, st["fmax"]
+    rv = per_sample(restart, st["xk"])
+    st["xk"] = torch.where(rv, st["xmax"], st["xk"])
+    st["g"] = torch.where(rv, st["gmax"], st["g"])
+    st["loss"] = torch.where(restart, st["fmax"], st["loss"])
+    st["inc"] = torch.zeros_like(st["inc"])
+    return restart
+
+
 def _bdot(a: Tensor, b: Tensor) -> Tensor:
     return (a.flatten(1) * b.flatten(1)).sum(dim=1)
-
-
-def _view(v: Tensor, like: Tensor) -> Tensor:
-    return v.view(-1, *([1] * (like.dim() - 1)))
 
 
 def conjugate_beta(g: Tensor, g_prev: Tensor, s_prev: Tensor, tiny: float = 1e-12) -> Tensor:
@@ -160,7 +187,7 @@ def auto_search(
         "xmax": x_start, "fmax": loss, "gmax": g,
         "eta": torch.full((b,), 2.0 * eps, device=x.device, dtype=x.dtype),
         "inc": torch.zeros(b, device=x.device), "fmax_last": loss,
-        "halved_last": torch.zeros(b, dtype=torch.bool, device=x.device),
+        "restart_last": torch.zeros(b, dtype=torch.bool, device=x.device),
         "fresh": torch.ones(b, dtype=torch.bool, device=x.device),  # next step without momentum
     }
     if method == "acg":
@@ -174,46 +201,32 @@ def auto_search(
         if active.idx.numel() == 0:
             break
         xk, x0 = st["xk"], st["x0"]
-        eta = _view(st["eta"], xk)
+        eta = per_sample(st["eta"], xk)
         if method == "acg":
             x_new = geo.project(xk + eta * st["s"].sign(), x0, eps)
         else:
             z = geo.project(xk + eta * geo.ascent(st["g"]), x0, eps)
             mom = xk + alpha * (z - xk) + (1 - alpha) * (xk - st["xprev"])
-            x_new = torch.where(_view(st["fresh"], xk), z, geo.project(mom, x0, eps))
+            x_new = torch.where(per_sample(st["fresh"], xk), z, geo.project(mom, x0, eps))
         logits, loss, g = EvasionAttack.loss_grad(model, x_new, st["lab"], loss_fn)
         if trace is not None:
             trace(active.idx, x_new)
-        st["inc"] = st["inc"] + (loss > st["loss"]).float()
+        bv = track_best(st, x_new, g, loss)
         if method == "acg":
-            st["s"] = g + _view(conjugate_beta(g, st["g"], st["s"]), g) * st["s"]
-        better = loss > st["fmax"]
-        bv = _view(better, xk)
-        st["xmax"] = torch.where(bv, x_new, st["xmax"])
-        st["gmax"] = torch.where(bv, g, st["gmax"])
-        st["fmax"] = torch.where(better, loss, st["fmax"])
-        if method == "acg":
+            st["s"] = g + per_sample(conjugate_beta(g, st["g"], st["s"]), g) * st["s"]
             st["smax"] = torch.where(bv, st["s"], st["smax"])
         st["xprev"], st["xk"], st["g"], st["loss"] = xk, x_new, g, loss
         st["fresh"] = torch.zeros_like(st["fresh"])
         if stop_on_success and active.drop(success(logits, st["lab"])):
             break
         if j < len(ckpts) and k + 1 == ckpts[j]:
-            height = ckpts[j] - ckpts[j - 1]
-            cond1 = st["inc"] < rho * height
-            cond2 = ~st["halved_last"] & (st["fmax"] <= st["fmax_last"])
-            halve = cond1 | cond2
-            st["halved_last"], st["fmax_last"] = halve, st["fmax"]
+            halve = restart_at_best(st, rho, ckpts[j] - ckpts[j - 1])
             st["eta"] = torch.where(halve, st["eta"] / 2, st["eta"])
-            hv = _view(halve, st["xk"])
-            st["xk"] = torch.where(hv, st["xmax"], st["xk"])
+            hv = per_sample(halve, st["xk"])
             st["xprev"] = torch.where(hv, st["xmax"], st["xprev"])
-            st["g"] = torch.where(hv, st["gmax"], st["g"])
-            st["loss"] = torch.where(halve, st["fmax"], st["loss"])
             st["fresh"] = halve
             if method == "acg":
                 st["s"] = torch.where(hv, st["smax"], st["s"])
-            st["inc"] = torch.zeros_like(st["inc"])
             j += 1
     return active.result()
 

@@ -43,8 +43,9 @@ import torch
 from torch import Tensor, nn
 
 from robustbench_lite import EvasionAttack, LossFn, Norm
+from robustbench_lite.core.ops import per_sample
 
-from ._apgd import ActiveSet, SearchResult, checkpoints
+from ._apgd import ActiveSet, SearchResult, checkpoints, restart_at_best, track_best
 from ._ascent import SuccessFn, misclassified
 
 _GEO = Norm.L1.geometry
@@ -67,10 +68,6 @@ def l1_apgd_start(x: Tensor, eps: float, gen: torch.Generator) -> Tensor:
     [0, 1] (on the sphere unless the box binds first)."""
     t = torch.randn(x.shape, generator=gen, device=gen.device, dtype=x.dtype).to(x.device)
     return _GEO.project(x + t, x, eps)
-
-
-def _view(v: Tensor, like: Tensor) -> Tensor:
-    return v.view(-1, *([1] * (like.dim() - 1)))
 
 
 def sparse_step(grad: Tensor, x_k: Tensor, k: Tensor) -> Tensor:
@@ -118,7 +115,7 @@ def l1_apgd_search(
         "k": torch.full((b,), float(max(1, math.ceil(schedule.topk * d))), device=x.device),
         "sp_last": torch.full((b,), float(d), device=x.device),
         "inc": torch.zeros(b, device=x.device), "fmax_last": loss,
-        "back_last": torch.zeros(b, dtype=torch.bool, device=x.device),
+        "restart_last": torch.zeros(b, dtype=torch.bool, device=x.device),
     }
 
     def adapt() -> None:
@@ -140,28 +137,16 @@ def l1_apgd_search(
         if active.idx.numel() == 0:
             break
         xk = st["xk"]
-        x_new = _GEO.project(xk + _view(st["eta"], xk) * sparse_step(st["g"], xk, st["k"]), st["x0"], eps)
+        x_new = _GEO.project(xk + per_sample(st["eta"], xk) * sparse_step(st["g"], xk, st["k"]), st["x0"], eps)
         logits, loss, g = EvasionAttack.loss_grad(model, x_new, st["lab"], loss_fn)
-        st["inc"] = st["inc"] + (loss > st["loss"]).float()
-        better = loss > st["fmax"]
-        bv = _view(better, xk)
-        st["xmax"] = torch.where(bv, x_new, st["xmax"])
-        st["gmax"] = torch.where(bv, g, st["gmax"])
-        st["fmax"] = torch.where(better, loss, st["fmax"])
+        track_best(st, x_new, g, loss)
         st["xk"], st["g"], st["loss"] = x_new, g, loss
         if (it + 1) % period == 0:
             adapt()
         if stop_on_success and active.drop(success(logits, st["lab"])):
             break
         if j < len(ckpts) and it + 1 == ckpts[j]:
-            height = ckpts[j] - ckpts[j - 1]
-            back = (st["inc"] < rho * height) | (~st["back_last"] & (st["fmax"] <= st["fmax_last"]))
-            st["back_last"], st["fmax_last"] = back, st["fmax"]
-            bk = _view(back, st["xk"])
-            st["xk"] = torch.where(bk, st["xmax"], st["xk"])
-            st["g"] = torch.where(bk, st["gmax"], st["g"])
-            st["loss"] = torch.where(back, st["fmax"], st["loss"])
-            st["inc"] = torch.zeros_like(st["inc"])
+            restart_at_best(st, rho, ckpts[j] - ckpts[j - 1])
             j += 1
     return active.result()
 

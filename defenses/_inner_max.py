@@ -126,7 +126,7 @@ def ball_samples(x: Tensor, eps: float, gen: torch.Generator) -> tuple[Tensor, T
     x_a = Norm.LINF.geometry.random_start(x, eps, gen)
     x_b = Norm.LINF.geometry.random_start(x, eps, gen)
     alpha = torch.rand(x.shape[0], generator=gen, device=gen.device, dtype=x.dtype).to(x.device)
-    a = alpha.view(-1, *([1] * (x.dim() - 1)))
+    a = ops.per_sample(alpha, x)
     return x_a, x_b, (1 - a) * x_a + a * x_b, alpha
 
 

@@ -27,6 +27,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from .ops import per_sample
+
 __all__ = [
     "l1_ascent",
     "l1_norm",
@@ -155,5 +157,5 @@ def l1_random_start(x: Tensor, eps: float, gen: torch.Generator) -> Tensor:
     """
     s = l1_random_sphere(x.shape, eps, gen, dtype=x.dtype)
     r = torch.rand(x.shape[0], generator=gen, device=gen.device, dtype=x.dtype)
-    delta = s * r.view(-1, *([1] * (x.dim() - 1)))
+    delta = s * per_sample(r, x)
     return (x + delta.to(x.device)).clamp(0.0, 1.0)

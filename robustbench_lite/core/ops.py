@@ -70,9 +70,14 @@ def kl_div(logits_p: Tensor, logits_q: Tensor) -> Tensor:
 # ---------------------------------------------------------------------------------------------
 
 
+def per_sample(v: Tensor, like: Tensor) -> Tensor:
+    """A per-sample vector ``v`` shaped to broadcast against a batch like ``like``."""
+    return v.view(-1, *([1] * (like.dim() - 1)))
+
+
 def normalize_l2(g: Tensor, tiny: float = 1e-12) -> Tensor:
     """``g / ||g||_2`` per sample (zero where ``g`` is zero)."""
-    return g / g.flatten(1).norm(p=2, dim=1).clamp_min(tiny).view(-1, *([1] * (g.dim() - 1)))
+    return g / per_sample(g.flatten(1).norm(p=2, dim=1).clamp_min(tiny), g)
 
 
 def predictions(model, x: Tensor, chunk: int = 1000) -> Tensor:

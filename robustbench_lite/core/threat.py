@@ -22,6 +22,7 @@ import torch
 from torch import Tensor
 
 from . import l1
+from .ops import per_sample
 
 
 class Norm(str, Enum):
@@ -50,11 +51,6 @@ class Norm(str, Enum):
 
     def __str__(self) -> str:
         return self.value
-
-
-def _view(v: Tensor, like: Tensor) -> Tensor:
-    """A per-sample vector shaped to broadcast against a batch like ``like``."""
-    return v.view(-1, *([1] * (like.dim() - 1)))
 
 
 def _uniform(shape: tuple[int, ...], gen: torch.Generator, dtype: torch.dtype) -> Tensor:
@@ -118,7 +114,7 @@ class Geometry:
     def sphere_start(self, x: Tensor, eps: float, gen: torch.Generator) -> Tensor:
         """``x + ε·t/‖t‖`` clipped to [0, 1], ``t`` from :meth:`noise` (APGD's start)."""
         t = self.noise(tuple(x.shape), gen, x.dtype).to(x.device)
-        t = t / _view(self.distance(t).clamp_min(1e-12), t)
+        t = t / per_sample(self.distance(t).clamp_min(1e-12), t)
         return (x + eps * t).clamp(0.0, 1.0)
 
     def inside(self, delta: Tensor, eps: float) -> Tensor:
@@ -178,7 +174,7 @@ class LinfGeometry(Geometry):
 
 
 def _normalize_l2(g: Tensor, tiny: float = 1e-12) -> Tensor:
-    return g / _view(g.flatten(1).norm(p=2, dim=1).clamp_min(tiny), g)
+    return g / per_sample(g.flatten(1).norm(p=2, dim=1).clamp_min(tiny), g)
 
 
 @_geometry
@@ -196,7 +192,7 @@ class L2Geometry(Geometry):
     def project_ball(self, delta: Tensor, eps: float) -> Tensor:
         """``δ · min(1, ε / ‖δ‖₂)`` per sample."""
         factor = (eps / self.distance(delta).clamp_min(1e-12)).clamp(max=1.0)
-        return delta * _view(factor, delta)
+        return delta * per_sample(factor, delta)
 
     def project(self, x_adv: Tensor, x: Tensor, eps: float) -> Tensor:
         return (x + self.project_ball(x_adv - x, eps)).clamp_(0.0, 1.0)
@@ -210,7 +206,7 @@ class L2Geometry(Geometry):
         over the radius make a better PGD-L2 at 10-20 steps.)"""
         direction = _normalize_l2(_gaussian(tuple(x.shape), gen, x.dtype))
         radius = _uniform((x.shape[0],), gen, x.dtype)
-        delta = direction * _view(radius * eps, x)
+        delta = direction * per_sample(radius * eps, x)
         return (x + delta.to(x.device)).clamp_(0.0, 1.0)
 
     def noise(self, shape: tuple[int, ...], gen: torch.Generator, dtype: torch.dtype = torch.float32) -> Tensor:
