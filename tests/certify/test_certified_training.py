@@ -38,14 +38,19 @@ def test_schedules_follow_the_ramp(name):
     assert d.ramp(state) == (pytest.approx(0.15), 1.0) and d.kappa(1.0) == kappa_end
 
 
+def _model(digits):
+    """A freshly initialised cnn-cert-small, the same weights every time."""
+    torch.manual_seed(0)
+    return ModelSpec("cnn-cert-small").build(digits)
+
+
 def _batch(digits, n=64):
     return digits.train.x[:n], digits.train.y[:n]
 
 
 @pytest.mark.parametrize("name", ["ibp", "crown-ibp"])
 def test_the_loss_is_natural_in_the_warmup_and_at_least_natural_after(name, digits):
-    torch.manual_seed(0)
-    model = ModelSpec("cnn-cert-small").build(digits)
+    model = _model(digits)
     x, y = _batch(digits)
     d = create_defense(name, eps=0.1)
     with torch.no_grad():
@@ -63,8 +68,7 @@ def test_worst_case_loss_is_the_ce_of_the_negated_margin_bounds():
 
 
 def test_crown_ibp_mixes_crown_and_interval_margins_by_beta(digits):
-    torch.manual_seed(0)
-    model = ModelSpec("cnn-cert-small").build(digits)
+    model = _model(digits)
     x, y = _batch(digits, 16)
     net = parse_network(model, x)
     inset = InputSet.make(x, Norm.LINF, torch.full((16,), 0.05))
@@ -84,8 +88,7 @@ def test_crown_ibp_mixes_crown_and_interval_margins_by_beta(digits):
 
 @pytest.mark.parametrize("name", ["ibp", "crown-ibp"])
 def test_training_steps_lower_the_robust_loss(name, digits):
-    torch.manual_seed(0)
-    model = ModelSpec("cnn-cert-small").build(digits)
+    model = _model(digits)
     x, y = _batch(digits)
     d = create_defense(name, eps=0.05)
     state = TrainState(epoch=20, step=200, extra={"steps_per_epoch": 10})
@@ -102,8 +105,7 @@ def test_training_steps_lower_the_robust_loss(name, digits):
 
 def test_a_short_run_through_the_training_loop_ramps_eps_and_certifies(digits):
     d = create_defense("ibp", eps=0.05, epochs=4, warmup_epochs=1, ramp_epochs=2, batch_size=64, lr=3e-3)
-    torch.manual_seed(0)
-    model = ModelSpec("cnn-cert-small").build(digits)
+    model = _model(digits)
     log = d.fit(model, digits, progress=False).epochs
     # the value at each epoch's last step: the ramp is linear per step
     assert [r.metrics["eps"] for r in log] == pytest.approx([0.0, 0.025, 0.05, 0.05], abs=2e-3)
