@@ -167,9 +167,10 @@ class Square(EvasionAttack):
             values = xs + self.eps * _signs((draws, n, c, 1, 1), gen, x.dtype).to(x.device)
             tries = torch.where(mask, values, xb).clamp(0.0, 1.0)  # [draws, n, c, h, w]
             moved = (tries - xb).flatten(2).abs().amax(dim=2) >= 1e-7  # [draws, n]
-            first = torch.where(moved.any(0), moved.float().argmax(0), draws - 1)
+            found = moved.any(0)
+            first = torch.where(found, moved.float().argmax(0), draws - 1)
             cand[todo] = tries[first, torch.arange(n, device=x.device)]
-            todo = todo[~moved.any(0)]
+            todo = todo[~found]
             if todo.numel() == 0:
                 break
         return cand
