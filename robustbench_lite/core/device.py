@@ -10,6 +10,9 @@
   (on the CPU it more than halves the forward time of pooled conv nets, whose NCHW max-pool
   kernels are slow, and changes no prediction beyond float rounding), for training on CUDA only
   (so CPU-trained weights stay bit-identical to the contiguous-layout runs);
+- on the CPU, the model's attack passes in cache-sized chunks (:class:`Chunked`): a pass over a
+  few dozen small images keeps its activations in cache where one over hundreds spills them to
+  memory, and the outputs and input gradients are the same numbers;
 - pinned host memory for copies, on CUDA only;
 - ``torch.backends.cudnn.benchmark`` switched on during training on CUDA (and restored after).
 
@@ -24,7 +27,7 @@ import functools
 import logging
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import TypeVar
+from typing import ClassVar, TypeVar
 
 import torch
 from torch import Tensor, nn
@@ -35,6 +38,7 @@ F = TypeVar("F", bound=Callable)
 AUTOCAST_CHOICES = ("auto", "off", "bf16", "fp16")
 STAGES = ("train", "attack", "eval")
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+CPU_CHUNK_BYTES = 4 << 20  # the largest activation of one chunk: a few times a core's L2 cache
 
 
 def resolve_device(spec: str | torch.device = "auto") -> torch.device:
@@ -72,6 +76,7 @@ class DevicePolicy:
     train_channels_last: bool = False  # layout while training
     pin_memory: bool = False
     cudnn_benchmark: bool = False
+    chunk_bytes: int | None = None  # run attack passes in chunks of about this much activation (None: whole)
 
     @property
     def is_cuda(self) -> bool:
@@ -112,6 +117,10 @@ class DevicePolicy:
             out = out.contiguous(memory_format=self.layout(training))
         return out
 
+    def chunked(self, model: nn.Module) -> nn.Module:
+        """``model`` as attacks should call it: in :class:`Chunked` passes when the policy says so."""
+        return model if self.chunk_bytes is None else Chunked(model, self.chunk_bytes)
+
     @contextlib.contextmanager
     def training(self) -> Iterator[None]:
         """The training context: ``cudnn.benchmark`` on when the policy says so (restored after)."""
@@ -140,7 +149,7 @@ class DevicePolicy:
             "device": str(self.device), "train_dtype": name(self.train_dtype), "attack_dtype": name(self.attack_dtype),
             "eval_dtype": name(self.eval_dtype), "channels_last": self.channels_last,
             "train_channels_last": self.train_channels_last, "pin_memory": self.pin_memory,
-            "cudnn_benchmark": self.cudnn_benchmark,
+            "cudnn_benchmark": self.cudnn_benchmark, "chunk_bytes": self.chunk_bytes,
         }
 
 
@@ -168,6 +177,7 @@ def decide_policy(
     return DevicePolicy(
         device=device, train_dtype=dtype, attack_dtype=dtype, eval_dtype=dtype if autocast_eval else None,
         channels_last=True, train_channels_last=cuda, pin_memory=cuda, cudnn_benchmark=cuda,
+        chunk_bytes=None if cuda else CPU_CHUNK_BYTES,
     )
 
 
@@ -176,6 +186,62 @@ def make_policy(device: str | torch.device = "auto", autocast: str = "auto", aut
     dev = resolve_device(device)
     bf16 = dev.type == "cuda" and torch.cuda.is_bf16_supported()
     return decide_policy(dev, autocast, autocast_eval, bf16_supported=bf16)
+
+
+class Chunked(nn.Module):
+    """``model`` run on a batch in chunks of rows, the outputs concatenated.
+
+    On a CPU a forward and backward pass over a few dozen small images keeps each layer's
+    activations in cache, where one pass over hundreds of images spills them to memory and waits
+    on it: the same work in less time.  A chunk holds as many rows as fit ``chunk_bytes`` of the
+    model's largest activation, measured once on the first call (one sample through forward hooks
+    on the leaf modules, with the random-number state restored afterwards, so a randomized model
+    draws what it would have drawn).  A model in eval mode computes each sample alone, so the
+    logits and input gradients are the numbers one pass gives; autograd differentiates through
+    the concatenation.  An output that is not a tensor is left to the caller's checks: the model
+    then runs on the whole batch."""
+
+    same_function: ClassVar[bool] = True
+
+    def __init__(self, model: nn.Module, chunk_bytes: int) -> None:
+        super().__init__()
+        if not isinstance(chunk_bytes, int) or chunk_bytes < 1:
+            raise ValueError(f"chunk_bytes must be a positive int, got {chunk_bytes!r}")
+        self.model = model
+        self.chunk_bytes = chunk_bytes
+        self.rows: int | None = None
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.rows is None:
+            self.rows = max(1, self.chunk_bytes // largest_activation_bytes(self.model, x[:1]))
+        if x.shape[0] <= self.rows:
+            return self.model(x)
+        parts = x.split(self.rows)
+        first = self.model(parts[0])
+        if not isinstance(first, Tensor):
+            return self.model(x)
+        return torch.cat([first, *(self.model(p) for p in parts[1:])])
+
+
+def largest_activation_bytes(model: nn.Module, sample: Tensor) -> int:
+    """Bytes of the largest tensor a leaf module of ``model`` outputs for ``sample`` (or of
+    ``sample`` itself, when larger), from one pass without gradients; the CPU random-number state
+    is restored after it."""
+    sizes = [sample.numel() * sample.element_size()]
+
+    def hook(_module: nn.Module, _inputs: object, out: object) -> None:
+        if isinstance(out, Tensor):
+            sizes.append(out.numel() * out.element_size())
+
+    leaves = [m for m in model.modules() if next(m.children(), None) is None]
+    handles = [m.register_forward_hook(hook) for m in leaves]
+    try:
+        with torch.random.fork_rng(devices=[]), torch.no_grad():
+            model(sample)
+    finally:
+        for h in handles:
+            h.remove()
+    return max(sizes)
 
 
 def as_policy(device: DevicePolicy | str | torch.device) -> DevicePolicy:

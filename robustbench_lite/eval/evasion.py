@@ -187,8 +187,11 @@ def run_attack(
 
     ``attack_model`` (e.g. a BPDA/EOT wrapper of ``model``) is what the attack sees; the
     adversarial points are always judged on ``model``.  ``policy`` (default: float32 on
-    ``device``) moves the batches and sets the attack's and the judging's autocast."""
+    ``device``) moves the batches, sets the attack's and the judging's autocast, and says whether
+    both see the model in chunked passes (:class:`~robustbench_lite.core.device.Chunked`)."""
     policy = policy if policy is not None else as_policy(device)
+    judge = policy.chunked(model)
+    seen = judge if attack_model is None else policy.chunked(attack_model)
     robust = torch.zeros(len(split), dtype=torch.bool)
     idx = attack_mask.nonzero().flatten()
     gen = torch.Generator(device=device).manual_seed(attack.seed)
@@ -198,10 +201,10 @@ def run_attack(
         sel = idx[i : i + batch_size]
         x, y = policy.batch_to(split.x[sel]), policy.batch_to(split.y[sel])
         with policy.autocast("attack"):
-            out = attack.run(attack_model if attack_model is not None else model, x, y, gen)
+            out = attack.run(seen, x, y, gen)
         t0 = time.perf_counter()
         with torch.no_grad(), policy.autocast("eval"):
-            pred = model(out.x_adv).argmax(1)
+            pred = judge(out.x_adv).argmax(1)
         seconds += out.seconds + (time.perf_counter() - t0)
         grads += out.grad_evals
         fwds += out.forward_evals + len(sel)

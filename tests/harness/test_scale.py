@@ -13,10 +13,27 @@ import threading
 import pandas as pd
 import pytest
 import torch
+from torch import nn
 
-from robustbench_lite import ModelCache, ModelSpec, create_attack, create_defense, evaluate, train_or_load
+from robustbench_lite import (
+    ModelCache,
+    ModelSpec,
+    create_attack,
+    create_defense,
+    create_model,
+    evaluate,
+    train_or_load,
+)
 from robustbench_lite.cli import build_parser, main
-from robustbench_lite.core.device import DevicePolicy, decide_policy, halving_on_oom, make_policy
+from robustbench_lite.core.device import (
+    CPU_CHUNK_BYTES,
+    Chunked,
+    DevicePolicy,
+    decide_policy,
+    halving_on_oom,
+    largest_activation_bytes,
+    make_policy,
+)
 from robustbench_lite.harness import autotune
 from robustbench_lite.harness.plan import Plan
 from robustbench_lite.harness.presets import get_preset
@@ -36,6 +53,7 @@ def test_policy_on_cpu_is_plain_float32_unless_asked():
     assert (p.train_dtype, p.attack_dtype, p.eval_dtype) == (None, None, None)
     assert not (p.train_channels_last or p.pin_memory or p.cudnn_benchmark)
     assert p.channels_last  # evaluation runs channels_last everywhere: a layout, not a precision
+    assert p.chunk_bytes == CPU_CHUNK_BYTES  # attack passes in cache-sized chunks
     asked = decide_policy(CPU, "bf16", autocast_eval=True)
     assert asked.train_dtype == asked.attack_dtype == asked.eval_dtype == torch.bfloat16
     assert make_policy("cpu") == p
@@ -45,12 +63,65 @@ def test_policy_on_cuda_autocasts_training_and_attacks_but_not_evaluation_by_def
     bf = decide_policy(CUDA, "auto", bf16_supported=True)
     assert bf.train_dtype == bf.attack_dtype == torch.bfloat16 and bf.eval_dtype is None
     assert bf.channels_last and bf.train_channels_last and bf.pin_memory and bf.cudnn_benchmark
+    assert bf.chunk_bytes is None and bf.chunked(nn.Identity()).__class__ is nn.Identity  # whole batches on a GPU
     fp = decide_policy(CUDA, "auto", bf16_supported=False)
     assert fp.train_dtype == torch.float16 and fp.eval_dtype is None
     assert decide_policy(CUDA, "auto", True, bf16_supported=True).eval_dtype == torch.bfloat16
     off = decide_policy(CUDA, "off")
     assert off.train_dtype is None and off.channels_last  # precision and layout are separate choices
     assert bf.precision_tag() == "bfloat16" and off.precision_tag() is None
+
+
+def test_chunked_passes_give_the_logits_and_input_gradients_of_one_pass():
+    """Chunks hold as many rows as fit the byte budget of the largest activation (small-cnn on
+    28x28: 32 maps of 28x28 floats); the numbers are exactly those of one pass over the batch."""
+    torch.manual_seed(0)
+    model = create_model("small-cnn", (1, 28, 28), 10).eval().to(memory_format=torch.channels_last)
+    x = torch.rand(100, 1, 28, 28).contiguous(memory_format=torch.channels_last)
+    y = torch.randint(0, 10, (100,))
+    chunked = DevicePolicy(CPU, channels_last=True, chunk_bytes=CPU_CHUNK_BYTES).chunked(model)
+    assert isinstance(chunked, Chunked)
+    results = []
+    for net in (model, chunked):
+        xx = x.clone().requires_grad_(True)
+        logits = net(xx)
+        (grad,) = torch.autograd.grad(torch.nn.functional.cross_entropy(logits, y), xx)
+        results.append((logits, grad))
+    assert chunked.rows == CPU_CHUNK_BYTES // (32 * 28 * 28 * 4) < 100  # it did split the batch
+    assert torch.equal(results[0][0], results[1][0]) and torch.equal(results[0][1], results[1][1])
+    with pytest.raises(ValueError, match="chunk_bytes"):
+        Chunked(model, 0)
+
+
+def test_chunk_measurement_leaves_a_randomized_models_draws_alone():
+    class Noisy(nn.Module):
+        def forward(self, x):
+            return x.flatten(1)[:, :3] + torch.randn(x.shape[0], 3)
+
+    sample = torch.rand(1, 1, 4, 4)
+    before = torch.get_rng_state()
+    assert largest_activation_bytes(Noisy(), sample) == 16 * 4  # the input is the largest
+    assert torch.equal(torch.get_rng_state(), before)
+
+
+def test_chunked_hands_non_tensor_outputs_to_the_callers_checks():
+    class Pair(nn.Module):
+        def forward(self, x):
+            return x.flatten(1), x.flatten(1)
+
+    out = Chunked(Pair(), 64)(torch.rand(10, 1, 4, 4))  # 4 rows a chunk
+    assert isinstance(out, tuple) and out[0].shape == (10, 16)
+
+
+def test_evaluate_gives_the_same_records_with_and_without_chunked_passes(fmnist_model, fmnist):
+    attacks = [create_attack("fgsm", eps=0.1), create_attack("pgd", eps=0.1, steps=5),
+               create_attack("square", eps=0.1, queries=60, p_init=0.3)]
+    runs = [evaluate(copy.deepcopy(fmnist_model), attacks, fmnist.test, n=120, probe_iterations=False, adaptive=False,
+                     policy=dataclasses.replace(make_policy("cpu"), chunk_bytes=chunk))
+            for chunk in (None, 1 << 19)]  # 5 rows a chunk
+    for a, b in zip(runs[0].records, runs[1].records, strict=True):
+        assert torch.equal(a.robust, b.robust), a.attack.name
+        assert (a.grad_evals, a.forward_evals) == (b.grad_evals, b.forward_evals)
 
 
 def test_policy_rejects_bad_flags_naming_the_fix():
