@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import gzip
 import struct
 
@@ -148,6 +149,29 @@ def test_small_cnn_has_about_0_4m_parameters():
     n = sum(p.numel() for p in m.parameters())
     assert 350_000 < n < 450_000
     assert m(torch.rand(2, 1, 28, 28)).shape == (2, 10)
+
+
+def test_small_cnn_pools_before_relu_with_the_same_numbers_as_relu_then_pool():
+    """The default small-cnn runs max pooling before ReLU (cheaper); its logits, input gradients
+    and parameter gradients equal the conv-ReLU-pool order's exactly, and the names of its
+    parameters are the same."""
+    torch.manual_seed(0)
+    model = create_model("small-cnn", (1, 28, 28), 10)
+    assert [type(m).__name__ for m in model[:3]] == ["Conv2d", "MaxPool2d", "ReLU"]
+    usual = copy.deepcopy(model)
+    usual[1], usual[2], usual[4], usual[5] = model[2], model[1], model[5], model[4]
+    x = torch.rand(64, 1, 28, 28)
+    x[:8] = 0.0  # windows of equal values: ties in the pooling
+    y = torch.randint(0, 10, (64,))
+    numbers = []
+    for net in (model, usual):
+        xx = x.clone().requires_grad_(True)
+        loss = torch.nn.functional.cross_entropy(net(xx), y)
+        numbers.append((net(x), *torch.autograd.grad(loss, [xx, *net.parameters()])))
+    assert all(torch.equal(a, b) for a, b in zip(*numbers, strict=True))
+    assert list(dict(model.named_parameters())) == list(dict(usual.named_parameters()))
+    smooth = create_model("small-cnn", (1, 28, 28), 10, activation="elu", pool="avg")
+    assert [type(m).__name__ for m in smooth[:3]] == ["Conv2d", "ELU", "AvgPool2d"]  # they do not commute
 
 
 @pytest.mark.parametrize("name", ["small-cnn", "mlp", "one-hidden-relu", "timm:resnet10t"])
