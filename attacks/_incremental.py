@@ -1,8 +1,9 @@
-"""Exact incremental evaluation of one-pixel candidates on convolutional ``nn.Sequential`` models.
+"""Exact incremental evaluation of one-pixel and square-window candidates on convolutional
+``nn.Sequential`` models.
 
-Changing one input pixel changes a conv net's feature maps only inside that pixel's receptive
-field: with "same"-padded stride-1 convolutions, element-wise layers and non-overlapping pooling,
-the changed region of each map is a small box around the pixel.  :class:`BoxScorer` keeps the
+Changing one input pixel (or an ``s x s`` window of them) changes a conv net's feature maps only
+inside its receptive field: with "same"-padded stride-1 convolutions, element-wise layers and
+non-overlapping pooling, the changed region of each map is a small box around the pixel.  :class:`BoxScorer` keeps the
 clean image's activations at every stage and, per candidate, recomputes only the box of each
 stage from the layer's input window (the clean activations there with the previous stage's box
 pasted in; positions outside the map are zeroed before a convolution, exactly as its zero padding
@@ -67,12 +68,13 @@ def _classify(m: nn.Module) -> _Layer | None:
     return None
 
 
-def _box_plan(size: int, layers: list[_Layer]) -> tuple[list[int], list[Tensor], list[int]]:
+def _box_plan(size: int, layers: list[_Layer], side: int = 1) -> tuple[list[int], list[Tensor], list[int]]:
     """Per axis: for every stage (0 = input, l + 1 = after layer l) the length of the box that
-    holds every changed position and its start for each input position; and each map's size.
-    Each box is propagated from the previous *box*, so a layer's input window always holds it."""
-    starts = [torch.arange(size)]
-    lengths, sizes = [1], [size]
+    holds every changed position and its start for each start of the changed input window (of
+    ``side`` positions); and each map's size.  Each box is propagated from the previous *box*, so
+    a layer's input window always holds it."""
+    starts = [torch.arange(size - side + 1)]
+    lengths, sizes = [side], [size]
     for layer in layers:
         s, n, m = starts[-1], lengths[-1], sizes[-1]
         if layer.role == "conv":
@@ -90,42 +92,79 @@ def _box_plan(size: int, layers: list[_Layer]) -> tuple[list[int], list[Tensor],
 
 
 class BoxScorer:
-    """Logits of one-pixel variants of a batch of images, recomputing only the changed boxes.
+    """Logits of one-pixel or square-window variants of a batch of base images, recomputing only
+    the changed boxes.
 
-    The clean activations of every stage are kept; a layer's output box is computed from its
-    input window = the clean activations there with the previous stage's (recomputed) box
-    pasted in.  For the small-cnn on 28x28 images the boxes are 1, 3, 3, 2, 4, 4, 3 wide.
+    The base images' activations of every stage are kept; a layer's output box is computed from
+    its input window = the base activations there with the previous stage's (recomputed) box
+    pasted in.  For the small-cnn on 28x28 images a one-pixel change gives boxes 1, 3, 3, 2, 4, 4,
+    3 wide.  :meth:`rebase` replaces some base images (a search that moves on), recomputing their
+    activations in full.
     """
 
     def __init__(self, model: nn.Sequential, layers: list[_Layer], x: Tensor) -> None:
         self.layers = layers
         self.rest = model[len(layers):]
-        with torch.no_grad():
-            acts = [x]
-            for layer in layers:
-                acts.append(layer.module(acts[-1]))
-        self.base = acts[-1]
-        self.acts = [a.permute(0, 2, 3, 1).contiguous() for a in acts]  # [B, H, W, C]: gathers copy C-vectors
-        dev = x.device
-        self.plans = []
-        for size in x.shape[2:]:
-            lengths, starts, sizes = _box_plan(size, layers)
-            self.plans.append((lengths, [t.to(dev) for t in starts], sizes))
+        self.shape = tuple(x.shape[1:])
         self.head: tuple[nn.Linear, nn.Module] | None = None
         if len(self.rest) >= 2 and isinstance(self.rest[0], nn.Flatten) and isinstance(self.rest[1], nn.Linear):
-            linear = self.rest[1]
-            with torch.no_grad():
-                self.base_pre = linear(self.base.flatten(1))
-            self.weight4 = linear.weight.view(linear.out_features, *self.base.shape[1:])
-            self.head = (linear, self.rest[2:])
-            self._weights: dict[int, Tensor] = {}
+            self.head = (self.rest[1], self.rest[2:])
+        acts, self.base, self.base_pre = self._stages(x)
+        # [B, H, W, C] (gathers copy C-vectors), always copies: rebase writes into them
+        self.acts = [a.permute(0, 2, 3, 1).clone(memory_format=torch.contiguous_format) for a in acts]
+        if self.head is not None:  # the first dense layer's weights, rows in the [H, W, C] order of self.acts
+            w4 = self.head[0].weight.view(self.head[0].out_features, *self.base.shape[1:])
+            self.weight_hwc = w4.permute(2, 3, 1, 0).reshape(-1, w4.shape[0]).contiguous()
+        self._plans: dict[int, list[tuple[list[int], list[Tensor], list[int]]]] = {}
+        self.device = x.device
+
+    @torch.no_grad()
+    def _stages(self, x: Tensor) -> tuple[list[Tensor], Tensor, Tensor | None]:
+        """Every stage's activations of ``x``, the last one, and the first dense layer's output."""
+        acts = [x]
+        for layer in self.layers:
+            acts.append(layer.module(acts[-1]))
+        pre = self.head[0](acts[-1].flatten(1)) if self.head is not None else None
+        return acts, acts[-1], pre
+
+    @torch.no_grad()
+    def rebase(self, img: Tensor, x: Tensor) -> Tensor:
+        """Make ``x`` [K, C, H, W] the base images ``img`` [K]; returns their logits (a full pass)."""
+        acts, last, pre = self._stages(x)
+        for stored, a in zip(self.acts, acts, strict=True):
+            stored[img] = a.permute(0, 2, 3, 1)
+        self.base[img] = last
+        if self.head is None:
+            return self.rest(last)
+        self.base_pre[img] = pre
+        return self.head[1](pre)
+
+    def plan(self, side: int) -> list[tuple[list[int], list[Tensor], list[int]]]:
+        """The box plans (rows, columns) of a changed ``side x side`` window."""
+        if side not in self._plans:
+            self._plans[side] = []
+            for size in self.shape[1:]:
+                lengths, starts, sizes = _box_plan(size, self.layers, side)
+                self._plans[side].append((lengths, [t.to(self.device) for t in starts], sizes))
+        return self._plans[side]
+
+    def final_box_share(self, side: int) -> float:
+        """The share of the last spatial map a ``side x side`` window can change: near 1, a full
+        pass is as cheap."""
+        (len_r, _, size_r), (len_c, _, size_c) = self.plan(side)
+        return len_r[-1] * len_c[-1] / (size_r[-1] * size_c[-1])
 
     def logits(self, img: Tensor, rows: Tensor, cols: Tensor, values: Tensor) -> Tensor:
         """Logits of ``x[img]`` with pixel ``(rows, cols)`` set to ``values`` [N, C]; all [N]."""
-        (len_r, st_r, size_r), (len_c, st_c, size_c) = self.plans
+        return self.window_logits(img, rows, cols, values.view(len(img), 1, 1, -1))
+
+    def window_logits(self, img: Tensor, rows: Tensor, cols: Tensor, window: Tensor) -> Tensor:
+        """Logits of base image ``img`` with the ``s x s`` window at corner ``(rows, cols)`` set to
+        ``window`` [N, s, s, C] (channels last); ``img``, ``rows``, ``cols`` are [N]."""
+        (len_r, st_r, size_r), (len_c, st_c, size_c) = self.plan(window.shape[1])
         dev = img.device
         n = torch.arange(len(img), device=dev).view(-1, 1, 1)
-        box = values.view(len(img), 1, 1, -1)  # stage 0: the pixel itself; boxes are [N, h, w, C]
+        box = window  # stage 0: the window itself; boxes are [N, h, w, C]
         for i, layer in enumerate(self.layers):
             if layer.role == "elem":
                 box = layer.module(box.permute(0, 3, 1, 2)).permute(0, 2, 3, 1)
@@ -171,21 +210,16 @@ class BoxScorer:
         return self.rest(feats.permute(0, 3, 1, 2))
 
     def _head_logits(self, img: Tensor, box: Tensor, s_r: Tensor, s_c: Tensor) -> Tensor:
-        """The first Linear after Flatten, as the clean pre-activation plus the box's change."""
+        """The first Linear after Flatten, as the base pre-activation plus the box's change (the
+        change scattered into a zero feature map, times the weights in that map's order)."""
         _, after = self.head
-        nr, nc = box.shape[1:3]
-        width = self.base.shape[3]
-        pre = self.base_pre[img].clone()
-        key = s_r * width + s_c
-        for k in torch.unique(key).tolist():  # one small matmul per box position
-            sel = (key == k).nonzero().flatten()
-            r0, c0 = divmod(k, width)
-            if k not in self._weights:  # the head's weights on this box, [box features (h, w, C), out]
-                w4 = self.weight4.permute(0, 2, 3, 1)[:, r0 : r0 + nr, c0 : c0 + nc, :]
-                self._weights[k] = w4.reshape(w4.shape[0], -1).t().contiguous()
-            base_box = self.acts[-1][img[sel], r0 : r0 + nr, c0 : c0 + nc]
-            pre[sel] += (box[sel] - base_box).reshape(len(sel), -1) @ self._weights[k]
-        return after(pre)
+        n, nr, nc, ch = box.shape
+        dev = box.device
+        rows = (s_r.view(-1, 1) + torch.arange(nr, device=dev))[:, :, None]
+        cols = (s_c.view(-1, 1) + torch.arange(nc, device=dev))[:, None, :]
+        change = torch.zeros(n, *self.acts[-1].shape[1:], dtype=box.dtype, device=dev)  # [N, H, W, C]
+        change[torch.arange(n, device=dev).view(-1, 1, 1), rows, cols] = box - self.acts[-1][img.view(-1, 1, 1), rows, cols]
+        return after(torch.addmm(self.base_pre[img], change.view(n, -1), self.weight_hwc))
 
 
 def _max_pool(x: Tensor, k: int) -> Tensor:

@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from robustbench_lite import EvasionAttack, Norm, register_attack, setting
+from robustbench_lite.core.attack import count_forwards, network_of
 
 from ._incremental import BoxScorer, window_scorer
 
@@ -96,8 +97,7 @@ class OnePixel(EvasionAttack):
             step = self.window_chunk
             logits = torch.cat([scorer.logits(img[i : i + step], rows[i : i + step], cols[i : i + step], flat[i : i + step, 2:])
                                 for i in range(0, b * p, step)])
-            if hasattr(model, "forwards"):
-                model.forwards += b * p
+            count_forwards(model, b * p)
             y = y[index]
         prob = logits.softmax(1).view(b, p, -1)
         labels = y.view(b, 1, 1).expand(b, p, 1)
@@ -109,7 +109,7 @@ class OnePixel(EvasionAttack):
         dev = x.device
         lows = torch.zeros(2 + c, device=dev)
         highs = torch.tensor([h - 1e-3, w - 1e-3] + [1.0] * c, device=dev)
-        scorer = window_scorer(getattr(model, "model", model), x) if self.incremental and k == 1 else None
+        scorer = window_scorer(network_of(model), x) if self.incremental and k == 1 else None
 
         def rand(shape):
             return torch.rand(shape, generator=gen, device=gen.device).to(dev)

@@ -20,6 +20,14 @@ As in the paper, a Linf proposal that would leave the image unchanged (the windo
 holds those values) is redrawn before it is queried (up to 10 times).  Points already
 misclassified are not queried again (as in the authors' code).  ``queries`` counts model
 queries per point, the initial one included.
+
+Scoring a Linf proposal: a proposal changes one window, and most of the search runs with windows
+of 1-4 pixels (the ``p`` schedule), so on a convolutional ``nn.Sequential`` (e.g. small-cnn) each
+query recomputes only the boxes of the feature maps its window can change
+(:class:`~robustbench_lite.attacks._incremental.BoxScorer`) while that is cheaper than a full pass;
+the logits are the full pass's up to float rounding.  An accepted proposal moves the scorer's
+base image on with a full pass, so the loss a point keeps is always the full pass's.  Other
+models, and L2 (two windows per step), are queried with full passes.
 """
 
 from __future__ import annotations
@@ -32,6 +40,9 @@ import torch
 from torch import Tensor
 
 from robustbench_lite import EvasionAttack, Norm, ops, register_attack, setting
+from robustbench_lite.core.attack import count_forwards, network_of
+
+from ._incremental import window_scorer
 
 HALVING_AT = (10, 50, 200, 500, 1000, 2000, 4000, 6000, 8000)  # iterations of a 10,000 budget
 
@@ -89,6 +100,27 @@ def _signs(shape: tuple[int, ...], gen: torch.Generator, dtype) -> Tensor:
 
 # per norm: the methods that start the search and propose one candidate per point
 _SEARCH = {Norm.LINF: ("_linf_init", "_linf_proposal"), Norm.L2: ("_l2_init", "_l2_step")}
+# score a window incrementally while it can change at most this share of the last feature map
+# (beyond it, a full pass costs about as much)
+INCREMENTAL_SHARE = 0.6
+
+
+@dataclass(frozen=True)
+class Window:
+    """A Linf proposal: per point, the ``side x side`` window at ``(rows, cols)`` gets ``values``
+    ``[n, C, side, side]``; the rest of the image stays."""
+
+    rows: Tensor
+    cols: Tensor
+    side: int
+    values: Tensor
+
+    def paste(self, x_best: Tensor) -> Tensor:
+        """The candidate images: ``x_best`` [n, C, H, W] with the windows written in."""
+        return _paste(x_best, self.values, self.rows, self.cols, self.side)
+
+    def subset(self, keep: Tensor) -> Window:
+        return Window(self.rows[keep], self.cols[keep], self.side, self.values[keep])
 
 
 @register_attack("square")
@@ -100,6 +132,7 @@ class Square(EvasionAttack):
     randomized: ClassVar[bool] = True
     queries: int = setting(1000, low=2)
     p_init: float = setting(0.05, low=0.0, high=1.0, low_open=True)
+    incremental: ClassVar[bool] = True  # score Linf windows incrementally where the network allows
 
     @property
     def grad_budget(self) -> float:
@@ -110,6 +143,7 @@ class Square(EvasionAttack):
     def _perturb(self, model, x, y, target, gen):
         init, propose = (getattr(self, name) for name in _SEARCH[self.norm])
         x_best = init(x, gen)
+        scorer = window_scorer(network_of(model), x_best) if self.incremental and self.norm is Norm.LINF else None
         loss = ops.margin(model(x_best), y)
         _, c, h, w = x.shape
         for it in range(1, self.queries):
@@ -119,11 +153,22 @@ class Square(EvasionAttack):
             xs, xb = x[todo], x_best[todo]
             p = p_schedule(self.p_init, it, self.queries)
             cand = propose(xs, xb, p, gen)
-            new = ops.margin(model(cand), y[todo])
+            if isinstance(cand, Window) and scorer is not None and scorer.final_box_share(cand.side) <= INCREMENTAL_SHARE:
+                new = ops.margin(scorer.window_logits(todo, cand.rows, cand.cols, cand.values.permute(0, 2, 3, 1)), y[todo])
+                count_forwards(model, todo.numel())
+                better = new < loss[todo]
+                keep = todo[better]
+                x_best[keep] = cand.subset(better).paste(xb[better])
+                loss[keep] = ops.margin(scorer.rebase(keep, x_best[keep]), y[keep])  # the full pass's loss
+                continue
+            images = cand.paste(xb) if isinstance(cand, Window) else cand
+            new = ops.margin(model(images), y[todo])
             better = new < loss[todo]
             keep = todo[better]
-            x_best[keep] = cand[better]
+            x_best[keep] = images[better]
             loss[keep] = new[better]
+            if scorer is not None and keep.numel():
+                scorer.rebase(keep, x_best[keep])
         return x_best
 
     # -- initialisation --------------------------------------------------------------------------
@@ -148,32 +193,37 @@ class Square(EvasionAttack):
         return (x + delta).clamp(0.0, 1.0)
 
     # -- one candidate per point -----------------------------------------------------------------
-    def _linf_proposal(self, x: Tensor, x_best: Tensor, p: float, gen: torch.Generator) -> Tensor:
+    def _linf_proposal(self, x: Tensor, x_best: Tensor, p: float, gen: torch.Generator) -> Window:
         """A Linf step, redrawn (up to 10 times) where it would change nothing and waste a query.
 
-        The draws are made in rounds of several per point at once; each point takes its first
-        draw that changes the image, so the candidate has the distribution of drawing one at a
-        time until one does."""
+        The draws are made in rounds of several per point at once, on the windows only; each
+        point takes its first draw that changes the image, so the proposal has the distribution
+        of drawing one at a time until one does."""
         b, c, h, w = x.shape
         s = square_side(p, h, w)
-        cand = torch.empty_like(x_best)
-        todo = torch.arange(b, device=x.device)
+        dev = x.device
+        rows_out = torch.zeros(b, dtype=torch.long, device=dev)
+        cols_out = torch.zeros(b, dtype=torch.long, device=dev)
+        values_out = torch.empty(b, c, s, s, dtype=x.dtype, device=dev)
+        todo = torch.arange(b, device=dev)
         for draws in (4, 6):  # 10 draws at most, as in the paper's code
-            xs, xb = x[todo], x_best[todo]
             n = todo.numel()
-            rows = _randint(h - s + 1, n * draws, gen).to(x.device)
-            cols = _randint(w - s + 1, n * draws, gen).to(x.device)
-            mask = window_mask(rows, cols, s, h, w).view(draws, n, 1, h, w)
-            values = xs + self.eps * _signs((draws, n, c, 1, 1), gen, x.dtype).to(x.device)
-            tries = torch.where(mask, values, xb).clamp(0.0, 1.0)  # [draws, n, c, h, w]
-            moved = (tries - xb).flatten(2).abs().amax(dim=2) >= 1e-7  # [draws, n]
+            rows = _randint(h - s + 1, n * draws, gen).to(dev)
+            cols = _randint(w - s + 1, n * draws, gen).to(dev)
+            signs = _signs((draws, n, c, 1, 1), gen, x.dtype).to(dev)
+            point = todo.repeat(draws)  # draw-major, as rows and cols
+            values = (_crop(x[point], rows, cols, s).view(draws, n, c, s, s) + self.eps * signs).clamp(0.0, 1.0)
+            old = _crop(x_best[point], rows, cols, s).view(draws, n, c, s, s)
+            moved = (values - old).flatten(2).abs().amax(dim=2) >= 1e-7  # [draws, n]
             found = moved.any(0)
             first = torch.where(found, moved.float().argmax(0), draws - 1)
-            cand[todo] = tries[first, torch.arange(n, device=x.device)]
+            pick = first * n + torch.arange(n, device=dev)
+            rows_out[todo], cols_out[todo] = rows[pick], cols[pick]
+            values_out[todo] = values.view(draws * n, c, s, s)[pick]
             todo = todo[~found]
             if todo.numel() == 0:
                 break
-        return cand
+        return Window(rows_out, cols_out, s, values_out)
 
     def _l2_step(self, x: Tensor, x_best: Tensor, p: float, gen: torch.Generator) -> Tensor:
         b, c, h, w = x.shape

@@ -57,6 +57,23 @@ class AttackOutput:
     distances: Tensor | None = None  # min-norm attacks: smallest adversarial distance per point (inf: none)
 
 
+def network_of(model: nn.Module) -> nn.Module:
+    """The network inside the wrappers that compute the very same function (the attack's
+    counter, chunked passes: those with a true ``same_function`` attribute): what a plugin that
+    exploits a network's structure inspects.  Wrappers that change the function (BPDA, EOT,
+    rescaling) stay."""
+    while getattr(model, "same_function", False):
+        model = model.model
+    return model
+
+
+def count_forwards(model: nn.Module, images: int) -> None:
+    """Count ``images`` forward passes a plugin computed without calling ``model`` (e.g. by
+    incremental scoring of the network inside it); a no-op for a model that does not count."""
+    if isinstance(model, _Counter):
+        model.forwards += images * model.passes
+
+
 class _Counter(nn.Module):
     """Wraps a model and counts forward passes and input-gradient evaluations per image.
 
@@ -65,6 +82,8 @@ class _Counter(nn.Module):
     The first output is checked: logits ``(batch, classes)`` with a logit for every label
     (``labels``: the largest label + 1), so a label out of range or a model with the wrong output
     shape fails with a message instead of deep inside a loss."""
+
+    same_function: ClassVar[bool] = True
 
     def __init__(self, model: nn.Module, labels: int = 0) -> None:
         super().__init__()

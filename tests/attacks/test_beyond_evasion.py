@@ -245,6 +245,39 @@ def test_window_scorer_gives_the_full_models_logits(shape):
         assert (got - model(x[img])).abs().max() > 1e-3  # the candidates do change the logits
 
 
+@pytest.mark.parametrize("side", [1, 2, 3, 5])
+def test_window_scorer_scores_square_windows_and_moves_its_bases(side):
+    """A ``side x side`` window at any corner gives the full model's logits, before and after some
+    base images are replaced (``rebase``, whose own logits are a full pass's)."""
+    from robustbench_lite.attacks._incremental import window_scorer
+
+    from robustbench_lite.core.models import create_model
+
+    torch.manual_seed(side)
+    model = create_model("small-cnn", (1, 28, 28), 10).eval()
+    x = torch.rand(6, 1, 28, 28)
+    scorer = window_scorer(model, x)
+    n = 200
+    img = torch.randint(0, 6, (n,))
+    rows, cols = torch.randint(0, 28 - side + 1, (n,)), torch.randint(0, 28 - side + 1, (n,))
+    rows[:2], cols[:2] = torch.tensor([0, 28 - side]), torch.tensor([28 - side, 0])
+    window = torch.rand(n, side, side, 1)
+    for moved in (False, True):
+        if moved:
+            new = torch.rand(3, 1, 28, 28)
+            with torch.no_grad():
+                assert torch.allclose(scorer.rebase(torch.tensor([0, 2, 5]), new), model(new), atol=1e-5)
+            x = x.clone()
+            x[[0, 2, 5]] = new
+        full = x[img].clone()
+        for i in range(n):
+            full[i, :, rows[i] : rows[i] + side, cols[i] : cols[i] + side] = window[i].permute(2, 0, 1)
+        with torch.no_grad():
+            got, want = scorer.window_logits(img, rows, cols, window), model(full)
+        assert torch.allclose(got, want, atol=1e-5), float((got - want).abs().max())
+    assert 0 < scorer.final_box_share(1) < scorer.final_box_share(8) <= 1
+
+
 def test_window_scorer_declines_models_it_cannot_window():
     from robustbench_lite.attacks._incremental import window_scorer
     from torch import nn

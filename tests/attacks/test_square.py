@@ -82,3 +82,65 @@ def test_square_linf_comes_close_to_pgd_on_digits(digits_model, digits):
     sq = acc(create_attack("square", eps=0.1, queries=1000))
     pgd = acc(create_attack("pgd", eps=0.1, steps=40))
     assert sq <= pgd + 0.05, (sq, pgd)
+
+
+def test_linf_proposals_change_one_window_to_x_plus_or_minus_eps():
+    att = create_attack("square", eps=0.1)
+    gen = torch.Generator().manual_seed(0)
+    x = torch.rand(32, 1, 12, 12)
+    xb = att._linf_init(x, gen)
+    for p in (0.3, 0.05, 0.005):
+        w = att._linf_proposal(x, xb, p, gen)
+        cand = w.paste(xb)
+        assert w.side == square_mod.square_side(p, 12, 12) and w.values.shape == (32, 1, w.side, w.side)
+        inside = square_mod.window_mask(w.rows, w.cols, w.side, 12, 12)
+        assert torch.equal(cand[~inside.expand_as(cand)], xb[~inside.expand_as(xb)])  # the rest stays
+        win = cand[inside.expand_as(cand)]
+        xs = x[inside.expand_as(x)]
+        up, down = (xs + 0.1).clamp(0, 1), (xs - 0.1).clamp(0, 1)
+        assert torch.all(torch.isclose(win, up) | torch.isclose(win, down))
+        assert ((cand - xb).flatten(1).abs().amax(1) > 0).all()  # every proposal changes its image
+
+
+def test_square_scores_windows_incrementally_with_the_full_passes_numbers(fmnist_model, fmnist, monkeypatch):
+    """On a small-cnn (28x28 images) the Linf search scores its small windows with the box scorer; every score
+    it uses equals the full model's logits on the candidate image (base images moved on correctly
+    as proposals are accepted), and the search ends where a full-pass search ends to within a
+    point or two (float rounding can steer a random search differently)."""
+    from robustbench_lite.attacks import _incremental
+
+    x, y = fmnist.test.x[:60], fmnist.test.y[:60]
+    checked = []
+    scorers = []
+    plain_scorer = _incremental.window_scorer
+    plain_logits = _incremental.BoxScorer.window_logits
+
+    def spy_scorer(model, images):
+        scorers.append(plain_scorer(model, images))
+        return scorers[-1]
+
+    def checked_logits(self, img, rows, cols, window):
+        got = plain_logits(self, img, rows, cols, window)
+        base = self.acts[0][img].permute(0, 3, 1, 2)
+        cand = square_mod._paste(base, window.permute(0, 3, 1, 2), rows, cols, window.shape[1])
+        with torch.no_grad():
+            assert torch.allclose(got, fmnist_model(cand), atol=1e-4)
+        checked.append(len(img))
+        return got
+
+    monkeypatch.setattr(square_mod, "window_scorer", spy_scorer)
+    monkeypatch.setattr(_incremental.BoxScorer, "window_logits", checked_logits)
+    att = create_attack("square", eps=0.1, queries=300, p_init=0.3)
+    inc = att.run(fmnist_model, x, y, torch.Generator().manual_seed(0))
+    assert len(checked) > 100  # most of the 300 iterations were scored incrementally
+    survivors = (fmnist_model(inc.x_adv).argmax(1) == y)
+    base = scorers[0].acts[0].permute(0, 3, 1, 2)
+    assert torch.equal(base[survivors], inc.x_adv[survivors])  # the scorer's bases are the search's best points
+    monkeypatch.setattr(square_mod.Square, "incremental", False)
+    full = att.run(fmnist_model, x, y, torch.Generator().manual_seed(0))
+    assert len(scorers) == 1  # the full-pass run built no scorer
+    with torch.no_grad():
+        robust_inc = int((fmnist_model(inc.x_adv).argmax(1) == y).sum())
+        robust_full = int((fmnist_model(full.x_adv).argmax(1) == y).sum())
+    assert abs(robust_inc - robust_full) <= 2, (robust_inc, robust_full)
+    assert inc.forward_evals <= 300 * len(y) and full.forward_evals <= 300 * len(y)  # one query per candidate
