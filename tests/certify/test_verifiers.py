@@ -340,7 +340,8 @@ def test_crown_is_tighter_than_ibp_and_alpha_crown_than_crown_on_a_natural_netwo
     assert bool((alpha[pairs] >= crown[pairs]).all())
     assert float((alpha[pairs] - crown[pairs]).max()) > 0  # the optimisation moves the slopes
     full = create_verifier("alpha-crown", skip_certified=False).margin_bounds(model, x, y, threat)
-    assert bool((full[pairs] >= alpha[pairs]).all())  # points CROWN certifies get optimised too
+    # points CROWN certifies get optimised too (float64 rounding aside: the two runs sum in other orders)
+    assert bool((full[pairs] >= alpha[pairs] - 1e-9).all())
     assert bool((((full > 0).all(1)) == ((alpha > 0).all(1))).all())  # without changing what is certified
 
 
