@@ -154,21 +154,19 @@ class Square(EvasionAttack):
             p = p_schedule(self.p_init, it, self.queries)
             cand = propose(xs, xb, p, gen)
             if isinstance(cand, Window) and scorer is not None and scorer.final_box_share(cand.side) <= INCREMENTAL_SHARE:
-                new = ops.margin(scorer.window_logits(todo, cand.rows, cand.cols, cand.values.permute(0, 2, 3, 1)), y[todo])
+                logits = scorer.window_logits(todo, cand.rows, cand.cols, cand.values.permute(0, 2, 3, 1))
                 count_forwards(model, todo.numel())
-                better = new < loss[todo]
-                keep = todo[better]
-                x_best[keep] = cand.subset(better).paste(xb[better])
-                loss[keep] = ops.margin(scorer.rebase(keep, x_best[keep]), y[keep])  # the full pass's loss
-                continue
-            images = cand.paste(xb) if isinstance(cand, Window) else cand
-            new = ops.margin(model(images), y[todo])
+            else:
+                cand = cand.paste(xb) if isinstance(cand, Window) else cand
+                logits = model(cand)
+            new = ops.margin(logits, y[todo])
             better = new < loss[todo]
             keep = todo[better]
-            x_best[keep] = images[better]
-            loss[keep] = new[better]
-            if scorer is not None and keep.numel():
-                scorer.rebase(keep, x_best[keep])
+            x_best[keep] = cand.subset(better).paste(xb[better]) if isinstance(cand, Window) else cand[better]
+            if scorer is None:
+                loss[keep] = new[better]
+            elif keep.numel():  # the scorer's bases move on; the loss kept is the full pass's
+                loss[keep] = ops.margin(scorer.rebase(keep, x_best[keep]), y[keep])
         return x_best
 
     # -- initialisation --------------------------------------------------------------------------
