@@ -3,9 +3,9 @@
 
 Changing one input pixel (or an ``s x s`` window of them) changes a conv net's feature maps only
 inside its receptive field: with "same"-padded stride-1 convolutions, element-wise layers and
-non-overlapping pooling, the changed region of each map is a small box around the pixel.  :class:`BoxScorer` keeps the
-clean image's activations at every stage and, per candidate, recomputes only the box of each
-stage from the layer's input window (the clean activations there with the previous stage's box
+non-overlapping pooling, the changed region of each map is a small box around the pixel.
+:class:`BoxScorer` keeps the base images' activations at every stage and, per candidate, recomputes
+only the box of each stage from the layer's input window (the base activations there with the previous stage's box
 pasted in; positions outside the map are zeroed before a convolution, exactly as its zero padding
 sees them).  For the small-cnn on 28x28 images the boxes are 1, 3, 3, 2, 4, 4 and 3 positions wide
 (vs 28, 28, 28, 14, 14, 14, 7): about 0.37 M instead of 4.2 M multiply-adds per candidate.  When
@@ -109,33 +109,32 @@ class BoxScorer:
         self.head: tuple[nn.Linear, nn.Module] | None = None
         if len(self.rest) >= 2 and isinstance(self.rest[0], nn.Flatten) and isinstance(self.rest[1], nn.Linear):
             self.head = (self.rest[1], self.rest[2:])
-        acts, self.base, self.base_pre = self._stages(x)
+        acts, self.base_pre = self._stages(x)
         # [B, H, W, C] (gathers copy C-vectors), always copies: rebase writes into them
         self.acts = [a.permute(0, 2, 3, 1).clone(memory_format=torch.contiguous_format) for a in acts]
         if self.head is not None:  # the first dense layer's weights, rows in the [H, W, C] order of self.acts
-            w4 = self.head[0].weight.view(self.head[0].out_features, *self.base.shape[1:])
+            w4 = self.head[0].weight.view(self.head[0].out_features, *acts[-1].shape[1:])
             self.weight_hwc = w4.permute(2, 3, 1, 0).reshape(-1, w4.shape[0]).contiguous()
         self._plans: dict[int, list[tuple[list[int], list[Tensor], list[int]]]] = {}
         self.device = x.device
 
     @torch.no_grad()
-    def _stages(self, x: Tensor) -> tuple[list[Tensor], Tensor, Tensor | None]:
-        """Every stage's activations of ``x``, the last one, and the first dense layer's output."""
+    def _stages(self, x: Tensor) -> tuple[list[Tensor], Tensor | None]:
+        """Every stage's activations of ``x`` and the first dense layer's output."""
         acts = [x]
         for layer in self.layers:
             acts.append(layer.module(acts[-1]))
         pre = self.head[0](acts[-1].flatten(1)) if self.head is not None else None
-        return acts, acts[-1], pre
+        return acts, pre
 
     @torch.no_grad()
     def rebase(self, img: Tensor, x: Tensor) -> Tensor:
         """Make ``x`` [K, C, H, W] the base images ``img`` [K]; returns their logits (a full pass)."""
-        acts, last, pre = self._stages(x)
+        acts, pre = self._stages(x)
         for stored, a in zip(self.acts, acts, strict=True):
             stored[img] = a.permute(0, 2, 3, 1)
-        self.base[img] = last
         if self.head is None:
-            return self.rest(last)
+            return self.rest(acts[-1])
         self.base_pre[img] = pre
         return self.head[1](pre)
 

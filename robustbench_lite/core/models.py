@@ -60,6 +60,7 @@ def small_cnn(
         raise ValueError(f"small-cnn: pool must be one of {sorted(_POOLS)}, got {pool!r}")
     act, pooling = _ACTIVATIONS[activation], _POOLS[pool]
     c, h, w = input_shape
+
     def block(conv: nn.Conv2d) -> list[nn.Module]:
         return [conv, pooling(2), act()] if (activation, pool) == ("relu", "max") else [conv, act(), pooling(2)]
 
