@@ -136,6 +136,29 @@ def restart_at_best(st: dict[str, Tensor], rho: float, height: int) -> Tensor:
     return restart
 
 
+def eot_loss_grad(model: nn.Module, x: Tensor, label: Tensor, loss_fn: LossFn, draws: int = 1) -> tuple[Tensor, Tensor, Tensor]:
+    """:meth:`EvasionAttack.loss_grad` averaged over ``draws`` passes: the mean logits, loss and
+    input gradient (EOT, Athalye et al., ICML 2018, §4.3; AutoAttack's ``rand`` version averages
+    APGD's gradient over 20 passes of a randomized model).  ``draws = 1`` is one plain pass."""
+    logits, loss, grad = EvasionAttack.loss_grad(model, x, label, loss_fn)
+    for _ in range(draws - 1):
+        more = EvasionAttack.loss_grad(model, x, label, loss_fn)
+        logits, loss, grad = logits + more[0], loss + more[1], grad + more[2]
+    return (logits / draws, loss / draws, grad / draws) if draws > 1 else (logits, loss, grad)
+
+
+#: rows a batch of several targets side by side may fill (see :func:`target_group`)
+GROUP_ROWS = 256
+
+
+def target_group(points: int, left: int) -> int:
+    """How many of the ``left`` remaining targets run side by side as one batch of ``points`` rows
+    each: one at a time for a batch of more than ``GROUP_ROWS / 2`` points (each target only on
+    the points the earlier ones left, as AutoAttack runs them), several where the survivors are few
+    and a pass over them alone would cost mostly fixed overhead."""
+    return max(1, min(left, GROUP_ROWS // max(points, 1)))
+
+
 def _bdot(a: Tensor, b: Tensor) -> Tensor:
     return (a.flatten(1) * b.flatten(1)).sum(dim=1)
 
@@ -167,19 +190,21 @@ def auto_search(
     success: SuccessFn = misclassified,
     stop_on_success: bool = True,
     trace: TraceFn | None = None,
+    draws: int = 1,
 ) -> SearchResult:
     """Run APGD (``method="apgd"``) or ACG (``method="acg"``) for ``steps`` iterations.
 
     ``label`` is passed to ``loss_fn`` and ``success`` and pruned with the batch, so it may hold
     more than one column (e.g. true class and target).  Costs ``steps + 1`` gradients per point
-    at most.  ``trace`` sees every new iterate (for the diversity index).
+    at most (times ``draws``, the passes each gradient averages, :func:`eot_loss_grad`).
+    ``trace`` sees every new iterate (for the diversity index).
     """
     if method not in ("apgd", "acg"):
         raise ValueError(f"method must be 'apgd' or 'acg', got {method!r}")
     geo = norm.geometry
     b = x.shape[0]
     ckpts = checkpoints(steps)
-    logits, loss, g = EvasionAttack.loss_grad(model, x_start, label, loss_fn)
+    logits, loss, g = eot_loss_grad(model, x_start, label, loss_fn, draws)
     if trace is not None:
         trace(torch.arange(b, device=x.device), x_start)
     st = {
@@ -208,7 +233,7 @@ def auto_search(
             z = geo.project(xk + eta * geo.ascent(st["g"]), x0, eps)
             mom = xk + alpha * (z - xk) + (1 - alpha) * (xk - st["xprev"])
             x_new = torch.where(per_sample(st["fresh"], xk), z, geo.project(mom, x0, eps))
-        logits, loss, g = EvasionAttack.loss_grad(model, x_new, st["lab"], loss_fn)
+        logits, loss, g = eot_loss_grad(model, x_new, st["lab"], loss_fn, draws)
         if trace is not None:
             trace(active.idx, x_new)
         bv = track_best(st, x_new, g, loss)

@@ -42,10 +42,10 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from robustbench_lite import EvasionAttack, LossFn, Norm
+from robustbench_lite import LossFn, Norm
 from robustbench_lite.core.ops import per_sample
 
-from ._apgd import ActiveSet, SearchResult, checkpoints, restart_at_best, track_best
+from ._apgd import ActiveSet, SearchResult, checkpoints, eot_loss_grad, restart_at_best, track_best
 from ._ascent import SuccessFn, misclassified
 
 _GEO = Norm.L1.geometry
@@ -97,17 +97,18 @@ def l1_apgd_search(
     schedule: L1Schedule = L1Schedule(),  # noqa: B008 - frozen, so a shared default is safe
     success: SuccessFn = misclassified,
     stop_on_success: bool = True,
+    draws: int = 1,
 ) -> SearchResult:
     """Run l1-APGD for ``steps`` iterations from ``x_start`` (inside the L1 ball ∩ [0, 1]).
 
     ``label`` is passed to ``loss_fn`` and ``success`` and pruned with the batch (it may hold a
-    target column).  Returns the same :class:`SearchResult` as APGD's search in the other norms.
+    target column); each gradient averages ``draws`` passes (EOT).  Returns the same :class:`SearchResult` as APGD's search in the other norms.
     """
     b = x.shape[0]
     d = x[0].numel()
     ckpts = checkpoints(steps)
     eta0 = schedule.step * eps
-    logits, loss, g = EvasionAttack.loss_grad(model, x_start, label, loss_fn)
+    logits, loss, g = eot_loss_grad(model, x_start, label, loss_fn, draws)
     st = {
         "x0": x, "lab": label, "xk": x_start, "g": g, "loss": loss,
         "xmax": x_start, "fmax": loss, "gmax": g,
@@ -138,7 +139,7 @@ def l1_apgd_search(
             break
         xk = st["xk"]
         x_new = _GEO.project(xk + per_sample(st["eta"], xk) * sparse_step(st["g"], xk, st["k"]), st["x0"], eps)
-        logits, loss, g = EvasionAttack.loss_grad(model, x_new, st["lab"], loss_fn)
+        logits, loss, g = eot_loss_grad(model, x_new, st["lab"], loss_fn, draws)
         track_best(st, x_new, g, loss)
         st["xk"], st["g"], st["loss"] = x_new, g, loss
         if (it + 1) % period == 0:

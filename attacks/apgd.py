@@ -9,7 +9,13 @@ The search (checkpoints, step-size halving, momentum 0.75, best point kept) live
 * ``apgd-t-dlr``: targeted DLR ``−(Z_y − Z_t)/(Z_π1 − ½(Z_π3 + Z_π4))``, run once per target class,
   the ``n_targets`` classes with the highest clean logits other than ``y`` (AutoAttack's APGD-T),
   each on the points the earlier targets did not break.  For robust accuracy any
-  misclassification counts; ``AttackOutput.target`` is the first target tried.
+  misclassification counts; ``AttackOutput.target`` is the first target tried.  Where few points
+  are left, several targets run side by side as one batch (:func:`~._apgd.target_group`): a point is
+  broken if any of them breaks it, the same verdict in fewer, fuller passes.
+
+With ``eot > 1`` every gradient (and the loss and logits the search tracks) is the mean over
+``eot`` passes of the model: Expectation over Transformation for randomized models (Athalye et al.,
+ICML 2018, §4.3), as AutoAttack's ``rand`` version runs APGD-CE and APGD-DLR with 20 passes.
 
 Start: ``x + ε·t/‖t‖`` (``t ~ U[−1,1]`` for Linf, ``N(0, I)`` for L2); restarts run on the points
 no earlier restart broke.  Defaults: 100 iterations, 1 restart (the paper's settings per run).
@@ -30,7 +36,7 @@ import torch
 
 from robustbench_lite import EvasionAttack, LossFn, Norm, ops, register_attack, setting
 
-from ._apgd import SearchResult, auto_search
+from ._apgd import SearchResult, auto_search, target_group
 from ._apgd_l1 import l1_apgd
 
 
@@ -75,6 +81,7 @@ class APGD(EvasionAttack):
     restarts: int = setting(1, low=1)
     rho: float = setting(0.75, low=0.0, high=1.0)
     momentum: float = setting(0.75, low=0.0, high=1.0)
+    eot: int = setting(1, low=1)  # passes each gradient averages (EOT; AutoAttack's rand version: 20)
 
     loss_fn: ClassVar[LossFn] = staticmethod(ops.ce)
     norms: ClassVar[tuple[Norm, ...]] = tuple(SEARCHES)
@@ -90,7 +97,7 @@ class APGD(EvasionAttack):
 
     @property
     def grad_budget(self) -> float:
-        return float((self.steps + 1) * self.restarts)
+        return float((self.steps + 1) * self.restarts * self.eot)
 
     def _search(self, model, x, label, loss_fn, gen, success=None):
         """Restarts of the core search; returns (x_adv, found)."""
@@ -98,6 +105,8 @@ class APGD(EvasionAttack):
         found = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
         todo = torch.arange(x.shape[0], device=x.device)
         kw = {} if success is None else {"success": success}
+        if self.eot > 1:
+            kw["draws"] = self.eot
         for _ in range(self.restarts):
             xs, ls = x[todo], label[todo]
             res = SEARCHES[self.norm].run(
@@ -142,7 +151,7 @@ class APGDTargetedDLR(APGD):
 
     @property
     def grad_budget(self) -> float:
-        return float((self.steps + 1) * self.restarts * self.n_targets)
+        return float((self.steps + 1) * self.restarts * self.n_targets * self.eot)
 
     def _ranked_targets(self, model, x, y):
         logits = model(x)
@@ -161,11 +170,15 @@ class APGDTargetedDLR(APGD):
         ranked = self._ranked_targets(model, x, y)
         out = x.clone()
         todo = torch.arange(x.shape[0], device=x.device)
-        for r in range(self.n_targets):
-            label = torch.stack([y[todo], ranked[todo, r]], dim=1)
-            adv, found = self._search(model, x[todo], label, _dlr_targeted, gen, success=_not_true_class)
-            out[todo] = adv
-            todo = todo[~found]
-            if todo.numel() == 0:
-                break
+        r = 0
+        while r < self.n_targets and todo.numel():
+            g, m = target_group(todo.numel(), self.n_targets - r), todo.numel()
+            label = torch.cat([torch.stack([y[todo], ranked[todo, k]], dim=1) for k in range(r, r + g)])
+            adv, found = self._search(model, x[todo].repeat(g, 1, 1, 1), label, _dlr_targeted, gen, success=_not_true_class)
+            found = found.view(g, m)
+            hit = found.any(0)  # per point: the first target that broke it, else the group's last
+            pick = torch.where(hit, found.float().argmax(0), torch.full_like(todo, g - 1))
+            out[todo] = adv.view(g, m, *x.shape[1:])[pick, torch.arange(m, device=x.device)]
+            todo = todo[~hit]
+            r += g
         return out

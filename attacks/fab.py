@@ -13,7 +13,8 @@ lie within ``eps`` (the others are returned unchanged), so the harness reads a r
 * ``fab-t``: targeted at the ``n_targets`` classes with the highest clean logits other than ``y``
   (AutoAttack's FAB-T), one after the other: each step linearises only the boundary between ``y``
   and the target (one backward pass), so it costs about a tenth of ``fab`` per step on ten classes.
-  Any misclassification counts as success, as in AutoAttack.
+  Any misclassification counts as success, as in AutoAttack.  Where few points are left, several
+  targets run side by side as one batch (as APGD-T's, :func:`~._apgd.target_group`).
 
 Restarts (``restarts``): the first run of each target starts at ``x``; later ones at a random point
 at half of ``min(eps, the closest distance found)`` from ``x`` (the norm's own noise direction).
@@ -33,6 +34,7 @@ import torch
 
 from robustbench_lite import EvasionAttack, Norm, register_attack, setting
 
+from ._apgd import target_group
 from ._fab import fab_run
 
 #: classes ``fab``'s ordering assumes (one backward pass each): the budget of a ten-class model
@@ -52,26 +54,31 @@ class FABBase(EvasionAttack):
     beta: float = setting(0.9, low=0.0, high=1.0)
     early_stop: bool = setting(False)
 
-    def _runs(self, model, x, y, columns, best_x, best_d, gen):
-        """The restarts of one set of boundaries (``columns``: ``[B, m]`` classes) on the points
-        still worth attacking; ``best_x``/``best_d`` are updated in place."""
-        geo = self.geometry
+    def _runs(self, model, x, y, group, best_x, best_d, gen):
+        """The restarts of the boundary sets ``group`` (a list of ``[B, m]`` class columns, run side
+        by side as one batch) on the points still worth attacking; ``best_x``/``best_d`` keep each
+        point's closest adversarial over the group (updated in place)."""
+        geo, g, view = self.geometry, len(group), (-1, *([1] * (x.dim() - 1)))
         for r in range(self.restarts):
             todo = (best_d > self.eps) if self.early_stop else (best_d > 0)
             idx = todo.nonzero().flatten()
             if idx.numel() == 0:
                 return
-            xs = x[idx]
+            m = idx.numel()
+            xs = x[idx].repeat(g, *([1] * (x.dim() - 1)))
             start = xs
             if r > 0:  # a random start at half the smaller of eps and the closest distance so far
                 t = geo.noise(tuple(xs.shape), gen, xs.dtype).to(xs.device)
-                t = t / geo.distance(t).clamp_min(1e-12).view(-1, *([1] * (xs.dim() - 1)))
-                radius = 0.5 * best_d[idx].clamp(max=self.eps)
-                start = (xs + radius.view(-1, *([1] * (xs.dim() - 1))) * t).clamp(0.0, 1.0)
+                t = t / geo.distance(t).clamp_min(1e-12).view(view)
+                radius = 0.5 * best_d[idx].clamp(max=self.eps).repeat(g)
+                start = (xs + radius.view(view) * t).clamp(0.0, 1.0)
             adv, dist = fab_run(
-                model, xs, y[idx], columns[idx], start, norm=self.norm, steps=self.steps, alpha_max=self.alpha_max,
-                eta=self.eta, beta=self.beta, stop_at=self.eps if self.early_stop else None,
+                model, xs, y[idx].repeat(g), torch.cat([c[idx] for c in group]), start, norm=self.norm,
+                steps=self.steps, alpha_max=self.alpha_max, eta=self.eta, beta=self.beta,
+                stop_at=self.eps if self.early_stop else None,
             )
+            dist, k = dist.view(g, m).min(0)  # the closest over the group (the first on a tie)
+            adv = adv.view(g, m, *x.shape[1:])[k, torch.arange(m, device=x.device)]
             better = dist < best_d[idx]
             best_d[idx[better]] = dist[better]
             best_x[idx[better]] = adv[better]
@@ -85,8 +92,15 @@ class FABBase(EvasionAttack):
         best_d = torch.full((x.shape[0],), float("inf"), device=x.device, dtype=x.dtype)
         best_d[logits.argmax(1) != y] = 0.0
         best_x = x.clone()
-        for columns in self._columns(logits, y):
-            self._runs(model, x, y, columns, best_x, best_d, gen)
+        sets = self._columns(logits, y)
+        done = 0
+        while done < len(sets):  # several boundary sets side by side where few points are left
+            todo = int(((best_d > self.eps) if self.early_stop else (best_d > 0)).sum())
+            if todo == 0:
+                break
+            g = target_group(todo, len(sets) - done)
+            self._runs(model, x, y, sets[done : done + g], best_x, best_d, gen)
+            done += g
         inside = (best_d <= self.eps).view(-1, *([1] * (x.dim() - 1)))
         return torch.where(inside, best_x, x), best_d
 

@@ -14,7 +14,9 @@ No gradient is ever taken: the model is only queried for scores.
   pattern ``±η``, rescaled per channel so the total norm becomes eps), then clips to [0, 1].
 * ``p`` schedule (§3 / appendix): start at ``p_init`` and halve it at iterations
   10, 50, 200, 500, 1000, 2000, 4000, 6000, 8000 of a 10,000-query budget, rescaled to
-  ``queries`` (iteration ``i`` is read as ``10000 · i / queries``).
+  ``queries`` (iteration ``i`` is read as ``10000 · i / queries``); ``rescale_schedule=False``
+  reads the halving points as they are, whatever the budget (AutoAttack's standard version:
+  5000 queries, so ``p`` is halved at 10, 50, ..., 4000).
 
 As in the paper, a Linf proposal that would leave the image unchanged (the window already
 holds those values) is redrawn before it is queried (up to 10 times).  Points already
@@ -45,12 +47,13 @@ from robustbench_lite.core.attack import count_forwards, network_of
 from ._incremental import window_scorer
 
 HALVING_AT = (10, 50, 200, 500, 1000, 2000, 4000, 6000, 8000)  # iterations of a 10,000 budget
+SCHEDULE_BUDGET = 10000
 
 
 def p_schedule(p_init: float, it: int, queries: int) -> float:
     """The fraction of pixels changed at iteration ``it``: ``p_init / 2^k``, ``k`` the number
     of the paper's halving points passed, the 10,000-query schedule rescaled to ``queries``."""
-    scaled = int(it / queries * 10000)
+    scaled = int(it / queries * SCHEDULE_BUDGET)
     return p_init / 2 ** sum(scaled > t for t in HALVING_AT)
 
 
@@ -132,6 +135,7 @@ class Square(EvasionAttack):
     randomized: ClassVar[bool] = True
     queries: int = setting(1000, low=2)
     p_init: float = setting(0.05, low=0.0, high=1.0, low_open=True)
+    rescale_schedule: bool = setting(True)
     incremental: ClassVar[bool] = True  # score Linf windows incrementally where the network allows
 
     @property
@@ -151,7 +155,7 @@ class Square(EvasionAttack):
             if todo.numel() == 0:
                 break
             xs, xb = x[todo], x_best[todo]
-            p = p_schedule(self.p_init, it, self.queries)
+            p = p_schedule(self.p_init, it, self.queries if self.rescale_schedule else SCHEDULE_BUDGET)
             cand = propose(xs, xb, p, gen)
             if isinstance(cand, Window) and scorer is not None and scorer.final_box_share(cand.side) <= INCREMENTAL_SHARE:
                 logits = scorer.window_logits(todo, cand.rows, cand.cols, cand.values.permute(0, 2, 3, 1))
