@@ -16,9 +16,12 @@ have margins of several points, so smoothed gradients that pass them again can s
    the same data, supplied by the caller) is attacked with fixed-step PGD-CE without early
    stopping (high-loss points transfer better; Papernot et al. 2016, Tramèr et al. 2018), every
    iterate judged on the model; a point counts as broken by the first iterate that fools it.
-3. ``square``: Square Attack (Andriushchenko et al. 2020) with AutoAttack's budget (5000
-   queries; Croce & Hein 2020's standard version runs one restart): it queries only scores, so
-   no gradient can mislead it.
+3. ``fab``: FAB-T (Croce & Hein, ICML 2020) on the 9 most likely wrong classes, as in AutoAttack's
+   standard version: it follows the linearised decision boundary rather than a loss, so a loss
+   surface that misleads APGD (flat or saturated, as after certified training) does not stop it.
+4. ``square``: Square Attack (Andriushchenko et al. 2020) with AutoAttack's budget (5000
+   queries, p_init 0.8, its p schedule not rescaled; Croce & Hein 2020's standard version runs one
+   restart): it queries only scores, so no gradient can mislead it.
 
 Every step is recorded per point (its robust mask over the evaluated points), and the worst case
 keeps the per-point AND of every run.
@@ -41,7 +44,7 @@ from ..core.registry import ATTACKS
 from ..core.threat import ThreatModel
 from .adaptive import NoiseEOT
 
-STEPS = ("noise-eot", "transfer", "square")
+STEPS = ("noise-eot", "transfer", "fab", "square")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -53,9 +56,11 @@ class Escalation:
     noise_steps: int = setting(50, low=1)
     transfer_steps: int = setting(100, low=1)
     transfer_check_every: int = setting(10, low=1)  # judge the iterate on the model every this many steps
+    fab_steps: int = setting(100, low=1)
+    fab_targets: int = setting(9, low=1)
     square_queries: int = setting(5000, low=2)
     square_restarts: int = setting(1, low=1)
-    square_p_init: float = setting(0.3, low=0.0, high=1.0, low_open=True)
+    square_p_init: float = setting(0.8, low=0.0, high=1.0, low_open=True)
     budget: float = setting(6000.0, low=0.0)  # gradient-evaluation equivalents per attacked point, all steps
     steps: tuple[str, ...] = STEPS
 
@@ -71,6 +76,8 @@ class Escalation:
             return 2.0 * (self.noise_steps + 1) * self.noise_samples
         if step == "transfer":
             return self.transfer_steps + self.transfer_steps / self.transfer_check_every / 3.0
+        if step == "fab":
+            return self.fab_steps * self.fab_targets * 4 / 3.0
         return self.square_queries * self.square_restarts / 3.0
 
 
@@ -160,15 +167,22 @@ def noise_sigma(threat: ThreatModel, like: Tensor, fraction: float) -> float:
     return float(fraction * threat.eps / threat.geometry.distance(ones)[0])
 
 
-def ladder_attacks(threat: ThreatModel, cfg: Escalation, step: str, seed: int = 0) -> list[EvasionAttack]:
-    """The attacks one step runs (gradient steps: APGD-CE and APGD-DLR; square: its restarts), less
-    those whose ``norms`` leave out the threat's norm (e.g. the transfer PGD and Square under L1)."""
+def ladder_attacks(
+    threat: ThreatModel, cfg: Escalation, step: str, seed: int = 0, num_classes: int | None = None
+) -> list[EvasionAttack]:
+    """The attacks one step runs (gradient steps: APGD-CE and APGD-DLR; fab: FAB-T, on at most
+    ``num_classes - 1`` targets; square: its restarts), less those whose ``norms`` leave out the
+    threat's norm (e.g. the transfer PGD and Square under L1)."""
     if step == "noise-eot":
         plan = [(ATTACKS.get(name), {"steps": cfg.noise_steps, "seed": seed}) for name in ("apgd-ce", "apgd-dlr")]
     elif step == "transfer":
         plan = [(TransferPGD, {"steps": cfg.transfer_steps, "check_every": cfg.transfer_check_every, "seed": seed})]
+    elif step == "fab":
+        targets = cfg.fab_targets if num_classes is None else max(1, min(cfg.fab_targets, num_classes - 1))
+        plan = [(ATTACKS.get("fab-t"), {"steps": cfg.fab_steps, "n_targets": targets, "early_stop": True, "seed": seed})]
     else:
-        plan = [(ATTACKS.get("square"), {"queries": cfg.square_queries, "p_init": cfg.square_p_init, "seed": seed + r})
+        plan = [(ATTACKS.get("square"), {"queries": cfg.square_queries, "p_init": cfg.square_p_init,
+                                         "rescale_schedule": False, "seed": seed + r})
                 for r in range(cfg.square_restarts)]
     return [cls(norm=threat.norm, eps=threat.eps, **kw) for cls, kw in plan if threat.norm in cls.norms]
 
@@ -188,7 +202,7 @@ def run_step(
     start, grads, fwds = time.perf_counter(), 0, 0
     robust = alive.clone()
     attacked = int(alive.sum())
-    attacks = ladder_attacks(threat, cfg, step)
+    attacks = ladder_attacks(threat, cfg, step, num_classes=num_classes)
     if not attacks:
         return StepRecord(step, robust, attacked, 0, 0.0, 0, 0, error=f"no {step} attack supports {threat.norm.value}")
     if step == "transfer":
@@ -204,6 +218,8 @@ def run_step(
             model: nn.Module | None = smoothed(wrapped, threat, like, cfg)
         elif step == "transfer":
             model = surrogate
+        elif step == "fab":
+            model = wrapped  # FAB's hyperplanes do not change when the logits are rescaled per row
         else:
             model = None  # square queries the model itself (scores only)
         rec = run_one(attack, robust, model)

@@ -31,9 +31,11 @@ from .escalate import Escalated, Escalation, StepRecord, run_step
 # model-level checks whose firing makes an adaptive evaluation rerun the gradient attacks
 MASKING = (
     checks.ZERO_GRAD, checks.PROBABILITY_OUTPUTS, checks.RANDOMIZED, checks.LARGE_EPS, checks.BLACK_BOX_WINS,
-    checks.MORE_STEPS_NO_HELP,
+    checks.MORE_STEPS_NO_HELP, checks.GRADIENT_ATTACKS_MISSED,
 )
-_STUCK = {checks.ZERO_GRAD, checks.LARGE_EPS, checks.BLACK_BOX_WINS, checks.MORE_STEPS_NO_HELP}  # -> bpda + rescale
+_STUCK = {  # -> bpda + rescale
+    checks.ZERO_GRAD, checks.LARGE_EPS, checks.BLACK_BOX_WINS, checks.MORE_STEPS_NO_HELP, checks.GRADIENT_ATTACKS_MISSED,
+}
 DEFAULT_ESCALATION = Escalation()
 
 
@@ -157,18 +159,57 @@ def iterations_probe(
     """The more-iterations check on (up to) ``points`` clean-correct points of ``split``: PGD-CE
     (or the first of :data:`PROBE_ATTACKS` that supports the threat's norm; none: no check) with
     ``short`` and ``factor x short`` steps, against ``reference`` (the per-point robust mask of
-    every attack of the threat, e.g. Square included) on the same points."""
+    every attack of the threat, e.g. Square included) on the same points.  The long run is skipped
+    where the check cannot fire whatever it finds: when the reference is within the check's margin
+    of the short run (on a model the set breaks almost entirely it would cost more than the set)."""
     k = min(points, len(split))
     if k == 0 or probe_attack(threat, short) is None:
         return None
     probe = split.head(k)
     x, y = probe.x.to(device), probe.y.to(device)
+    ref = float(reference[:k].float().mean())
     accs = []
     for steps in (short, short * factor):
         attack = probe_attack(threat, steps)
         with torch.no_grad():
             accs.append(float((model(attack.run(model, x, y).x_adv).argmax(1) == y).float().mean()))
-    return checks.more_iterations_no_help(accs[0], accs[1], float(reference[:k].float().mean()))
+        if checks.more_iterations_no_help(accs[0], accs[0], ref) is None:
+            return None  # the reference leaves too few points beyond the short run for any long run to fire it
+    return checks.more_iterations_no_help(accs[0], accs[1], ref)
+
+
+def _beyond_gradients(attack: EvasionAttack) -> bool:
+    """A black-box or minimum-norm attack: what AutoAttack's checks hold the gradient attacks to."""
+    return not attack.needs_grad or attack.min_norm
+
+
+def run_order(attack: EvasionAttack) -> tuple[bool, float]:
+    """Where an attack runs in an evaluation: the fixed-eps gradient attacks first, cheapest first,
+    then the black-box and minimum-norm ones, cheapest first (AutoAttack runs FAB-T and Square
+    last), so that on survivors the latter see exactly the points every gradient attack left."""
+    return _beyond_gradients(attack), attack.grad_budget
+
+
+def missed_by_gradients(records: Sequence[AttackRecord], n: int) -> dict[ThreatModel, str]:
+    """Per threat with both kinds of attack, the ``gradient-attacks-missed`` flag when the black-box
+    and minimum-norm attacks broke more than a share of the ``n`` points that every fixed-eps
+    gradient attack left robust (:func:`checks.gradient_attacks_missed`).  Works on survivors as on
+    all points: a record's mask is False wherever its point is not robust after it."""
+    out: dict[ThreatModel, str] = {}
+    by_threat: dict[ThreatModel, list[AttackRecord]] = {}
+    for r in records:
+        if r.robust is not None:
+            by_threat.setdefault(r.attack.threat, []).append(r)
+    for threat, recs in by_threat.items():
+        grad = [r.robust for r in recs if not _beyond_gradients(r.attack)]
+        other = [r.robust for r in recs if _beyond_gradients(r.attack)]
+        if not grad or not other:
+            continue
+        left = torch.stack(grad).all(0)
+        code = checks.gradient_attacks_missed(int((left & ~torch.stack(other).all(0)).sum()), n)
+        if code:
+            out[threat] = code
+    return out
 
 
 def run_attack(
@@ -343,7 +384,7 @@ def evaluate(
     records: list[AttackRecord | None] = [None] * len(attacks)
     worst: dict[ThreatModel, Tensor] = {}
     precomputed = precomputed or {}
-    order = sorted(range(len(attacks)), key=lambda i: attacks[i].grad_budget)
+    order = sorted(range(len(attacks)), key=lambda i: run_order(attacks[i]))
     for i in order:
         attack = attacks[i]
         alive = worst.setdefault(attack.threat, correct.clone())
@@ -367,6 +408,11 @@ def evaluate(
             worst[attack.threat] = alive & rec.robust
     done = [r for r in records if r is not None]
     flags = cell_flags(done, found)
+    for threat, code in missed_by_gradients(done, len(split)).items():
+        flags.setdefault(f"worst_case@{threat.label}", set()).add(code)
+        for r in done:
+            if r.attack.threat == threat and _beyond_gradients(r.attack):
+                flags.setdefault(f"{r.attack.name}@{threat.label}", set()).add(code)
     if probe_iterations:
         _probe_iterations(model, done, correct, correct_split, worst, flags, device, ck)
     fired = set(found) | {f for fs in flags.values() for f in fs}

@@ -24,6 +24,7 @@ CERTIFIED_BROKEN = "certified-broken"
 WASSERSTEIN_BOUND_BROKEN = "wasserstein-bound-broken"
 NON_FINITE = "non-finite-outputs"
 CLEAN_MISMATCH = "clean-acc-mismatch"
+GRADIENT_ATTACKS_MISSED = "gradient-attacks-missed"
 ADAPTED = "adapted"  # prefix: "adapted:bpda+rescale" says which wrappers an adaptive rerun used
 
 FLAGS: dict[str, str] = {
@@ -47,6 +48,9 @@ FLAGS: dict[str, str] = {
     WASSERSTEIN_BOUND_BROKEN: "a Wasserstein attack reached a larger mean loss within the transport budget than WRM's "
     "certificate allows: the ascent behind the certificate missed the supremum (gamma below the loss's smoothness "
     "constant, a non-smooth network, too few steps), so the bound is not a certificate for this model",
+    GRADIENT_ATTACKS_MISSED: "a black-box or minimum-norm attack (Square, FAB, ...) broke more than 0.2% of the points (and at "
+    "least two) that every fixed-eps gradient attack of the threat left robust (AutoAttack's check on Square, extended to minimum-norm "
+    "attacks): the gradient attacks are being misled, and the row escalates on its survivors",
     ADAPTED: "a masking check fired and the gradient attacks were rerun through wrappers (bpda: straight-through "
     "backward for marked non-differentiable layers; eot: mean over forward passes; log-outputs: attack log p; "
     "rescale: logits divided by the gap between their two largest), then the worst case escalated on its survivors "
@@ -87,6 +91,15 @@ def black_box_beats_white_box(
         return set()
     best_free = min(free)
     return {name for name, acc in robust_acc.items() if needs_grad[name] and acc > best_free + tolerance}
+
+
+def gradient_attacks_missed(missed: int, n: int, tolerance: float = 0.002, at_least: int = 2) -> str | None:
+    """Flag when black-box or minimum-norm attacks broke ``missed`` of ``n`` evaluated points that
+    every fixed-eps gradient attack of the same threat left robust, more than ``tolerance`` of them
+    (AutoAttack warns when Square lowers the robust accuracy by more than 0.002) and at least
+    ``at_least``: on a hundred points one boundary point a random search happens to cross is chance,
+    not a pattern (from 500 points on, AutoAttack's margin asks for two anyway)."""
+    return GRADIENT_ATTACKS_MISSED if n > 0 and missed > tolerance * n and missed >= at_least else None
 
 
 def large_eps_not_zero(robust_acc: float, max_acc: float = 0.1) -> str | None:

@@ -1,5 +1,5 @@
 """The escalation ladder: on models whose gradients lie in ways no wrapper is told about, the
-evaluation escalates (noise-smoothed EOT, transfer from a surrogate, Square with 5000 queries) until
+evaluation escalates (noise-smoothed EOT, transfer from a surrogate, FAB-T, Square with 5000 queries) until
 its worst case is within 0.02 of a reference attack that knows the trick, and the row says so.
 
 Each lying model wraps the standard-trained digits CNN; the reference attacks the model through
@@ -132,8 +132,8 @@ def test_the_ladder_brings_the_worst_case_within_0_02_of_an_attack_that_knows_th
     assert worst <= reference + 0.02, (worst, reference, flags)
     # every step ran, on the survivors only, and recorded its per-point outcome
     steps = ev.escalated[THREAT].steps
-    assert [s.step for s in steps] == ["noise-eot", "transfer", "square"]
-    assert any(f.startswith("adapted:") and f.endswith("noise-eot+transfer+square") for f in flags), flags
+    assert [s.step for s in steps] == ["noise-eot", "transfer", "fab", "square"]
+    assert any(f.startswith("adapted:") and f.endswith("noise-eot+transfer+fab+square") for f in flags), flags
     alive = None
     for s in steps:
         assert s.robust.dtype == torch.bool and s.robust.shape == (N,)
@@ -172,10 +172,11 @@ def test_noise_eot_smooths_a_shattered_gradient_and_keeps_the_function(digits_mo
 
 def test_the_budget_stops_the_ladder_and_a_step_without_surrogate_says_so(digits_model, digits):
     lying = nn.Sequential(Quantize(), digits_model).eval()
-    cheap = Escalation(noise_steps=2, noise_samples=2, transfer_steps=5, square_queries=30, budget=100.0)
+    cheap = Escalation(noise_steps=2, noise_samples=2, transfer_steps=5, fab_steps=3, fab_targets=2, square_queries=30,
+                       budget=100.0)
     ev = evaluate(lying, _attacks(), digits.test, n=40, escalation=cheap)
     steps = ev.escalated[THREAT].steps
-    assert [s.step for s in steps] == ["noise-eot", "transfer", "square"]
+    assert [s.step for s in steps] == ["noise-eot", "transfer", "fab", "square"]
     assert steps[1].error == "no surrogate" and steps[1].broke == 0
     assert "transfer" not in next(f for f in ev.flags[WC] if f.startswith("adapted:"))
     tight = Escalation(noise_steps=2, noise_samples=2, transfer_steps=5, square_queries=30, budget=cheap.cost("noise-eot"))
@@ -193,9 +194,60 @@ def test_an_l1_evaluation_probes_with_apgd_and_its_ladder_skips_the_steps_withou
     assert probe_attack(ThreatModel("l1", 2.0), 10).name == "apgd-ce"
     assert probe_attack(THREAT, 10).name == "pgd"
     lying = nn.Sequential(Quantize(), digits_model).eval()
-    cheap = Escalation(noise_steps=2, noise_samples=2, transfer_steps=5, square_queries=30, budget=100.0)
+    cheap = Escalation(noise_steps=2, noise_samples=2, transfer_steps=5, fab_steps=3, fab_targets=2, square_queries=30,
+                       budget=100.0)
     attack = create_attack("apgd-ce", norm="l1", eps=2.0, steps=10)
     ev = evaluate(lying, [attack], digits.test, n=40, escalation=cheap)
     steps = {s.step: s.error for s in ev.escalated[attack.threat].steps}
-    assert steps == {"noise-eot": "", "transfer": "no transfer attack supports l1",
+    assert steps == {"noise-eot": "", "transfer": "no transfer attack supports l1", "fab": "",
                      "square": "no square attack supports l1"}
+
+
+class GradientTrap(nn.Module):
+    """Honest outputs, lying gradients: the logit of the predicted class gets ``M·(⟨x, v_c⟩ − its
+    detached value)``, which is 0 but adds ``M·v_c`` to that logit's input gradient, so every
+    gradient attack (and FAB's linearisation) follows the fixed sign pattern ``−v_c`` instead of
+    the boundary.  Each ``v_c`` is drawn so that its corner image ``(−v_c > 0)`` is not classified
+    as ``c``: PGD at eps 1 (the large-eps probe) still ends away from the class.  Square, which reads
+    only scores, is not misled."""
+
+    def __init__(self, base: nn.Module, classes: int, shape=(1, 8, 8), m: float = 1e4) -> None:
+        super().__init__()
+        self.base, self.m = base, m
+        gen = torch.Generator().manual_seed(0)
+        rows = []
+        for c in range(classes):
+            while True:
+                v = torch.randn(shape, generator=gen)
+                with torch.no_grad():
+                    if int(base((v < 0).float()[None]).argmax(1)) != c:
+                        break
+            rows.append(v.flatten())
+        self.register_buffer("v", torch.stack(rows))
+
+    def forward(self, x):
+        z = self.base(x)
+        pred = z.detach().argmax(1, keepdim=True)
+        own = (x.flatten(1) @ self.v.T).gather(1, pred)
+        return z + torch.zeros_like(z).scatter(1, pred, self.m * (own - own.detach()))
+
+
+def test_a_model_only_square_breaks_is_flagged_and_escalated(digits_model, digits):
+    """Gradient attacks (and FAB) are led astray, Square is not: the black-box attack breaks points
+    every gradient attack left, the row gets ``gradient-attacks-missed`` (and no other masking flag
+    is needed: zero-grad, randomized, probability and large-eps checks stay quiet), and the ladder's
+    FAB-T and Square steps run on the survivors and bring the worst case down."""
+    lying = GradientTrap(digits_model, 10).eval()
+    ladder = Escalation(noise_steps=5, noise_samples=2, fab_steps=10, fab_targets=2, square_queries=1000)
+    attacks = [create_attack("fgsm", eps=EPS), create_attack("pgd", eps=EPS, steps=20),
+               create_attack("apgd-ce", eps=EPS, steps=20), create_attack("square", eps=EPS, queries=300, p_init=0.3)]
+    ev = evaluate(lying, attacks, digits.test, n=N, survivors_only=True, probe_iterations=False, escalation=ladder)
+    flags = ev.flags[WC]
+    assert checks.GRADIENT_ATTACKS_MISSED in flags, flags
+    assert not ev.model_flags & {checks.ZERO_GRAD, checks.RANDOMIZED, checks.PROBABILITY_OUTPUTS, checks.LARGE_EPS}
+    assert checks.GRADIENT_ATTACKS_MISSED in ev.flags[f"square@{THREAT.label}"]
+    steps = {s.step: s for s in ev.escalated[THREAT].steps}
+    assert {"fab", "square"} <= set(steps)
+    assert steps["square"].broke > 0  # the stronger Square finds what the set's Square left
+    plain = next(r for r in ev.plain_records if r.attack.name == "square").robust
+    assert float(ev.worst_case[THREAT].float().mean()) < float(plain.float().mean())

@@ -50,9 +50,41 @@ def test_large_eps_and_more_iterations_checks():
     assert checks.more_iterations_no_help(0.6, 0.6, 0.58) is None  # nothing more to find
 
 
+def test_gradient_attacks_missed_check_counts_points_beyond_the_gradient_attacks():
+    assert checks.gradient_attacks_missed(1, 500) is None  # one point of 500: AutoAttack's 0.002 margin
+    assert checks.gradient_attacks_missed(2, 500) == checks.GRADIENT_ATTACKS_MISSED
+    assert checks.gradient_attacks_missed(0, 0) is None
+    assert checks.gradient_attacks_missed(1, 100) is None  # one point of 100: chance, not a pattern
+    assert checks.gradient_attacks_missed(2, 100) == checks.GRADIENT_ATTACKS_MISSED
+
+
+def test_missed_by_gradients_reads_per_point_masks_on_survivors_and_on_all_points():
+    from robustbench_lite.eval.evasion import AttackRecord, missed_by_gradients, run_order
+
+    pgd, square = create_attack("pgd", eps=EPS), create_attack("square", eps=EPS)
+    fab = create_attack("fab", eps=EPS)
+    assert run_order(pgd) < run_order(square) and run_order(pgd) < run_order(fab)  # gradient attacks first
+    correct = torch.tensor([True] * 8 + [False] * 2)
+    after_pgd = correct & torch.tensor([False, False, True, True, True, True, True, True, False, False])
+
+    def rec(attack, robust, scope="survivors"):
+        return AttackRecord(attack, robust, 0.0, 0, 0, int(correct.sum()), scope)
+
+    # survivors: square ran on PGD's six survivors and broke three of them
+    after_square = after_pgd & torch.tensor([True, True, False, False, False, True, True, True, True, True])
+    got = missed_by_gradients([rec(pgd, after_pgd), rec(square, after_square)], 10)
+    assert got == {pgd.threat: checks.GRADIENT_ATTACKS_MISSED}
+    # on all points: square breaking only what PGD broke too is no sign of anything
+    own = correct & torch.tensor([False, True, True, True, True, True, True, True, True, True])
+    assert missed_by_gradients([rec(pgd, after_pgd, "all"), rec(square, own, "all")], 10) == {}
+    # without a gradient attack there is nothing to compare
+    assert missed_by_gradients([rec(square, after_square)], 10) == {}
+
+
 def test_every_flag_is_explained():
     for code in (checks.ZERO_GRAD, checks.SINGLE_STEP_WINS, checks.INCOMPLETE, checks.PROBABILITY_OUTPUTS,
-                 checks.RANDOMIZED, checks.BLACK_BOX_WINS, checks.LARGE_EPS, checks.MORE_STEPS_NO_HELP):
+                 checks.RANDOMIZED, checks.BLACK_BOX_WINS, checks.LARGE_EPS, checks.MORE_STEPS_NO_HELP,
+                 checks.GRADIENT_ATTACKS_MISSED):
         assert len(checks.FLAGS[code]) > 40
     assert checks.explain("adapted:bpda+eot") == checks.FLAGS[checks.ADAPTED]
     assert checks.adapted(["bpda", "eot"]) == "adapted:bpda+eot" and checks.adapted([]) is None
