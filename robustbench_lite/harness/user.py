@@ -40,9 +40,9 @@ from ..core.userdata import (
 )
 from ..core.usermodel import NormalizedModel, build_architecture, file_digest, is_file_arch, split_file_arch
 from ..training.weights import UserWeights, file_sha256, read_checkpoint, state_fingerprint
-from .attack_sets import attack_specs
+from .attack_sets import attack_specs, curve_spec
 from .plan import Cell
-from .specs import AttackSpec, DataSpec, DefenseSpec
+from .specs import DataSpec, DefenseSpec
 
 
 # -- specs ------------------------------------------------------------------------------------------
@@ -288,7 +288,7 @@ def user_cells(data: DataSpec, model: UserModelSpec, weights: UserWeightsSpec, *
             cells.append(Cell(data, model, weights, spec, threat, n, survivors=True))
     for norm, grid in curves:
         for spec in attack_specs(attacks, norm, num_classes):
-            cells.append(CurveCell(data, model, weights, AttackSpec(spec.name, spec.params), ThreatModel(norm, grid[-1]),
+            cells.append(CurveCell(data, model, weights, curve_spec(spec), ThreatModel(norm, grid[-1]),
                                    n, kind="curve", grid=grid, order=curve_order))
     if not cells:
         raise ValueError("nothing to evaluate: give --threats NORM:EPS (e.g. linf:0.1) and/or --eps-curve linf:0:0.2:11")
