@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from robustbench_lite import ThreatModel
-from robustbench_lite.certify import Status, Verification, Verifier, create_verifier
+from robustbench_lite.certify import Status, Verification, Verifier, create_verifier, list_verifiers
 
 
 def _net() -> nn.Module:
@@ -103,3 +103,20 @@ def test_bad_outcomes_are_refused_naming_the_fix():
         Verification(yes, torch.tensor([False]))
     with pytest.raises(TypeError, match="shape \\(2,\\)"):
         Verification(yes, no, seconds=torch.zeros(3))
+
+
+@pytest.mark.parametrize("name", [n for n in list_verifiers() if n != "stable-relu"])  # stable-relu: one architecture
+def test_contract_every_verifier_returns_a_consistent_rechecked_outcome(name):
+    model = _net()
+    x, y = _points(model, 10)
+    y[:2] = (y[:2] + 1) % 3  # two misclassified points: never verified
+    threat = ThreatModel("linf", 0.05)
+    out = create_verifier(name).verify(model, x, y, threat)
+    assert out.n == 10 and not bool(out.verified[:2].any()) and not bool((out.verified & out.falsified).any())
+    again = out.recheck(model, x, y, threat)  # what the base kept passes the check as it stands
+    assert torch.equal(again.falsified, out.falsified) and not bool(again.rejected.any())
+    index, x_adv = out.adversarial()
+    if index.numel():
+        assert bool(threat.geometry.inside(x_adv - x[index], threat.eps).all())
+        assert bool((model(x_adv).argmax(1) != y[index]).all())
+    assert out.counts()[Status.VERIFIED] == int(out.verified.sum()) and out.seconds.shape == (10,)
