@@ -120,7 +120,7 @@ class Verifier(Plugin):
 
     def verify(self, model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel) -> Verification:
         """Per point ``verified``, ``falsified`` or ``undecided``; every counterexample the plugin
-        returns is re-checked by a forward pass (:meth:`Verification.recheck`: one outside the
+        returns is re-checked by a forward pass (:meth:`Verification.recheck <robustbench_lite.certify.outcome.Verification.recheck>`: one outside the
         ball or classified correctly leaves its point undecided and ``rejected``)."""
         threat = self._check_threat(threat)
         model, x, y = self._check(model, x, y)

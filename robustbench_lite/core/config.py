@@ -91,7 +91,7 @@ def config_hash(payload: Any, length: int = 16) -> str:
 @dataclass(frozen=True, kw_only=True)
 class Plugin:
     """The base of every registered settings class (attacks, defenses, verifiers): a frozen
-    dataclass whose :func:`setting` fields are checked at construction, named after its registry
+    dataclass whose :func:`~robustbench_lite.setting` fields are checked at construction, named after its registry
     entry, with its settings visible as plain values (:meth:`get_params`)."""
 
     registry_name: ClassVar[str] = ""

@@ -173,7 +173,7 @@ def load_plugin_file(path: str | Path) -> None:
     """Import a Python file so that its ``@register_*`` decorators run (the CLI's ``--plugin``).
 
     A file that does not import (a syntax error, an exception at import, a registration of
-    something that is not a plugin) raises :class:`PluginError` naming the file, the line and
+    something that is not a plugin) raises :class:`~robustbench_lite.core.registry.PluginError` naming the file, the line and
     the cause; the partly imported module is forgotten, and so is whatever it registered before
     it failed."""
     path = Path(path)

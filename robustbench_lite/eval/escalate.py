@@ -1,6 +1,6 @@
 """The escalation ladder: stronger and stronger evaluations for a model whose gradients lie.
 
-When a masking check fires (:data:`~robustbench_lite.eval.evasion.MASKING`) and the adaptive rerun
+When a masking check fires (``robustbench_lite.eval.evasion.MASKING``) and the adaptive rerun
 through wrappers (:mod:`~robustbench_lite.eval.adaptive`) is done, each threat's worst case goes
 through these steps in order, each only on the points no earlier attack or step broke, while
 there are such points and the per-point budget lasts (a masking flag is never cleared: the checks

@@ -42,7 +42,7 @@ class AttackRecord:
     """One attack's outcome on the evaluated points."""
 
     attack: EvasionAttack
-    robust: Tensor | None  # bool [n]; None when the attack failed
+    robust: Tensor | None  #: bool [n]; None when the attack failed
     seconds: float
     grad_evals: int
     forward_evals: int
@@ -50,8 +50,8 @@ class AttackRecord:
     scope: str
     target_hit_rate: float | None = None
     error: str = ""
-    success_rate: float | None = None  # min-norm attacks: share of attacked points with any adversarial
-    median_l2: float | None = None  # min-norm attacks: median distance of the adversarials found
+    success_rate: float | None = None  #: min-norm attacks: share of attacked points with any adversarial
+    median_l2: float | None = None  #: min-norm attacks: median distance of the adversarials found
 
     @property
     def robust_acc(self) -> float | None:
@@ -60,16 +60,16 @@ class AttackRecord:
 
 @dataclass(frozen=True)
 class Evaluation:
-    """Everything :func:`evaluate` measured."""
+    """Everything :func:`~robustbench_lite.evaluate` measured."""
 
     n: int
-    correct: Tensor  # bool [n]: clean prediction is right
-    records: list[AttackRecord]  # in the order of the attacks passed in
-    worst_case: dict[ThreatModel, Tensor]  # bool [n] per threat
-    flags: dict[str, set[str]]  # attack name or "worst_case:<threat>" -> flags
-    plain_records: list[AttackRecord] | None = None  # before an adaptive rerun (None: no rerun)
-    model_flags: frozenset[str] = frozenset()  # codes of the model-level checks that fired
-    escalated: dict[ThreatModel, Escalated] = dataclasses.field(default_factory=dict)  # the ladder, per threat
+    correct: Tensor  #: bool [n]: clean prediction is right
+    records: list[AttackRecord]  #: in the order of the attacks passed in
+    worst_case: dict[ThreatModel, Tensor]  #: bool [n] per threat
+    flags: dict[str, set[str]]  #: attack name or "worst_case:<threat>" -> flags
+    plain_records: list[AttackRecord] | None = None  #: before an adaptive rerun (None: no rerun)
+    model_flags: frozenset[str] = frozenset()  #: codes of the model-level checks that fired
+    escalated: dict[ThreatModel, Escalated] = dataclasses.field(default_factory=dict)  #: the ladder, per threat
 
     @property
     def clean_acc(self) -> float:
@@ -155,7 +155,7 @@ def iterations_probe(
     *, points: int = 64, short: int = 10, factor: int = 10,
 ) -> str | None:
     """The more-iterations check on (up to) ``points`` clean-correct points of ``split``: PGD-CE
-    (or the first of :data:`PROBE_ATTACKS` that supports the threat's norm; none: no check) with
+    (or the first of ``PROBE_ATTACKS`` that supports the threat's norm; none: no check) with
     ``short`` and ``factor x short`` steps, against ``reference`` (the per-point robust mask of
     every attack of the threat, e.g. Square included) on the same points."""
     k = min(points, len(split))
@@ -276,10 +276,10 @@ def evaluate(
     ``num_classes`` of them when given); points with NaN or inf outputs count as misclassified
     and raise ``non-finite-outputs``.  Images that are float16 or float64 are evaluated as float32.
 
-    Every cell gets the checks of :mod:`checks` (flags per attack and per worst case).  With
+    Every cell gets the checks of :mod:`~robustbench_lite.eval.flags` (flags per attack and per worst case).  With
     ``adaptive`` (default), when a masking check fires (zero gradients, probability outputs,
     randomized outputs, large eps not reaching 0, black-box beating white-box, more iterations
-    not helping) each gradient attack is rerun through :func:`wrappers.adapt` (BPDA for marked
+    not helping) each gradient attack is rerun through :func:`~robustbench_lite.eval.adaptive.adapt` (BPDA for marked
     layers, EOT with ``eot_samples`` passes, log-probabilities, logit rescaling) on the points it
     left unbroken; its record becomes the per-point worst of both runs and carries an
     ``adapted:...`` flag.  Then each threat's worst case escalates through ``escalation``'s ladder
@@ -289,12 +289,12 @@ def evaluate(
     ``Evaluation.escalated`` holds each step's per-point outcome, and the worst case
     (``worst_case`` and its ``adapted:...`` flag) includes them.  With ``probe_iterations``
     (default) each threat with an iterative gradient attack also gets the more-iterations check
-    (:func:`iterations_probe`, 110 PGD steps on 64 points).
+    (:func:`~robustbench_lite.eval.evasion.iterations_probe`, 110 PGD steps on 64 points).
 
     ``batch_size`` is a number or a function of the attack (an autotuned choice per attack kind);
     an attack that runs out of CUDA memory is rerun with half the batch (see
-    :func:`autotune.halving_on_oom`).  ``policy`` (default: float32 on ``device``) says where and
-    in which precision the model runs (:class:`device.DevicePolicy`).
+    :func:`~robustbench_lite.core.device.halving_on_oom`).  ``policy`` (default: float32 on ``device``) says where and
+    in which precision the model runs (:class:`~robustbench_lite.DevicePolicy`).
     """
     policy = policy if policy is not None else as_policy(device)
     device = policy.device

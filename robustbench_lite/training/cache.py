@@ -141,7 +141,7 @@ class ModelCache:
 
     def clean_stale(self) -> list[Path]:
         """Remove temporary files that a killed save left (``.KEY.PID.safetensors/.json``): their
-        process is gone, or they are older than :data:`STALE_SECONDS`.  Returns what it removed."""
+        process is gone, or they are older than ``STALE_SECONDS`` (6 hours).  Returns what it removed."""
         if self.root is None or not self.root.is_dir():
             return []
         removed = []

@@ -30,8 +30,8 @@ class TrainState:
     epoch: int = 0
     step: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
-    gen: torch.Generator | None = None  # seeded; the randomness of a loss (random starts, ELLE's samples)
-    metrics: dict[str, float] = field(default_factory=dict)  # set by a loss; merged into the epoch record
+    gen: torch.Generator | None = None  #: seeded; the randomness of a loss (random starts, ELLE's samples)
+    metrics: dict[str, float] = field(default_factory=dict)  #: set by a loss; merged into the epoch record
 
 
 @dataclass(frozen=True)
@@ -73,7 +73,7 @@ class Defense(Plugin):
     schedule: str = setting("cosine", choices=("constant", "cosine", "cyclic"))
     grad_clip: float = setting(0.0, low=0.0)
     seed: int = setting(0, low=0)
-    monitor_eps: float = setting(0.0, low=0.0, high=1.0)  # > 0: PGD accuracy on held-out points per epoch
+    monitor_eps: float = setting(0.0, low=0.0, high=1.0)  #: > 0: PGD accuracy on held-out points per epoch
     monitor_points: int = setting(500, low=1)
     monitor_steps: int = setting(10, low=1)
 

@@ -8,7 +8,7 @@ kind of evaluation is one module registered with :func:`register_kind` (here, in
 ``robustbench_lite.kinds`` entry points, or in a ``--plugin`` file).
 
 Every row goes to the store as a :class:`~robustbench_lite.harness.rows.CellResult`: the fields
-of the kind's row type that are :class:`CellResult` fields fill them, the others go into its JSON
+of the kind's row type that are :class:`~robustbench_lite.harness.rows.CellResult` fields fill them, the others go into its JSON
 ``metrics``.
 
 What a kind proves about single points (a verifier's certified and falsified points) it offers as
@@ -68,7 +68,7 @@ class Sink(Protocol):
 class GroupCheckpoint:
     """A group's stored stages under one part's prefix, as an evaluation checkpoint
     (:class:`~robustbench_lite.eval.checkpoint.Checkpoint`): a stage is stored through the sink the
-    moment it is done, and the kill hook (:mod:`~robustbench_lite.harness.faults`) sees its name."""
+    moment it is done, and the kill hook (``robustbench_lite.harness.faults``) sees its name."""
 
     def __init__(self, group: Group, part: str) -> None:
         self.group, self.prefix = group, f"{group.prefix}{part}/"
@@ -94,12 +94,12 @@ class Group:
     workdir: str
     batch_size: int | str
     version: str
-    done: Mapping[str, Row]  # finished rows of the group's cells, by cell key (resume)
-    emit: OnRow  # stores a row the moment it is measured
-    measured: dict[str, Row] = field(default_factory=dict)  # rows of this run, by key, in order
-    stages: dict[str, Stage] = field(default_factory=dict)  # stored stages of a killed evaluation (resume)
-    sink: Sink | None = None  # stores rows and stages as they are measured (None: returned rows only)
-    prefix: str = ""  # the group's stage-key prefix
+    done: Mapping[str, Row]  #: finished rows of the group's cells, by cell key (resume)
+    emit: OnRow  #: stores a row the moment it is measured
+    measured: dict[str, Row] = field(default_factory=dict)  #: rows of this run, by key, in order
+    stages: dict[str, Stage] = field(default_factory=dict)  #: stored stages of a killed evaluation (resume)
+    sink: Sink | None = None  #: stores rows and stages as they are measured (None: returned rows only)
+    prefix: str = ""  #: the group's stage-key prefix
 
     def checkpoint(self, part: str) -> GroupCheckpoint:
         """The stages of one part of the group's work (e.g. an evaluation) as a checkpoint."""
@@ -181,11 +181,12 @@ class CellKind:
         return rows
 
     def measure(self, cell: Cell, group: Group) -> Row:
+        """One cell's row and its per-point mask (or ``None``): build the row with :meth:`result`."""
         raise NotImplementedError(f"cell kind {self.name!r} must implement measure() or run()")
 
     def result(self, cell: Cell, group: Group, values: Any, *, method: Any = None, **envelope: Any) -> CellResult:
         """The store row of one measured cell: ``values`` (an instance of :attr:`row`) split into
-        :class:`CellResult` fields and ``metrics``, plus ``envelope`` fields set directly."""
+        :class:`~robustbench_lite.harness.rows.CellResult` fields and ``metrics``, plus ``envelope`` fields set directly."""
         shared, metrics = split_metrics(dataclasses.asdict(values))
         fields = {
             "model_key": group.trained.key, "code_version": group.version,
