@@ -284,6 +284,8 @@ def _run(args: argparse.Namespace) -> int:
         f"{summary.errors} errors, {elapsed:.1f} s"
     )
     _leaderboard(args.workdir, args.out)
+    if args.save_adv:
+        print(f"adversarial examples: {Path(args.save_adv).resolve()} (check them: robustbench-lite replay)")
     return EXIT_CELLS_FAILED if summary.errors else EXIT_OK
 
 

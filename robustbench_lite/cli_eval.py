@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from pathlib import Path
 
 from .core.device import AUTOCAST_CHOICES, make_policy
 from .core.usermodel import parse_normalize
@@ -158,6 +159,8 @@ def _execute(args: argparse.Namespace, plan, info: dict) -> int:
         print("  " + line)
     paths = leaderboard.write(rows, args.out)
     print("wrote " + ", ".join(str(p) for p in paths))
+    if args.save_adv:
+        print(f"adversarial examples: {Path(args.save_adv).resolve()} (check them: robustbench-lite replay)")
     try:
         from .report.html import write_report
 
