@@ -37,7 +37,7 @@ from ..core.registry import load_plugin_file
 from ..training.cache import ModelCache, train_or_load
 from . import faults
 from .advsave import check_save_dir
-from .kinds import Group, Sink, Stage, kind
+from .kinds import Group, Sink, Stage, kind, proofs_of
 from .plan import Cell, Plan
 from .rows import WORST_CASE, CellResult, OnRow, Row, error_row
 from .specs import DataSpec
@@ -189,10 +189,9 @@ def run_plan(
                 task = _refreshed(task, store)
                 if len(task.done) == len(task.cells):  # finished (by an earlier run, or the one we waited for)
                     summary.skipped += len(task.done)
-                    labels = _labels_of(task.cells[0].data, ctx)
-                    for name, part in _by_kind(task.cells):
-                        kind(name).refresh(part, store, labels)
-                        if save_dir is not None:
+                    settle(task.cells, store, _labels_of(task.cells[0].data, ctx))
+                    if save_dir is not None:
+                        for name, part in _by_kind(task.cells):
                             kind(name).check_saved(part, save_dir)
                     continue
                 if not store.claim(group_prefix(task.cells)):
@@ -233,8 +232,15 @@ def _run_tasks(executor: Executor, tasks: list[GroupTask], ctx: RunContext, stor
     sink = StoreSink(store)
     try:
         for task, rows in executor.run(tasks, ctx, on_row=sink.row, sink=sink):
-            store.put_many(rows, drop_stages=group_prefix(task.cells) if _complete(task, rows) else None)
+            complete = _complete(task, rows)
+            store.put_many(rows, drop_stages=group_prefix(task.cells) if complete else None)
             faults.point("group-stored")
+            if complete:
+                try:  # what several kinds derive together (a row's bracket), whichever ran first
+                    settle(task.cells, store, _labels_of(task.cells[0].data, ctx))
+                except Exception as exc:  # the rows are stored: the next run settles the group again
+                    log.warning("settling %s/%s failed (%s: %s); the next run retries it",
+                                task.cells[0].model.name, task.cells[0].defense.name, type(exc).__name__, _first_line(exc))
             store.release(group_prefix(task.cells))
             for row, _mask in rows:
                 if row.attack == WORST_CASE or row.key in task.done:
@@ -249,6 +255,16 @@ def _run_tasks(executor: Executor, tasks: list[GroupTask], ctx: RunContext, stor
     finally:
         for task in tasks:
             store.release(group_prefix(task.cells))
+
+
+def settle(cells: Sequence[Cell], store: Store, labels) -> None:
+    """Recompute what is derived from a group's stored rows: every kind's
+    :meth:`~robustbench_lite.harness.kinds.CellKind.refresh`, in the kinds' order, with the proofs
+    of all the group's stored rows (so a verifier's falsified points lower the worst case, and the
+    certified share is the union of the verifiers, whichever cell ran first)."""
+    proofs = proofs_of(hit for c in cells if (hit := store.get(c.key)) is not None)
+    for name, part in sorted(_by_kind(cells), key=lambda item: kind(item[0]).order):
+        kind(name).refresh(part, store, labels, proofs)
 
 
 def _complete(task: GroupTask, rows: Sequence[Row]) -> bool:
