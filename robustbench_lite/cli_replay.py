@@ -51,6 +51,9 @@ def run_replay(args: argparse.Namespace) -> int:
         print(f"{s.path.name}: {res.attack} at {res.threat}, {res.count} examples ({what}): misclassified "
               f"{res.misclassified}/{res.count} ({rate}); outside the ball: {res.outside_ball}, outside [0, 1]: "
               f"{res.outside_range}, wrong label: {res.wrong_label}  [{verdict}]")
+        if res.fooled_rate is not None:
+            print(f"  of the {res.clean_correct} points this model classifies correctly without attack, "
+                  f"{res.fooled_correct} are misclassified ({100 * res.fooled_rate:.1f}%)")
         if s.meta.get("complete") == "false":
             print("  note: this file lacks the examples of a stage computed by a run without --save-adv")
         if not res.ok:

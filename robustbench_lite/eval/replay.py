@@ -36,6 +36,14 @@ class ReplayResult:
     misclassified: int  # the model's prediction is not the label
     same_model: bool  # the model that made the examples (its state dict's hash matches)
     bad: tuple[int, ...] = ()  # test-split indices of the examples that failed a check (the first 20)
+    clean_correct: int | None = None  # another model: original points it classifies correctly
+    fooled_correct: int | None = None  # another model: of those, examples it misclassifies
+
+    @property
+    def fooled_rate(self) -> float | None:
+        """Another model: the transfer rate among the points it gets right without attack (the
+        others count as misclassified in :attr:`rate` whatever the perturbation)."""
+        return self.fooled_correct / self.clean_correct if self.clean_correct else None
 
     @property
     def rate(self) -> float | None:
@@ -76,7 +84,7 @@ def replay(
         raise ValueError(f"{saved.path.name} holds images of shape {tuple(ex.x_adv.shape[1:])} but the data's are "
                          f"{tuple(points.x.shape[1:])}; pass the data the examples were made from")
     model = policy.model_to(model).eval()
-    outside_ball = outside_range = wrong_label = wrong = 0
+    outside_ball = outside_range = wrong_label = wrong = clean_ok = fooled_ok = 0
     bad: list[Tensor] = []
     for i in range(0, len(ex), batch_size):
         idx = ex.index[i : i + batch_size]
@@ -87,6 +95,10 @@ def replay(
         same_label = label == y0
         pred = model(policy.batch_to(x_adv)).argmax(1).cpu()
         fooled = pred != y0
+        if not same_model:
+            right = model(policy.batch_to(x0)).argmax(1).cpu() == y0
+            clean_ok += int(right.sum())
+            fooled_ok += int((right & fooled).sum())
         outside_ball += int((~ball).sum())
         outside_range += int((~in_range).sum())
         wrong_label += int((~same_label).sum())
@@ -97,4 +109,5 @@ def replay(
     return ReplayResult(
         str(saved.path), saved.attack, f"{threat.norm.value} {threat.eps:g}", len(ex), outside_ball, outside_range,
         wrong_label, wrong, same_model, tuple(int(i) for i in failed_idx),
+        None if same_model else clean_ok, None if same_model else fooled_ok,
     )

@@ -111,8 +111,11 @@ def test_replay_catches_examples_outside_the_ball_with_a_wrong_label_or_not_adve
     res = replay(read_examples(write_examples(tmp_path / "clean.safetensors", AdvExamples(ex.index, clean, ex.label, ex.pred),
                                               meta)), digits_model, digits.test, same_model=True)
     assert res.valid and res.misclassified == res.count - 1 and not res.ok and res.bad == (int(ex.index[2]),)
-    # the same file on another model is a transfer measurement, not a failure
-    assert replay(read_examples(tmp_path / "clean.safetensors"), digits_model, digits.test, same_model=False).ok
+    # the same file on another model is a transfer measurement, not a failure; every original point was
+    # classified correctly (FGSM attacked only those), so the rate among them is the plain rate
+    other = replay(read_examples(tmp_path / "clean.safetensors"), digits_model, digits.test, same_model=False)
+    assert other.ok and other.clean_correct == other.count and other.fooled_correct == other.misclassified == other.count - 1
+    assert res.clean_correct is None  # on the same model there is nothing to separate
 
 
 def test_read_examples_refuses_other_files(tmp_path, digits_model):

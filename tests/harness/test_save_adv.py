@@ -84,7 +84,12 @@ def test_eval_save_adv_then_replay_rejudges_every_example_and_another_model_give
     y = torch.cat([s.examples.label for s in saved])
     with torch.no_grad():
         fooled = int((digits_model(x).argmax(1) != y).sum())
+    with torch.no_grad():
+        idx = torch.cat([s.examples.index for s in saved])
+        right = digits_model(digits.test.x[idx]).argmax(1) == y
+        fooled_right = int((right & (digits_model(x).argmax(1) != y)).sum())
     assert "transfer from small-cnn/digits_cnn.safetensors" in out
+    assert sum(int(m.group(2)) for m in re.finditer(r"of the (\d+) points .*?, (\d+) are misclassified", out)) == fooled_right
     assert f"{len(saved)} file(s), {len(y)} examples: {fooled} misclassified ({100 * fooled / len(y):.1f}%)" in out
 
     # a tampered file fails (exit 1); files that are not examples and other data are refused (exit 2)
