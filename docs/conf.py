@@ -60,7 +60,7 @@ html_title = f"robustbench_lite {release}"
 html_theme_options = {
     "description": "How robust is this model, trained this way, against these attacks?",
     "fixed_sidebar": True,
-    "page_width": "1100px",
+    "page_width": "1280px",
     "sidebar_width": "240px",
 }
 html_sidebars = {"**": ["about.html", "navigation.html", "relations.html", "searchbox.html"]}

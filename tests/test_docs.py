@@ -116,13 +116,13 @@ def test_the_defense_guide_example_trains_a_model(registries, tmp_path, digits):
     plugin = tmp_path / "fgsm_at.py"
     plugin.write_text(_block("guides/write-a-defense", "python"))
     robustbench_lite.load_plugin_file(plugin)
-    defense = robustbench_lite.create_defense("fgsm-at", eps=0.1, epochs=4, batch_size=32, lr=5e-3)
+    defense = robustbench_lite.create_defense("fgsm-at", eps=0.1, epochs=2, batch_size=32, lr=1e-2)
     torch.manual_seed(0)
     model = robustbench_lite.create_model("small-cnn", digits.input_shape, digits.num_classes)
-    data = dataclasses.replace(digits, train=digits.train.head(384), val=None)
+    data = dataclasses.replace(digits, train=digits.train.head(256), val=None)
     log = defense.fit(model, data, progress=False)
     assert log.epochs[-1].train_loss < log.epochs[0].train_loss
-    assert robustbench_lite.accuracy(model, digits.test, "cpu") > 0.6  # ten classes: chance is 0.1
+    assert robustbench_lite.accuracy(model, digits.test, "cpu") > 0.3  # ten classes: chance is 0.1
     with pytest.raises(ValueError):
         robustbench_lite.create_defense("fgsm-at", alpha=1.5)  # the setting's bounds are checked
 

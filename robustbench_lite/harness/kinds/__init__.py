@@ -100,6 +100,7 @@ class Group:
     stages: dict[str, Stage] = field(default_factory=dict)  #: stored stages of a killed evaluation (resume)
     sink: Sink | None = None  #: stores rows and stages as they are measured (None: returned rows only)
     prefix: str = ""  #: the group's stage-key prefix
+    save_adv: str | None = None  #: a folder for the adversarial examples the group's attacks find (None: not kept)
 
     def checkpoint(self, part: str) -> GroupCheckpoint:
         """The stages of one part of the group's work (e.g. an evaluation) as a checkpoint."""
@@ -207,6 +208,11 @@ class CellKind:
         """What this kind's stored rows among ``rows`` (a group's, with their masks) prove about
         single points (none by default): e.g. a verifier's certified and falsified points."""
         return []
+
+    def check_saved(self, cells: Sequence[Cell], save_dir: str) -> None:
+        """A finished group's cells under ``--save-adv save_dir``: say (a warning) which have no
+        saved adversarial examples (they were computed by a run without it).  Nothing by default:
+        only kinds that save examples check."""
 
     # -- tables ---------------------------------------------------------------------------------
     def tables(self, rows: Sequence[CellResult]) -> dict[str, pd.DataFrame]:

@@ -5,7 +5,8 @@ All evasion cells of a group that share ``survivors`` go through one
 first, flags, the adaptive rerun).  Each attack row is stored the moment it is measured, then
 again with its flags; then one ``worst_case`` row per threat holds the per-point AND of the
 attacks' robust masks.  Tables: the wide leaderboard per dataset and threat, one row per
-model/defense, one column per attack, sorted by the worst case.
+model/defense, one column per attack, sorted by the worst case.  With ``--save-adv`` each attack's
+adversarial examples go to files (:mod:`~robustbench_lite.harness.advsave`).
 
 Where other kinds proved something about the same points (:meth:`CellKind.proofs`: a verifier's
 certified and falsified points), the worst case is a *bracket* (:mod:`~robustbench_lite.eval.bracket`):
@@ -40,6 +41,7 @@ from ...eval.evasion import AttackRecord, evaluate, worst_class
 from ...eval.flags import INCOMPLETE, NON_FINITE, clean_acc_mismatch, join
 from ...training.cache import train_or_load
 from ...training.defense import Defense
+from ..advsave import AdvWriter, missing_files
 from ..autotune import BatchTuner, attack_pass
 from ..plan import Cell
 from ..rows import WORST_CASE, CellResult, Row, error_row
@@ -119,13 +121,21 @@ class Evasion(CellKind):
                 log.warning("attack %s failed: %s", cells[live[j]].attack.name, rec.error.splitlines()[0])
 
         trained, data = group.trained, group.data
+        evaluated = [cells[i] for i in live]
+        writer = None
+        if group.save_adv is not None:
+            threats = {c.threat for c in evaluated}
+            keys = {t: worst_case_key([c for c in cells if c.threat == t]) for t in threats}
+            writer = AdvWriter(group.save_adv, evaluated, group, min(n, len(data.test)), keys)
         ev = evaluate(
             trained.model, [attacks[i] for i in live], data.test, n=n, policy=group.policy,
             batch_size=_batch_rule(group, n), survivors_only=survivors,
             precomputed={j: precomputed[i] for j, i in enumerate(live) if i in precomputed}, on_record=on_record,
             checkpoint=group.checkpoint(part), surrogate=lambda: surrogate_model(cells[0], group), escalation=ESCALATION,
-            num_classes=data.num_classes,
+            num_classes=data.num_classes, adv_sink=writer,
         )
+        if writer is not None:
+            _warn_unsaved([cells[live[j]] for j, r in enumerate(ev.records) if r.robust is not None], group.save_adv)
         if NON_FINITE in ev.model_flags:
             log.warning(
                 "%s/%s returns NaN or inf outputs on some of the %d points: they count as misclassified (flag %s)",
@@ -155,6 +165,9 @@ class Evasion(CellKind):
         rows.extend(worst_case_rows(cells, latest, wc_flags, group.version, ev.escalated, labels=labels, proofs=proofs))
         group.commit(rows, part)
         return rows
+
+    def check_saved(self, cells: Sequence[Cell], save_dir: str) -> None:
+        _warn_unsaved(list(cells), save_dir)
 
     def summary_line(self, row: CellResult) -> str | None:
         if row.attack != WORST_CASE:
@@ -274,6 +287,18 @@ def _extra_columns(rows: Sequence[CellResult]) -> dict[tuple, dict]:
         for key, cols in kind(name).wide_columns(rows).items():
             merged.setdefault(key, {}).update(cols)
     return merged
+
+
+def _warn_unsaved(cells: list[Cell], save_dir: str) -> None:
+    """Warn when evasion cells have no examples file under ``save_dir`` (computed before --save-adv)."""
+    missing = missing_files(save_dir, cells)
+    if missing:
+        names = ", ".join(sorted({f"{c.attack.name}@{c.threat.label}" for c in missing}))
+        log.warning(
+            "%s/%s: %d attack cell(s) (%s) have no adversarial examples in %s: they were computed by a run without "
+            "--save-adv (or writing failed), and finished cells are not recomputed; run them in a fresh --workdir to "
+            "save their examples", missing[0].model.name, missing[0].defense.name, len(missing), names, save_dir,
+        )
 
 
 SURROGATE_RECIPE = "standard"
