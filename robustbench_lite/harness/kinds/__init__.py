@@ -27,6 +27,7 @@ from torch import Tensor
 
 from ...core.data import Data
 from ...core.device import DevicePolicy
+from ...core.progress import Progress
 from ...core.registry import ATTACKS, Registry, create_attack
 from ...training.cache import ModelCache, TrainedModel
 from .. import faults
@@ -92,6 +93,12 @@ class Group:
     stages: dict[str, Stage] = field(default_factory=dict)  # stored stages of a killed evaluation (resume)
     sink: Sink | None = None  # stores rows and stages as they are measured (None: returned rows only)
     prefix: str = ""  # the group's stage-key prefix
+    progress: Progress = field(default_factory=Progress.off)  # where the kinds report their work (and the run's cells)
+
+    def finished(self, key: str) -> None:
+        """The cell ``key`` is measured (its row may be stored later, with its part's): the run's
+        cell count advances."""
+        self.progress.cell_done(key)
 
     def checkpoint(self, part: str) -> GroupCheckpoint:
         """The stages of one part of the group's work (e.g. an evaluation) as a checkpoint."""
@@ -102,6 +109,7 @@ class Group:
         ``part`` (the evaluation that produced them is done)."""
         for row, mask in rows:
             self.measured[row.key] = (row, mask)
+            self.finished(row.key)
         if self.sink is not None:
             self.sink.rows(rows, None if part is None else f"{self.prefix}{part}/")
         faults.point(f"commit:{part or 'rows'}")
@@ -111,6 +119,7 @@ class Group:
         if emit:
             self.emit(row, mask)
         self.measured[row.key] = (row, mask)
+        self.finished(row.key)
         return row, mask
 
     def latest(self) -> dict[str, Row]:

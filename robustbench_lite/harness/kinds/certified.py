@@ -34,6 +34,7 @@ from . import CellKind, Group, register_kind, rows_of_kind
 
 COLUMN = "certified"
 CURVE_STEPS = 4  # the radius bisection's resolution: eps / CURVE_STEPS, over [0, 2 eps]
+VERIFY_CHUNK = 200  # points per verification call (progress steps) for a verifier without its own batch_size
 
 
 @dataclass(frozen=True)
@@ -75,14 +76,26 @@ class Certified(CellKind):
         points = group.data.test.head(cell.n)
         x, y = group.policy.batch_to(points.x), group.policy.batch_to(points.y)
         model = group.trained.model
-        start = time.perf_counter()
-        certified = verifier.certify(model, x, y, cell.threat).cpu().bool()
-        seconds = time.perf_counter() - start
         eps = cell.threat.eps
-        start = time.perf_counter()
-        radii = verifier.radius(model, x, y, cell.threat.norm, hi=2 * eps, tol=eps / CURVE_STEPS,
-                                known=(eps, certified)).cpu()
-        curve_seconds = time.perf_counter() - start
+        seconds, curve_seconds, certified_parts, radii_parts = 0.0, 0.0, [], []
+        chunk = max(1, int(getattr(verifier, "batch_size", VERIFY_CHUNK)))
+        what = f"verify {verifier.name} {cell.threat.norm.value} {eps:g}"
+        with group.progress.task(what, len(points)) as task:
+            # chunks of the verifier's own batch: its bounds are per point, so the numbers are the same
+            for i in range(0, len(points), chunk):
+                xs, ys = x[i : i + chunk], y[i : i + chunk]
+                start = time.perf_counter()
+                part = verifier.certify(model, xs, ys, cell.threat).cpu().bool()
+                seconds += time.perf_counter() - start
+                start = time.perf_counter()
+                radii_parts.append(verifier.radius(model, xs, ys, cell.threat.norm, hi=2 * eps, tol=eps / CURVE_STEPS,
+                                                   known=(eps, part)).cpu())
+                curve_seconds += time.perf_counter() - start
+                certified_parts.append(part)
+                task.update(len(ys))
+            certified = torch.cat(certified_parts) if certified_parts else torch.zeros(0, dtype=torch.bool)
+            radii = torch.cat(radii_parts) if radii_parts else torch.zeros(0, dtype=torch.float64)
+            task.close(f"{int(certified.sum())} of {len(points)} points certified")
         grid = [eps * i / CURVE_STEPS for i in range(2 * CURVE_STEPS + 1)]
         with torch.no_grad():
             clean = float((model(x).argmax(1) == y).float().mean()) if len(points) else float("nan")
