@@ -17,6 +17,7 @@ import sys
 import time
 
 from .core.device import AUTOCAST_CHOICES, make_policy
+from .core.userdata import MAX_CLASSES
 from .core.usermodel import parse_normalize
 from .harness.attack_sets import SETS
 
@@ -42,7 +43,7 @@ def add_eval_parser(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--n", default="1000", help="test points (the first n; default 1000)")
     e.add_argument("--eps-curve", help="robust accuracy over NORM:START:STOP:COUNT evenly spaced eps (comma-separate "
                    "several), e.g. linf:0:0.2:11; eps 0 is the clean accuracy")
-    e.add_argument("--curve-order", default="up", help="up: attack each eps on the points not broken yet (every "
+    e.add_argument("--curve-order", help="with --eps-curve: up (default): attack each eps on the points not broken yet (every "
                    "robust point is attacked at its eps); down: AttackBench's search from the largest eps, stopping at "
                    "a point's first failure (cheaper; assumes failing in a ball means failing in smaller ones)")
     e.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
@@ -52,11 +53,12 @@ def add_eval_parser(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--workdir", default=".rbl", help="store and model cache folder (default .rbl)")
     e.add_argument("--out", default="leaderboards", help="folder for the leaderboard CSVs")
     e.add_argument("--report", default="report", help="folder for report.html and report.md (default report)")
-    e.add_argument("--no-progress", action="store_true")
+    e.add_argument("--no-progress", action="store_true", help="no progress bars (on a terminal) nor progress lines "
+                   "(elsewhere, one per finished attack)")
     e.add_argument("--plugin", action="append", default=argparse.SUPPRESS, metavar="FILE.py")
 
 
-def _int(text: str | None, flag: str, low: int) -> int | None:
+def _int(text: str | None, flag: str, low: int, high: int | None = None) -> int | None:
     if text is None:
         return None
     try:
@@ -65,6 +67,8 @@ def _int(text: str | None, flag: str, low: int) -> int | None:
         raise ValueError(f"{flag} takes a whole number, got {text!r}") from None
     if value < low:
         raise ValueError(f"{flag} must be >= {low}, got {value}")
+    if high is not None and value > high:
+        raise ValueError(f"{flag} must be <= {high:,}, got {value}")
     return value
 
 
@@ -90,9 +94,12 @@ def _plan(args: argparse.Namespace):
     if not threats and not curves:
         raise ValueError("give --threats NORM:EPS (e.g. linf:0.1 or linf:8/255) and/or --eps-curve linf:0:0.2:11")
     n = _int(args.n, "--n", 1)
-    if args.curve_order not in ("up", "down"):
+    if args.curve_order is not None and args.curve_order not in ("up", "down"):
         raise ValueError(f"--curve-order takes up or down, got {args.curve_order!r}")
-    num_classes = _int(args.num_classes, "--num-classes", 2)
+    if args.curve_order is not None and not curves:
+        raise ValueError(f"--curve-order {args.curve_order} orders the eps of a curve, and there is none: add --eps-curve "
+                         "NORM:START:STOP:COUNT (e.g. linf:0:0.2:11), or drop --curve-order")
+    num_classes = _int(args.num_classes, "--num-classes", 2, MAX_CLASSES)
     channels = _int(args.channels, "--channels", 1)
     if channels not in (None, 1, 3):
         raise ValueError(f"--channels takes 1 (grey) or 3 (RGB), got {channels}")
@@ -106,7 +113,7 @@ def _plan(args: argparse.Namespace):
     k = check_on_data(model, data)
     n_eval = min(n, len(data.test))
     cells = user_cells(data_spec, model_spec, weights_spec, threats=threats, attacks=args.attacks, n=n_eval,
-                       num_classes=k, curves=curves, curve_order=args.curve_order)
+                       num_classes=k, curves=curves, curve_order=args.curve_order or "up")
     info = {"n": n_eval, "asked": n, "model": model_spec.name, "weights": weights_spec.name, "data": data_spec.name,
             "batch_size": info_batch}
     return Plan("eval", tuple(cells)), info
