@@ -2,7 +2,9 @@
 still classified correctly, cheapest attack first, and the per-point worst case per threat.
 
 Each attack's record holds a per-point ``robust`` mask over the evaluated points (correct and
-not broken), so worst cases can be recomputed from stored masks after a resumed run.
+not broken), so worst cases can be recomputed from stored masks after a resumed run.  With an
+``adv_sink`` (:class:`~robustbench_lite.eval.adversarial.AdvSink`) the adversarial examples each
+attack found go there as they are judged; without one nothing is kept.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from ..core.registry import ATTACKS, create_attack
 from ..core.threat import Norm, ThreatModel
 from . import adaptive as wrappers
 from . import flags as checks
+from .adversarial import AdvExamples, AdvSink
 from .checkpoint import Checkpoint, MemoryCheckpoint, attack_id, record_from, record_payload
 from .escalate import Escalated, Escalation, StepRecord, run_step
 
@@ -53,6 +56,7 @@ class AttackRecord:
     error: str = ""
     success_rate: float | None = None  # min-norm attacks: share of attacked points with any adversarial
     median_l2: float | None = None  # min-norm attacks: median distance of the adversarials found
+    examples: AdvExamples | None = None  # the broken points' adversarial images (only when asked to keep them)
 
     @property
     def robust_acc(self) -> float | None:
@@ -183,6 +187,7 @@ def run_attack(
     scope: str = "all",
     attack_model: nn.Module | None = None,
     policy: DevicePolicy | None = None,
+    keep_adv: bool = False,
     task: Task | None = None,
 ) -> AttackRecord:
     """Run ``attack`` on the points where ``attack_mask`` is set; others count as not robust.
@@ -191,8 +196,9 @@ def run_attack(
     adversarial points are always judged on ``model``.  ``policy`` (default: float32 on
     ``device``) moves the batches, sets the attack's and the judging's autocast, and says whether
     both see the model in chunked passes (:class:`~robustbench_lite.core.device.Chunked`).
-    ``task`` (a :class:`~robustbench_lite.core.progress.Task`) counts the points as each batch is
-    done."""
+    With ``keep_adv`` the record's ``examples`` hold the adversarial images of the attacked
+    points the judge misclassified (on the CPU).  ``task`` (a
+    :class:`~robustbench_lite.core.progress.Task`) counts the points as each batch is done."""
     policy = policy if policy is not None else as_policy(device)
     judge = policy.chunked(model)
     seen = judge if attack_model is None else policy.chunked(attack_model)
@@ -201,6 +207,7 @@ def run_attack(
     gen = torch.Generator(device=device).manual_seed(attack.seed)
     seconds, grads, fwds, hits = 0.0, 0, 0, 0
     dists: list[Tensor] = []
+    kept: list[AdvExamples] = []
     if task is not None:
         task.restart(len(idx))
     for i in range(0, len(idx), batch_size):
@@ -215,6 +222,10 @@ def run_attack(
         grads += out.grad_evals
         fwds += out.forward_evals + len(sel)
         robust[sel] = (pred == y).cpu()
+        if keep_adv:
+            broke = (pred != y).cpu()
+            kept.append(AdvExamples(sel[broke], out.x_adv[broke.to(out.x_adv.device)].float().cpu().contiguous(),
+                                    y.cpu()[broke], pred.cpu()[broke]))
         if out.target is not None:
             hits += int((pred == out.target).sum())
         if out.distances is not None:
@@ -223,7 +234,8 @@ def run_attack(
             task.update(len(sel))
     target_rate = hits / len(idx) if attack.targeted and len(idx) else None
     success, median = min_norm_summary(torch.cat(dists)) if attack.min_norm and dists else (None, None)
-    return AttackRecord(attack, robust, seconds, grads, fwds, len(idx), scope, target_rate, "", success, median)
+    examples = (AdvExamples.concat(kept) if kept else AdvExamples.empty(split.x)) if keep_adv else None
+    return AttackRecord(attack, robust, seconds, grads, fwds, len(idx), scope, target_rate, "", success, median, examples)
 
 
 def worst_class(robust: Tensor, labels: Tensor) -> tuple[float, int]:
@@ -266,6 +278,7 @@ def evaluate(
     escalation: Escalation | None = DEFAULT_ESCALATION,
     surrogate: Callable[[], nn.Module | None] | None = None,
     num_classes: int | None = None,
+    adv_sink: AdvSink | None = None,
     progress: Progress | bool | None = None,
 ) -> Evaluation:
     """Evaluate ``attacks`` on the first ``n`` points of ``split``.
@@ -299,6 +312,10 @@ def evaluate(
     (``worst_case`` and its ``adapted:...`` flag) includes them.  With ``probe_iterations``
     (default) each threat with an iterative gradient attack also gets the more-iterations check
     (:func:`iterations_probe`, 110 PGD steps on 64 points).
+
+    ``adv_sink`` gets the adversarial examples of every point an attack (its plain run, its
+    adaptive rerun) or an escalation step broke, as soon as it is judged and before its stage is
+    checkpointed; stages and records taken from ``checkpoint`` or ``precomputed`` hand it nothing.
 
     ``batch_size`` is a number or a function of the attack (an autotuned choice per attack kind);
     an attack that runs out of CUDA memory is rerun with half the batch (see
@@ -334,7 +351,7 @@ def evaluate(
             rec, _ = halving_on_oom(
                 lambda b: run_attack(
                     model, attack, split, mask, device=device, batch_size=b, scope=scope, attack_model=attack_model,
-                    policy=policy, task=task,
+                    policy=policy, keep_adv=adv_sink is not None, task=task,
                 ),
                 attack_batch(attack),
             )
@@ -381,6 +398,10 @@ def evaluate(
                 rec = run(attack, mask, scope)
             except Exception as exc:  # one failing attack must not lose the others
                 rec = AttackRecord(attack, None, 0.0, 0, 0, int(mask.sum()), scope, error=_describe(exc))
+            if rec.examples is not None:
+                if adv_sink is not None:
+                    adv_sink.attack(i, attack, rec.examples, adaptive=False)
+                rec = dataclasses.replace(rec, examples=None)
             ck.put(stage, record_payload(rec), rec.robust)
             if on_record is not None:
                 on_record(i, rec, clean_acc)
@@ -421,6 +442,8 @@ def evaluate(
             try:
                 again = run(rec.attack, rec.robust, rec.scope, wrapped,
                             f"adaptive rerun: {rec.attack.name} {threat_text(rec.attack.threat)}")
+                if adv_sink is not None and again.examples is not None:
+                    adv_sink.attack(i, rec.attack, again.examples, adaptive=True)
                 hit = ({"error": "", "seconds": again.seconds, "grad_evals": again.grad_evals,
                         "forward_evals": again.forward_evals}, rec.robust & again.robust)
             except Exception as exc:  # keep the plain record; say the rerun failed
@@ -450,7 +473,8 @@ def evaluate(
             if not own & set(MASKING):
                 continue  # this threat's own checks are quiet (the rerun was for another threat's flags)
             why = ", ".join(sorted(own & set(MASKING)))
-            esc = _escalate(threat, worst[threat], escalation, ck, run, inner, model, lazy, split, classes, reporter, why)
+            esc = _escalate(threat, worst[threat], escalation, ck, run, inner, model, lazy, split, classes, adv_sink,
+                            reporter, why)
             escalated[threat] = esc
             worst[threat] = worst[threat] & esc.robust
     for threat in worst:
@@ -493,10 +517,11 @@ def threat_text(threat: ThreatModel) -> str:
 def _escalate(
     threat: ThreatModel, alive: Tensor, cfg: Escalation, ck: Checkpoint, run: Callable[..., AttackRecord],
     wrapped: nn.Module, model: nn.Module, surrogate: _Lazy, split: DataSplit, num_classes: int,
-    reporter: Progress | None = None, why: str = "",
+    adv_sink: AdvSink | None = None, reporter: Progress | None = None, why: str = "",
 ) -> Escalated:
-    """The ladder on one threat: each step on the points still unbroken, while budget lasts;
-    ``reporter`` hears what it does and why (``why``: the masking checks that fired)."""
+    """The ladder on one threat: each step on the points still unbroken, while budget lasts; a
+    step's finds go to ``adv_sink`` (when given) before its stage is checkpointed; ``reporter``
+    hears what it does and why (``why``: the masking checks that fired)."""
     reporter = reporter if reporter is not None else Progress.off()
     where = threat_text(threat)
     steps: list[StepRecord] = []
@@ -521,8 +546,13 @@ def _escalate(
         if hit is not None and hit[1] is not None:
             rec = StepRecord.from_payload(hit[0], hit[1])
         else:
-            def run_one(a: EvasionAttack, m: Tensor, am: nn.Module | None, step: str = step) -> AttackRecord:
-                return run(a, m, "survivors", am, f"escalation {step}: {a.name} {where}")
+            found: list[AttackRecord] = []
+
+            def run_one(a: EvasionAttack, m: Tensor, am: nn.Module | None, found: list = found,
+                        step: str = step) -> AttackRecord:
+                one = run(a, m, "survivors", am, f"escalation {step}: {a.name} {where}")
+                found.append(one)
+                return one
 
             try:
                 rec = run_step(
@@ -531,6 +561,9 @@ def _escalate(
                 )
             except Exception as exc:  # a failed step keeps what the others found
                 rec = StepRecord(step, robust.clone(), int(robust.sum()), 0, 0.0, 0, 0, error=f"{type(exc).__name__}: {exc}"[:300])
+            kept = [r.examples for r in found if r.examples is not None]
+            if adv_sink is not None and kept and not rec.error:
+                adv_sink.escalation(threat, step, [r.attack for r in found], AdvExamples.concat(kept))
             ck.put(stage, rec.as_payload(), rec.robust)
         outcome = f"skipped ({rec.error.splitlines()[0]})" if rec.error else f"broke {rec.broke} of {rec.attacked} points"
         reporter.note(f"{where}: escalation {step}: {outcome}")
