@@ -28,9 +28,10 @@ import torch
 from ...certify import VERIFIERS, create_verifier
 from ...core.threat import ThreatModel
 from ...eval.flags import CERTIFIED_BROKEN
+from ..identity import distinguish
 from ..plan import Cell
 from ..rows import WORST_CASE, CellResult, Row
-from . import CellKind, Group, register_kind, rows_of_kind
+from . import CellKind, Group, register_kind, rows_of_kind, wide_key
 
 COLUMN = "certified"
 CURVE_STEPS = 4  # the radius bisection's resolution: eps / CURVE_STEPS, over [0, 2 eps]
@@ -55,6 +56,8 @@ class CertifiedRow:
 
 @register_kind("certified")
 class Certified(CellKind):
+    """Verified robustness: the share of points a verifier proves robust, beside the attacked worst case."""
+
     row: ClassVar[type] = CertifiedRow
     order: ClassVar[int] = 2  # after the evasion worst cases it is compared with
     sort: ClassVar[tuple[tuple[str, bool], ...]] = (
@@ -106,10 +109,10 @@ class Certified(CellKind):
 
     def wide_columns(self, rows: list[CellResult]) -> dict[tuple, dict[str, Any]]:
         out: dict[tuple, dict[str, Any]] = {}
-        for r in rows_of_kind(rows, self.name):
+        for r in rows_of_kind(distinguish(rows), self.name):
             if r.status != "ok" or r.robust_acc is None:
                 continue
-            cols = out.setdefault((r.dataset, r.model, r.defense, r.n, r.norm, r.eps), {COLUMN: 0.0, "flags": set()})
+            cols = out.setdefault(wide_key(r), {COLUMN: 0.0, "flags": set()})
             union = json.loads(r.metrics).get("union_acc") if r.metrics else None
             cols[COLUMN] = max(cols[COLUMN], r.robust_acc, union if union is not None else 0.0)
             cols["flags"].update(f for f in r.flags.split(";") if f)
