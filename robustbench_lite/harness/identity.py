@@ -16,7 +16,10 @@ itself changed.
 
 Rows stored before identities were recorded have empty fields.  They take the identity of a newer
 row of the same trained model (same ``model_key``), else of the only model stored under their
-names, else one identity per display names, as every row had before.
+names, else (an old store that mixed models under one name) their trained model's cache key
+(labelled ``small-cnn#0fc617ac``), else one identity per display names, as every row had before.
+A rerun of their grid on the workdir stores their full identity
+(:func:`~robustbench_lite.harness.run.run_plan`).
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from ..core.config import config_hash
 from .rows import CellResult
 
 LEGACY = "names:"  # prefix of the model_id of an old row known only by its display names
+KEYED = "key:"  # prefix of the model_id of old rows known by their trained model's cache key
 _DATA_DEFAULTS = {"train_limit": None, "val_fraction": 0.0}  # not shown at these values
 _ABSENT = "\0absent"
 _HEX = re.compile(r"([0-9a-f]{8})[0-9a-f]{8,}")
@@ -52,23 +56,40 @@ def distinguish(rows: Iterable[CellResult]) -> list[CellResult]:
 
 # -- old rows ---------------------------------------------------------------------------------------
 def _resolved(rows: list[CellResult]) -> list[CellResult]:
+    """Every row with a ``model_id``; an old row (none stored) takes, in this order: the identity of
+    a newer row with its ``model_key``; the one trained model its display names hold (the newer
+    rows' identities and the model keys that several old rows share: a model's rows share its
+    cache key; a poisoning row's own retrained model has a key of its own); its model key when
+    that is shared but the names hold several models (an old store that mixed two models under one
+    name: they stay apart, labelled by their keys); else its display names, as every row had."""
     if all(r.model_id for r in rows):
         return rows
     by_key: dict[tuple[str, str], tuple[str, str]] = {}
-    by_names: dict[tuple[str, str, str], dict[str, str]] = {}
+    known: dict[tuple[str, str, str], dict[str, str]] = {}
     for r in rows:
         if r.model_id:
             if r.model_key:
                 by_key.setdefault((r.dataset, r.model_key), (r.model_id, r.identity))
-            by_names.setdefault((r.dataset, r.model, r.defense), {})[r.model_id] = r.identity
+            known.setdefault((r.dataset, r.model, r.defense), {})[r.model_id] = r.identity
+    old_keys: dict[tuple[str, str, str], dict[str, int]] = {}
+    for r in rows:
+        if not r.model_id and r.model_key and (r.dataset, r.model_key) not in by_key:
+            counts = old_keys.setdefault((r.dataset, r.model, r.defense), {})
+            counts[r.model_key] = counts.get(r.model_key, 0) + 1
     out = []
     for r in rows:
         if not r.model_id:
+            names = (r.dataset, r.model, r.defense)
             hit = by_key.get((r.dataset, r.model_key)) if r.model_key else None
             if hit is None:
-                known = by_names.get((r.dataset, r.model, r.defense), {})
-                hit = next(iter(known.items())) if len(known) == 1 else (
-                    LEGACY + config_hash([r.dataset, r.model, r.defense]), "")
+                shared = {KEYED + k: "" for k, n in old_keys.get(names, {}).items() if n > 1}
+                candidates = {**known.get(names, {}), **shared}
+                if KEYED + r.model_key in shared and len(candidates) > 1:
+                    hit = (KEYED + r.model_key, "")
+                elif len(candidates) == 1:
+                    hit = next(iter(candidates.items()))
+                else:
+                    hit = (LEGACY + config_hash(list(names)), "")
             r = dataclasses.replace(r, model_id=hit[0], identity=hit[1])
         out.append(r)
     return out
@@ -103,30 +124,42 @@ def _labels(rows: Sequence[CellResult]) -> dict[str, tuple[str, str]]:
     out: dict[str, tuple[str, str]] = {}
     for (_, model, defense), ids in buckets.items():
         if len(ids) > 1:
-            out.update(_bucket_labels(model, defense, {mid: _facts(text) for mid, text in ids.items()}))
+            out.update(_bucket_labels(model, defense, {mid: _facts(text) if text else None for mid, text in ids.items()}))
     return out
 
 
-def _bucket_labels(model: str, defense: str, facts: dict[str, _Facts]) -> dict[str, tuple[str, str]]:
-    model_keys = _differing([f.model for f in facts.values()])
-    defense_keys = _differing([f.defense for f in facts.values()])
-    paths = {mid: f.weights for mid, f in facts.items() if f.weights}
+def _bucket_labels(model: str, defense: str, facts: dict[str, _Facts | None]) -> dict[str, tuple[str, str]]:
+    """The labels of the models sharing ``model`` and ``defense`` (``None``: an old row's model,
+    whose settings were not recorded: labelled by its id, never by settings it may not have)."""
+    known = {mid: f for mid, f in facts.items() if f is not None}
+    model_keys = _differing([f.model for f in known.values()])
+    defense_keys = _differing([f.defense for f in known.values()])
+    paths = {mid: f.weights for mid, f in known.items() if f.weights}
     by_path = _path_labels(paths, defense) if len({_canon(p) for p in paths.values()}) > 1 else {}
     show_sha = not model_keys and not defense_keys and not by_path
     labels = {}
     for mid, f in facts.items():
+        if f is None:
+            labels[mid] = (f"{model}#{_short_id(mid)}", defense)
+            continue
         m = _with_settings(model, f.model, model_keys)
         d = _with_settings(by_path.get(mid, defense), f.defense, defense_keys)
-        if show_sha and f.sha256:
+        if show_sha and f.sha256 and len(known) > 1:
             d = f"{d}@{f.sha256[:8]}"
         labels[mid] = (m, d)
     seen: dict[tuple[str, str], int] = {}
     for label in labels.values():
         seen[label] = seen.get(label, 0) + 1
     for mid, (m, d) in list(labels.items()):
-        if seen[(m, d)] > 1:  # nothing recorded tells them apart (an old row): the id does
-            labels[mid] = (f"{m}#{'legacy' if mid.startswith(LEGACY) else mid[:8]}", d)
+        if seen[(m, d)] > 1:  # nothing recorded tells them apart: the id does
+            labels[mid] = (f"{m}#{_short_id(mid)}", d)
     return labels
+
+
+def _short_id(model_id: str) -> str:
+    if model_id.startswith(LEGACY):
+        return "legacy"
+    return model_id.removeprefix(KEYED)[:8]
 
 
 def _differing(dicts: list[dict[str, Any]]) -> list[str]:

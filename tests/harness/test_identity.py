@@ -8,6 +8,8 @@ import dataclasses
 import io
 import json
 import math
+import shutil
+import sqlite3
 from pathlib import Path
 
 import pandas as pd
@@ -186,6 +188,24 @@ def test_old_rows_join_the_new_rows_of_their_trained_model():
     assert table.loc["small-cnn", ["fgsm", "pgd"]].tolist() == [0.5, 0.25]
 
 
+def test_old_rows_that_mixed_two_models_under_one_name_stay_apart_by_their_model_keys():
+    rows = legacy(evasion_rows(model_key="0fc617acb78c64b4") + evasion_rows(
+        ModelSpec("small-cnn", {"width": 8}), robust={"fgsm": (0, 0, 0, 0), "pgd": (0, 0, 0, 0)}, model_key="340786d354a1e318"))
+    table = wide(rows).set_index("model")
+    assert sorted(table.index) == ["small-cnn#0fc617ac", "small-cnn#340786d3"]
+    assert table.loc["small-cnn#340786d3", "worst_case"] == 0.0 and table.loc["small-cnn#0fc617ac", "worst_case"] == 0.25
+
+
+def test_an_old_row_of_its_own_model_key_joins_the_one_model_of_its_names():
+    """A poisoning row's model key is its own retrained model's: alone, it names no other model."""
+    rows = legacy(evasion_rows(model_key="a"))
+    c = Cell(DataSpec("digits"), ModelSpec("small-cnn"), DefenseSpec("standard", {"epochs": 1}), AttackSpec("badnets"),
+             ThreatModel(Norm.L0, 9.0), 4)
+    rows += legacy([cell_row(c, clean_acc=0.5, model_key="poisoned", metrics="{}")])
+    assert len({r.model_id for r in distinguish(rows)}) == 1
+    assert {(r.model, r.defense) for r in distinguish(rows)} == {("small-cnn", "standard")}
+
+
 def test_the_committed_leaderboards_are_what_their_cells_give(tmp_path):
     """Every committed wide table, rebuilt from its folder's ``cells.csv`` (rows stored before
     model identities): the same rows under the same plain names, the same columns and numbers
@@ -277,6 +297,25 @@ def test_the_store_rows_carry_the_model_identity(two_grids):
         assert r.model_id and json.loads(r.identity)["model"]["name"] == "small-cnn"
         by_id.setdefault(r.model_id, set()).add(json.dumps(json.loads(r.identity)["model"]["kwargs"], sort_keys=True))
     assert sorted(k for ks in by_id.values() for k in ks) == ['{"activation": "bogus"}', '{"width": 8}', "{}"]
+
+
+def test_a_rerun_on_a_workdir_of_old_rows_stores_their_identities(two_grids, tmp_path):
+    work = tmp_path / "w"
+    shutil.copytree(two_grids / "w", work)
+    with sqlite3.connect(work / "store.sqlite") as db:  # the rows as an older version stored them
+        for key, text in db.execute("SELECT key, row FROM cells").fetchall():
+            old = {k: v for k, v in json.loads(text).items() if k not in ("model_id", "identity")}
+            db.execute("UPDATE cells SET row = ? WHERE key = ?", (json.dumps(old), key))
+    args = ["--workdir", str(work), "--out", str(tmp_path / "out"), "--no-progress"]
+    assert main(["leaderboard", *args[:4]]) == 0
+    before = pd.read_csv(tmp_path / "out" / "digits_linf_0.1.csv", keep_default_na=False)
+    assert len(before) == 3 and all(m.startswith("small-cnn#") for m in before["model"])
+    assert main(["run", "--config", str(two_grids / "a.toml"), *args]) == 0
+    assert main(["run", "--config", str(two_grids / "b.toml"), *args]) == 1
+    after = pd.read_csv(tmp_path / "out" / "digits_linf_0.1.csv", keep_default_na=False)
+    assert sorted(after["model"]) == ["small-cnn", "small-cnn(activation=bogus)", "small-cnn(width=8)"]
+    with Store(work / "store.sqlite", create=False) as store:
+        assert all(r.model_id for r in store.rows())
 
 
 def test_two_user_checkpoints_of_one_file_name_are_two_rows(tmp_path, digits):

@@ -172,7 +172,7 @@ class Evasion(CellKind):
             old = store.get(row.key)
             if old is not None and old[1] is not None and old[1].shape == mask.shape and old[0].status == "ok":
                 same = torch.equal(old[1] & mask, old[1]) and set(row.flags.split(";")) <= set(old[0].flags.split(";"))
-                if same and WORST_CLASS in _metrics(old[0].metrics):
+                if same and WORST_CLASS in _metrics(old[0].metrics) and old[0].model_id == row.model_id:
                     continue  # nothing to change: the stored row already holds at least as much
                 mask = mask & old[1]
                 flags = join(set(row.flags.split(";")) | set(old[0].flags.split(";")))
