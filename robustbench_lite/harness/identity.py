@@ -49,7 +49,7 @@ def distinguish(rows: Iterable[CellResult]) -> list[CellResult]:
     labels = _labels(rows)
     out = []
     for r in rows:
-        label = labels.get(r.model_id)
+        label = labels.get((r.dataset, r.model, r.defense, r.model_id))
         out.append(r if label is None else dataclasses.replace(r, model=label[0], defense=label[1]))
     return out
 
@@ -115,16 +115,18 @@ def _facts(identity: str) -> _Facts:
     return _Facts(shown, params, doc.get("weights"), sha)
 
 
-def _labels(rows: Sequence[CellResult]) -> dict[str, tuple[str, str]]:
-    """``model_id -> (model label, defense label)`` for the models that share their dataset and
-    display names with another (the others keep their names)."""
+def _labels(rows: Sequence[CellResult]) -> dict[tuple[str, str, str, str], tuple[str, str]]:
+    """``(dataset, model, defense, model_id) -> (model label, defense label)`` for the models that
+    share their dataset and display names with another (the others keep their names)."""
     buckets: dict[tuple[str, str, str], dict[str, str]] = {}
     for r in rows:
         buckets.setdefault((r.dataset, r.model, r.defense), {}).setdefault(r.model_id, r.identity)
-    out: dict[str, tuple[str, str]] = {}
-    for (_, model, defense), ids in buckets.items():
+    out: dict[tuple[str, str, str, str], tuple[str, str]] = {}
+    for (dataset, model, defense), ids in buckets.items():
         if len(ids) > 1:
-            out.update(_bucket_labels(model, defense, {mid: _facts(text) if text else None for mid, text in ids.items()}))
+            facts = {mid: _facts(text) if text else None for mid, text in ids.items()}
+            out.update({(dataset, model, defense, mid): label
+                        for mid, label in _bucket_labels(model, defense, facts).items()})
     return out
 
 
