@@ -28,8 +28,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from ..eval import flags as checks
 from ..core.names import safe_stem
+from ..eval import flags as checks
 from ..harness.identity import distinguish
 from ..harness.kinds import rows_of_kind
 from ..harness.rows import WORST_CASE, CellResult
