@@ -155,7 +155,7 @@ attacks = ["fgsm"]
     for what in ("small-cnn/standard: train standard (1 epochs on", "small-cnn/standard: fgsm linf 0.1: ",
                  "small-cnn/standard: verify ibp linf 0.1: ", "small-cnn/standard: curve fgsm linf (2 eps"):
         assert sum(what in ln for ln in err.splitlines()) == 1, (what, err)
-    assert "of 30 points certified" in err and "points attacked over 2 eps" in err and "[cells 2/3" in err, err
+    assert "of 30 points verified" in err and "points attacked over 2 eps" in err and "[cells 2/3" in err, err
 
 
 def test_the_ladder_says_why_and_the_surrogate_trains_within_its_share(user_checkpoint, tmp_path, monkeypatch, lines):
