@@ -29,7 +29,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from .config import Plugin, setting
+from .config import MAX_SEED, Plugin, setting
 from .models import check_logits
 from .threat import Geometry, Norm, ThreatModel, check_eps
 
@@ -120,7 +120,7 @@ class Attack(Plugin):
 
     norm: Norm = Norm.LINF
     eps: float = 0.1
-    seed: int = setting(0, low=0)
+    seed: int = setting(0, low=0, high=MAX_SEED)
 
     #: the cell kind (harness registry name) that evaluates this attack's cells
     cell_kind: ClassVar[str] = "evasion"

@@ -34,10 +34,12 @@ from torch import Tensor
 
 from ...core.data import Data
 from ...core.device import DevicePolicy
+from ...core.progress import Progress
 from ...core.registry import ATTACKS, Registry, create_attack
 from ...eval.bracket import Proof
 from ...training.cache import ModelCache, TrainedModel
 from .. import faults
+from ..identity import distinguish
 from ..rows import CellResult, OnRow, Row, cell_row, error_row, split_metrics
 
 if TYPE_CHECKING:
@@ -101,6 +103,12 @@ class Group:
     sink: Sink | None = None  #: stores rows and stages as they are measured (None: returned rows only)
     prefix: str = ""  #: the group's stage-key prefix
     save_adv: str | None = None  #: a folder for the adversarial examples the group's attacks find (None: not kept)
+    progress: Progress = field(default_factory=Progress.off)  #: where the kinds report their work (and the run's cells)
+
+    def finished(self, key: str) -> None:
+        """The cell ``key`` is measured (its row may be stored later, with its part's): the run's
+        cell count advances."""
+        self.progress.cell_done(key)
 
     def checkpoint(self, part: str) -> GroupCheckpoint:
         """The stages of one part of the group's work (e.g. an evaluation) as a checkpoint."""
@@ -111,6 +119,7 @@ class Group:
         ``part`` (the evaluation that produced them is done)."""
         for row, mask in rows:
             self.measured[row.key] = (row, mask)
+            self.finished(row.key)
         if self.sink is not None:
             self.sink.rows(rows, None if part is None else f"{self.prefix}{part}/")
         faults.point(f"commit:{part or 'rows'}")
@@ -120,6 +129,7 @@ class Group:
         if emit:
             self.emit(row, mask)
         self.measured[row.key] = (row, mask)
+        self.finished(row.key)
         return row, mask
 
     def latest(self) -> dict[str, Row]:
@@ -219,12 +229,13 @@ class CellKind:
         """This kind's tables from all stored ``rows``: by default one per dataset
         (``<dataset>_<kind>``) with model, defense, attack and the fields of :attr:`row`, then the
         status and the first line of any error, sorted by :attr:`sort`.  Fields whose name starts
-        with ``_`` are private (stored, e.g. per-point values, but not in the tables)."""
+        with ``_`` are private (stored, e.g. per-point values, but not in the tables).  Models that
+        share display names get distinguishing labels (:func:`~robustbench_lite.harness.identity.distinguish`)."""
         if self.row is None:
             return {}
         columns = [f.name for f in dataclasses.fields(self.row) if not f.name.startswith("_")]  # "_": private
         by_dataset: dict[str, list[dict[str, Any]]] = {}
-        for r in rows_of_kind(rows, self.name):
+        for r in rows_of_kind(distinguish(rows), self.name):
             metrics = json.loads(r.metrics) if r.metrics else {}
             values = r.as_row()
             out = {"dataset": r.dataset, "model": r.model, "defense": r.defense, "attack": r.attack}
@@ -245,9 +256,16 @@ class CellKind:
 
     def wide_columns(self, rows: Sequence[CellResult]) -> dict[tuple, dict[str, Any]]:
         """Columns this kind adds, from all stored ``rows``, to the evasion tables, keyed by
-        (dataset, model, defense, n, norm, eps): e.g. the certified share beside the attacked worst
+        :func:`wide_key` of its rows (after :func:`~robustbench_lite.harness.identity.distinguish`:
+        one model, not one display name): e.g. the certified share beside the attacked worst
         case.  A ``flags`` entry (a set) joins the row's flags."""
         return {}
+
+
+def wide_key(row: CellResult) -> tuple:
+    """Where a row's numbers go in the evasion tables: (dataset, model_id, n, norm, eps), the
+    model by its identity (its ``model_id``, filled in by :func:`~robustbench_lite.harness.identity.distinguish`)."""
+    return (row.dataset, row.model_id, row.n, row.norm, row.eps)
 
 
 def kind(name: str) -> CellKind:

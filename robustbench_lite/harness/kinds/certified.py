@@ -44,15 +44,17 @@ from ...core.attack import eval_mode
 from ...core.threat import ThreatModel
 from ...eval.bracket import Proof
 from ...eval.flags import CERTIFIED_BROKEN, COUNTEREXAMPLE_REJECTED, join
+from ..identity import distinguish
 from ..plan import Cell
 from ..rows import WORST_CASE, CellResult, Row
-from . import CellKind, Group, register_kind, rows_of_kind
+from . import CellKind, Group, register_kind, rows_of_kind, wide_key
 
 if TYPE_CHECKING:
     from ..store import Store
 
 COLUMN = "certified"
 CURVE_STEPS = 4  # the radius bisection's resolution: eps / CURVE_STEPS, over [0, 2 eps]
+VERIFY_CHUNK = 200  # points per verification call (progress steps) for a verifier without its own batch_size
 
 
 @dataclass(frozen=True)
@@ -79,6 +81,8 @@ class CertifiedRow:
 
 @register_kind("certified")
 class Certified(CellKind):
+    """Verified robustness: the share of points a verifier proves robust, beside the attacked worst case."""
+
     row: ClassVar[type] = CertifiedRow
     order: ClassVar[int] = 2  # after the evasion worst cases it is compared with
     sort: ClassVar[tuple[tuple[str, bool], ...]] = (
@@ -99,17 +103,30 @@ class Certified(CellKind):
         points = group.data.test.head(cell.n)
         x, y = group.policy.batch_to(points.x), group.policy.batch_to(points.y)
         model = group.trained.model
-        start = time.perf_counter()
-        outcome = verifier.verify(model, x, y, cell.threat)
-        seconds = time.perf_counter() - start
-        with eval_mode(model), torch.no_grad():  # the harness re-checks every counterexample, whatever the plugin did
-            outcome = outcome.recheck(model, x, y, cell.threat)
-        certified, falsified = outcome.verified, outcome.falsified
         eps = cell.threat.eps
-        start = time.perf_counter()
-        radii = verifier.radius(model, x, y, cell.threat.norm, hi=2 * eps, tol=eps / CURVE_STEPS,
-                                known=(eps, certified)).cpu()
-        curve_seconds = time.perf_counter() - start
+        seconds, curve_seconds, parts, radii_parts = 0.0, 0.0, [], []
+        chunk = max(1, int(getattr(verifier, "batch_size", VERIFY_CHUNK)))
+        what = f"verify {verifier.name} {cell.threat.norm.value} {eps:g}"
+        with group.progress.task(what, len(points)) as task:
+            # chunks of the verifier's own batch: its outcomes are per point, so the numbers are the same
+            for i in range(0, max(1, len(points)), chunk):
+                xs, ys = x[i : i + chunk], y[i : i + chunk]
+                start = time.perf_counter()
+                part = verifier.verify(model, xs, ys, cell.threat)
+                seconds += time.perf_counter() - start
+                with eval_mode(model), torch.no_grad():  # the harness re-checks every counterexample, whatever the plugin did
+                    part = part.recheck(model, xs, ys, cell.threat)
+                start = time.perf_counter()
+                radii_parts.append(verifier.radius(model, xs, ys, cell.threat.norm, hi=2 * eps, tol=eps / CURVE_STEPS,
+                                                   known=(eps, part.verified)).cpu())
+                curve_seconds += time.perf_counter() - start
+                parts.append(part)
+                task.update(len(ys))
+            outcome = _joined(parts, points.x)
+            radii = torch.cat(radii_parts)
+            task.close(f"{int(outcome.verified.sum())} of {len(points)} points verified, {int(outcome.falsified.sum())} "
+                       "falsified")
+        certified, falsified = outcome.verified, outcome.falsified
         grid = [eps * i / CURVE_STEPS for i in range(2 * CURVE_STEPS + 1)]
         with torch.no_grad():
             clean = float((model(x).argmax(1) == y).float().mean()) if len(points) else float("nan")
@@ -171,10 +188,10 @@ class Certified(CellKind):
         worst case holds no bracket yet (a store written before brackets existed): the evasion
         tables take ``certified`` from the worst case's bracket where it has one."""
         out: dict[tuple, dict[str, Any]] = {}
-        for r in rows_of_kind(rows, self.name):
+        for r in rows_of_kind(distinguish(rows), self.name):
             if r.status != "ok" or r.robust_acc is None:
                 continue
-            cols = out.setdefault((r.dataset, r.model, r.defense, r.n, r.norm, r.eps), {COLUMN: 0.0, "flags": set()})
+            cols = out.setdefault(wide_key(r), {COLUMN: 0.0, "flags": set()})
             union = json.loads(r.metrics).get("union_acc") if r.metrics else None
             cols[COLUMN] = max(cols[COLUMN], r.robust_acc, union if union is not None else 0.0)
             cols["flags"].update(f for f in r.flags.split(";") if f)
@@ -212,6 +229,22 @@ def _falsified(row: CellResult, n: int | None = None) -> Tensor:
     if index:
         mask[torch.as_tensor(index, dtype=torch.long)] = True
     return mask
+
+
+def _joined(parts: list[Verification], like: Tensor) -> Verification:
+    """The outcomes of consecutive chunks of points as one (``like``: the points, for the shape of
+    the counterexamples)."""
+    if len(parts) == 1:
+        return parts[0]
+    cex = None
+    if any(p.counterexamples is not None for p in parts):
+        cex = torch.cat([p.counterexamples if p.counterexamples is not None else torch.zeros_like(like[: p.n]).cpu()
+                         for p in parts])
+    return Verification(
+        torch.cat([p.verified for p in parts]), torch.cat([p.falsified for p in parts]), cex,
+        torch.cat([p.subdomains for p in parts]), torch.cat([p.seconds for p in parts]),
+        torch.cat([p.rejected for p in parts]),
+    )
 
 
 def label(name: str, params: dict[str, Any]) -> str:

@@ -36,15 +36,16 @@ from ...core.config import config_hash
 from ...core.threat import ThreatModel
 from ...eval import bracket
 from ...eval.bracket import Proof
-from ...eval.escalate import Escalated, Escalation
+from ...eval.escalate import SURROGATE_MIN_PER_CLASS, Escalated, Escalation, surrogate_schedule
 from ...eval.evasion import AttackRecord, evaluate, worst_class
 from ...eval.flags import INCOMPLETE, NON_FINITE, clean_acc_mismatch, join
 from ...training.cache import train_or_load
 from ...training.defense import Defense
 from ..advsave import AdvWriter, missing_files
 from ..autotune import BatchTuner, attack_pass
+from ..identity import distinguish
 from ..plan import Cell
-from ..rows import WORST_CASE, CellResult, Row, error_row
+from ..rows import WORST_CASE, CellResult, Row, error_row, model_identity
 from ..store import Store
 from . import KINDS, CellKind, Group, kind, proofs_of, register_kind, rows_of_kind
 
@@ -52,6 +53,7 @@ log = logging.getLogger(__name__)
 
 ID_COLUMNS = ["dataset", "model", "defense", "norm", "eps", "n"]
 WORST_CLASS = "worst_class"  # the lowest per-class robust accuracy of the worst case
+ACC_DECIMALS = 3  # the wide tables' accuracies are shares of n <= 1000 points: 3 decimals are exact
 # the escalation ladder the harness runs when a masking check fires (read at each evaluation, so a
 # plugin file can swap it, e.g. for a cheaper one in tests; None turns it off)
 ESCALATION: Escalation | None = Escalation()
@@ -117,6 +119,7 @@ class Evasion(CellKind):
             return rows
 
         def on_record(j: int, rec: AttackRecord, clean_acc: float) -> None:
+            group.finished(cells[live[j]].key)
             if rec.error:
                 log.warning("attack %s failed: %s", cells[live[j]].attack.name, rec.error.splitlines()[0])
 
@@ -131,8 +134,11 @@ class Evasion(CellKind):
             trained.model, [attacks[i] for i in live], data.test, n=n, policy=group.policy,
             batch_size=_batch_rule(group, n), survivors_only=survivors,
             precomputed={j: precomputed[i] for j, i in enumerate(live) if i in precomputed}, on_record=on_record,
-            checkpoint=group.checkpoint(part), surrogate=lambda: surrogate_model(cells[0], group), escalation=ESCALATION,
-            num_classes=data.num_classes, adv_sink=writer,
+            checkpoint=group.checkpoint(part), escalation=ESCALATION, num_classes=data.num_classes, progress=group.progress,
+            surrogate=lambda: surrogate_model(
+                cells[0], group, ESCALATION.surrogate_limit(min(n, len(data.test))) if ESCALATION else None
+            ),
+            adv_sink=writer,
         )
         if writer is not None:
             _warn_unsaved([cells[live[j]] for j, r in enumerate(ev.records) if r.robust is not None], group.save_adv)
@@ -213,32 +219,38 @@ class Evasion(CellKind):
             same_mask = usable and torch.equal(robust, old[1])
             if not (same_mask and WORST_CLASS in metrics):
                 metrics = _metrics(_with_worst_class(json.dumps(metrics), robust, labels()[: row.n]))
-            if same_mask and join(flags) == old[0].flags and metrics == _metrics(old[0].metrics):
+            if same_mask and join(flags) == old[0].flags and metrics == _metrics(old[0].metrics) \
+                    and old[0].model_id == row.model_id:
                 continue  # nothing to change: the stored row already holds it
             new = replace(base, robust_acc=float(robust.float().mean()), flags=join(flags), metrics=json.dumps(metrics),
-                          code_version=row.code_version)
+                          code_version=row.code_version, model_id=row.model_id, identity=row.identity)
             fresh.append((new, robust))
         if fresh:
             store.put_many(fresh)
 
     # -- tables ---------------------------------------------------------------------------------
     def tables(self, rows: Sequence[CellResult]) -> dict[str, pd.DataFrame]:
-        """One wide table per ``<dataset>_<norm>_<eps>``: a row per model/defense with
-        ``clean_acc``, one robust-accuracy column per attack, ``worst_case``, columns other kinds
-        add (e.g. ``certified``, right after the worst case), ``seconds`` of all attacks,
-        ``train_seconds`` and ``flags``; sorted by the worst case."""
+        """One wide table per ``<dataset>_<norm>_<eps>``: a row per model (its ``model_id``: models
+        sharing display names are separate rows with distinguishing labels, see
+        :mod:`~robustbench_lite.harness.identity`) and ``n``, with ``clean_acc``, one robust-accuracy
+        column per attack (in name order, the same in every table), ``worst_case``, its
+        ``worst_class`` (3 decimals, like every accuracy), columns other kinds add (e.g.
+        ``certified``, right after the worst class), ``seconds`` of all attacks, ``train_seconds``
+        and ``flags``; sorted by the worst case."""
         from ...report.leaderboard import long_table
 
+        rows = distinguish(rows)
         df = long_table(rows_of_kind(rows, self.name))
         out: dict[str, pd.DataFrame] = {}
         if df.empty:
             return out
         extra = _extra_columns(rows)
         for (dataset, norm, eps), part in df.groupby(["dataset", "norm", "eps"], sort=True):
-            attacks = [a for a in dict.fromkeys(part["attack"]) if a != WORST_CASE]
+            attacks = sorted(a for a in set(part["attack"]) if a != WORST_CASE)
             added: list[str] = []
             table_rows = []
-            for (model, defense, n), g in part.groupby(["model", "defense", "n"], sort=True):
+            models = part.groupby(["model_id", "n"], sort=False)
+            for (model_id, n), g in sorted(models, key=lambda m: (m[1]["model"].iloc[0], m[1]["defense"].iloc[0], m[0][1])):
                 by_attack = {r.attack: r for r in g.itertuples()}
                 first = g.iloc[0]
                 ok = g[g["status"] == "ok"]
@@ -250,9 +262,10 @@ class Evasion(CellKind):
                 wc = by_attack.get(WORST_CASE)
                 row[WORST_CASE] = wc.robust_acc if wc is not None else float("nan")
                 wc_metrics = json.loads(wc.metrics) if wc is not None and wc.metrics else {}
-                row[WORST_CLASS] = wc_metrics.get(WORST_CLASS, float("nan"))
+                worst = wc_metrics.get(WORST_CLASS)
+                row[WORST_CLASS] = round(worst, ACC_DECIMALS) if isinstance(worst, (int, float)) else float("nan")
                 flags: set[str] = set()
-                for col, value in extra.get((dataset, model, defense, n, norm, eps), {}).items():
+                for col, value in extra.get((dataset, model_id, n, norm, eps), {}).items():
                     if col == "flags":
                         flags.update(value)
                     else:
@@ -281,7 +294,7 @@ class Evasion(CellKind):
 
 
 def _extra_columns(rows: Sequence[CellResult]) -> dict[tuple, dict]:
-    """The columns the other kinds add to the wide tables, by (dataset, model, defense, n, norm, eps)."""
+    """The columns the other kinds add to the wide tables, by :func:`~robustbench_lite.harness.kinds.wide_key`."""
     merged: dict[tuple, dict] = {}
     for name in KINDS.list():
         for key, cols in kind(name).wide_columns(rows).items():
@@ -305,20 +318,48 @@ SURROGATE_RECIPE = "standard"
 _BASE_SETTINGS = frozenset(f.name for f in dataclasses.fields(Defense)) - {"monitor_eps", "monitor_points", "monitor_steps"}
 
 
-def surrogate_model(cell: Cell, group: Group) -> nn.Module | None:
+def surrogate_model(cell: Cell, group: Group, limit: int | None = None) -> nn.Module | None:
     """The escalation ladder's transfer surrogate: the cell's architecture trained by the plain
     ``standard`` recipe with the group's training settings (epochs, batch size, optimizer,
     schedule, seed; the defense's own settings dropped), through the model cache, so a preset
     that also has a ``standard`` defense with those settings trains it once.  ``None`` when that
-    is the model under test (a surrogate identical to the model transfers nothing new)."""
+    is the model under test (a surrogate identical to the model transfers nothing new).
+
+    ``limit`` (:meth:`~robustbench_lite.eval.escalate.Escalation.surrogate_limit`) bounds the
+    training images seen, summed over epochs: the recipe gets fewer epochs, then fewer images
+    (:func:`~robustbench_lite.eval.escalate.surrogate_schedule`); too few images for a useful
+    surrogate raise a ``ValueError`` that the transfer step records.  The training is announced
+    on the group's progress, with its size and why."""
     from ...core.registry import create_defense
 
     params = {k: v for k, v in cell.defense.params.items() if k in _BASE_SETTINGS}
     defense = create_defense(SURROGATE_RECIPE, **params)
     if cell.defense.name == SURROGATE_RECIPE and defense.get_params() == cell.defense.build().get_params():
         return None
+    data = group.data
+    available = len(data.train)
+    if available == 0:
+        raise ValueError(f"{data.name} holds evaluation points only: no training images for a transfer surrogate")
+    epochs, images = defense.epochs, available
+    if limit is not None:
+        epochs, images = surrogate_schedule(defense.epochs, available, limit)
+        least = SURROGATE_MIN_PER_CLASS * data.num_classes
+        if images < least:
+            raise ValueError(
+                f"the surrogate may see {limit} training images in all (its share of the ladder's budget for these "
+                f"points), fewer than the {least} a useful one needs ({SURROGATE_MIN_PER_CLASS} per class); evaluate more "
+                "points or raise Escalation.surrogate_share"
+            )
+        if (epochs, images) != (defense.epochs, available):
+            defense = create_defense(SURROGATE_RECIPE, **{**params, "epochs": epochs})
+            data = dataclasses.replace(data, train=data.train.head(images))
+    bound = "" if limit is None else f", within {limit} images seen (the surrogate's share of the ladder's budget)"
+    group.progress.note(
+        f"escalation transfer: training a surrogate ({cell.model.name}, {SURROGATE_RECIPE} recipe, {epochs} epoch(s) on "
+        f"{images} of {available} training images{bound}); cached for later runs"
+    )
     log.info("training the transfer surrogate: %s with the %s recipe %s", cell.model.name, SURROGATE_RECIPE, params)
-    trained = train_or_load(cell.model, defense, group.data, group.cache, policy=group.policy, progress=False)
+    trained = train_or_load(cell.model, defense, data, group.cache, policy=group.policy, progress=group.progress)
     if trained.key == group.trained.key:
         return None
     return trained.model
@@ -392,6 +433,7 @@ def worst_case_rows(
             scope="all", target_hit_rate=None, success_rate=None, median_l2=None, flags=join(found), status="ok", error="",
             train_seconds=ref.train_seconds, attack_params=json.dumps(sorted(r.attack for r, _ in ok)),
             key=worst_case_key(tcells), model_key=ref.model_key, code_version=version,
+            **model_identity(tcells[0]),
             metrics=_with_worst_class(metrics, mask, labels) if labels is not None else metrics,
         )
         out.append((row, mask))
