@@ -37,7 +37,7 @@ def setting(
 
     ``low``/``high`` are inclusive (``low_open=True`` makes ``low`` exclusive); ``choices``
     lists the allowed values.  The field's annotation (int, float, bool, str) is enforced.  An
-    int setting without ``high`` is at most :data:`MAX_INT`; one that needs more (seeds, Monte
+    int setting without ``high`` is at most ``MAX_INT``; one that needs more (seeds, Monte
     Carlo samples) says so with its own ``high``.
     """
     meta = {"low": low, "high": high, "low_open": low_open, "choices": choices}

@@ -17,7 +17,7 @@ have margins of several points, so smoothed gradients that pass them again can s
    stopping (high-loss points transfer better; Papernot et al. 2016, Tramèr et al. 2018), every
    iterate judged on the model; a point counts as broken by the first iterate that fools it.
    Training the surrogate is bounded by the evaluation it serves (:meth:`Escalation.surrogate_limit`,
-   :func:`surrogate_schedule`): a 40-point check does not pay for a full training run.
+   ``surrogate_schedule``): a 40-point check does not pay for a full training run.
 3. ``square``: Square Attack (Andriushchenko et al. 2020) with AutoAttack's budget (5000
    queries; Croce & Hein 2020's standard version runs one restart): it queries only scores, so
    no gradient can mislead it.

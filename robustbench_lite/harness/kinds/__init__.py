@@ -230,7 +230,7 @@ class CellKind:
         (``<dataset>_<kind>``) with model, defense, attack and the fields of :attr:`row`, then the
         status and the first line of any error, sorted by :attr:`sort`.  Fields whose name starts
         with ``_`` are private (stored, e.g. per-point values, but not in the tables).  Models that
-        share display names get distinguishing labels (:func:`~robustbench_lite.harness.identity.distinguish`)."""
+        share display names get distinguishing labels (``harness.identity.distinguish``)."""
         if self.row is None:
             return {}
         columns = [f.name for f in dataclasses.fields(self.row) if not f.name.startswith("_")]  # "_": private
@@ -256,7 +256,7 @@ class CellKind:
 
     def wide_columns(self, rows: Sequence[CellResult]) -> dict[tuple, dict[str, Any]]:
         """Columns this kind adds, from all stored ``rows``, to the evasion tables, keyed by
-        :func:`wide_key` of its rows (after :func:`~robustbench_lite.harness.identity.distinguish`:
+        ``wide_key`` of its rows (after ``harness.identity.distinguish``:
         one model, not one display name): e.g. the certified share beside the attacked worst
         case.  A ``flags`` entry (a set) joins the row's flags."""
         return {}
@@ -264,7 +264,7 @@ class CellKind:
 
 def wide_key(row: CellResult) -> tuple:
     """Where a row's numbers go in the evasion tables: (dataset, model_id, n, norm, eps), the
-    model by its identity (its ``model_id``, filled in by :func:`~robustbench_lite.harness.identity.distinguish`)."""
+    model by its identity (its ``model_id``, filled in by ``harness.identity.distinguish``)."""
     return (row.dataset, row.model_id, row.n, row.norm, row.eps)
 
 
