@@ -91,3 +91,18 @@ def test_fab_under_an_unsupported_norm_is_one_clear_line():
     assert "\n" not in msg and "l0" in msg and "'fab': ['linf', 'l2', 'l1']" in msg, msg
     with pytest.raises(ValueError, match="fab supports norm linf, l2, l1, not l0"):
         create_attack("fab", norm="l0", eps=1.0)
+
+
+def test_a_grid_file_takes_the_autoattack_sets(tmp_path):
+    from robustbench_lite.harness.gridfile import load_grid
+
+    (tmp_path / "aa.toml").write_text(
+        'name = "aa"\nn = 20\n\n[[datasets]]\nname = "digits"\n\n[[models]]\nname = "small-cnn"\n\n'
+        '[[defenses]]\nname = "standard"\nepochs = 1\n\n[[threats]]\nthreat = "linf:0.1"\nattacks = "autoattack"\n\n'
+        '[[threats]]\nthreat = "l2:1.0"\nattacks = "autoattack-rand"\n'
+    )
+    cells = load_grid(tmp_path / "aa.toml").plan().cells
+    got = {(c.threat.label, c.attack.name): c.attack.params for c in cells if c.attack is not None}
+    assert got[("linf_0.1", "fab-t")] == {"steps": 100, "restarts": 1, "n_targets": 9, "early_stop": True}
+    assert got[("linf_0.1", "square")]["queries"] == 5000
+    assert got[("l2_1", "apgd-dlr")] == {"eot": 20}
