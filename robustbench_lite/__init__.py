@@ -17,8 +17,7 @@ adaptive wrappers), ``harness`` (plans, presets, cell kinds, runs, the results s
 ``report`` (leaderboard CSVs and the HTML report).
 """
 
-__version__ = "0.1.0"
-
+from ._version import __version__ as __version__
 from .certify import Verifier, create_verifier, list_verifiers, register_verifier  # noqa: E402
 from .core import ops  # noqa: E402
 from .core.attack import (  # noqa: E402

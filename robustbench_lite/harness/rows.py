@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import MISSING, asdict, dataclass, fields
 from typing import TYPE_CHECKING, Any
 
@@ -16,6 +16,8 @@ from torch import Tensor
 from ..core.config import config_hash
 
 if TYPE_CHECKING:
+    import pandas as pd
+
     from .plan import Cell
 
 WORST_CASE = "worst_case"
@@ -177,3 +179,16 @@ def split_metrics(values: dict[str, Any]) -> tuple[dict[str, Any], str]:
 
 Row = tuple[CellResult, Tensor | None]  # a store row and its per-point mask (robust, or certified)
 OnRow = Callable[[CellResult, Tensor | None], None]
+
+
+def long_table(rows: Sequence[CellResult]) -> pd.DataFrame:
+    """The rows as one table (``cells.csv``'s order: per dataset, threat and model, each model's
+    attacks cheapest first and its worst case last)."""
+    import pandas as pd  # only the tables need pandas
+
+    df = pd.DataFrame([r.as_row() for r in rows])
+    if df.empty:
+        return df
+    df["_wc"] = df["attack"] == WORST_CASE
+    df = df.sort_values(["dataset", "norm", "eps", "model", "defense", "_wc", "grad_evals", "attack"], kind="stable")
+    return df.drop(columns="_wc").reset_index(drop=True)

@@ -35,7 +35,7 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
-from .. import __version__
+from .._version import __version__
 from ..core.data import Data
 from ..core.device import make_policy
 from ..core.progress import Progress, Task

@@ -45,7 +45,7 @@ from ..advsave import AdvWriter, missing_files
 from ..autotune import BatchTuner, attack_pass
 from ..identity import distinguish
 from ..plan import Cell
-from ..rows import WORST_CASE, CellResult, Row, error_row, model_identity
+from ..rows import WORST_CASE, CellResult, Row, error_row, long_table, model_identity
 from ..store import Store
 from . import KINDS, CellKind, Group, kind, proofs_of, register_kind, rows_of_kind
 
@@ -237,7 +237,6 @@ class Evasion(CellKind):
         ``worst_class`` (3 decimals, like every accuracy), columns other kinds add (e.g.
         ``certified``, right after the worst class), ``seconds`` of all attacks, ``train_seconds``
         and ``flags``; sorted by the worst case."""
-        from ...report.leaderboard import long_table
 
         rows = distinguish(rows)
         df = long_table(rows_of_kind(rows, self.name))
