@@ -30,7 +30,7 @@ from .core.attack import (  # noqa: E402
     apply_delta,
 )
 from .core.config import setting  # noqa: E402
-from .core.data import Data, DatasetNotFoundError, DataSplit, list_datasets, load  # noqa: E402
+from .core.data import Data, DatasetNotFoundError, DataSplit, default_eps, list_datasets, load  # noqa: E402
 from .core.device import DevicePolicy, make_policy  # noqa: E402
 from .core.models import ModelSpec, Normalize, accuracy, create_model, predict, split_head  # noqa: E402
 from .core.registry import (  # noqa: E402
@@ -58,6 +58,7 @@ __all__ = [
     "CellKind",
     "Data",
     "DataSplit",
+    "default_eps",
     "DatasetNotFoundError",
     "Defense",
     "DevicePolicy",

@@ -22,21 +22,15 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..core.data import dataset_default_eps
 from ..core.progress import Progress
+from ..core.registry import DATASETS
 from ..core.threat import Norm, ThreatModel
 from .kinds.evasion import worst_case_key
 from .plan import Plan
 from .run import run_plan
 from .store import Store
 from .user import check_on_data, prepare, resolve_data, user_cells
-
-# the usual budgets per dataset (images in [0, 1]), for a call without eps
-DEFAULT_EPS = {
-    ("fashion-mnist", Norm.LINF): 0.1, ("fashion-mnist", Norm.L2): 1.5,
-    ("digits", Norm.LINF): 0.1, ("digits", Norm.L2): 1.0,
-    ("mnist", Norm.LINF): 0.3, ("mnist", Norm.L2): 2.0,
-    ("cifar10", Norm.LINF): 8 / 255, ("cifar10", Norm.L2): 0.5,
-}
 
 
 def benchmark(
@@ -75,7 +69,7 @@ def benchmark(
     norm = Norm.parse(threat_model)
     spec_data, data = resolve_data(dataset, data_root=data_dir)
     if eps is None:
-        eps = DEFAULT_EPS.get((spec_data.name, norm))
+        eps = dataset_default_eps(spec_data.name, norm) if spec_data.name in DATASETS else None
         if eps is None:
             raise ValueError(f"no default eps for {spec_data.name!r} under {norm.value}; pass eps= (pixels in [0, 1], "
                              "e.g. eps=8/255)")
