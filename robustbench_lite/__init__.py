@@ -20,6 +20,7 @@ __version__ = "0.1.0"
 
 from .certify import Verifier, create_verifier, list_verifiers, register_verifier  # noqa: E402
 from .core import ops  # noqa: E402
+from .core.access import Access, LabelOnly, ScoresOnly  # noqa: E402
 from .core.attack import (  # noqa: E402
     AttackOutput,
     EvasionAttack,
@@ -53,6 +54,7 @@ from .training.cache import ModelCache, TrainedModel, train_or_load  # noqa: E40
 from .training.defense import Defense, EpochRecord, TrainLog, TrainState  # noqa: E402
 
 __all__ = [
+    "Access",
     "AttackOutput",
     "CellKind",
     "Data",
@@ -64,12 +66,14 @@ __all__ = [
     "EvasionAttack",
     "Geometry",
     "Group",
+    "LabelOnly",
     "LossFn",
     "ModelCache",
     "ModelSpec",
     "Norm",
     "Normalize",
     "PoisoningAttack",
+    "ScoresOnly",
     "ThreatModel",
     "TrainLog",
     "TrainState",

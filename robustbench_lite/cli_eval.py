@@ -36,6 +36,9 @@ def add_eval_parser(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--num-classes", help="the model's number of classes (default: the data's)")
     e.add_argument("--channels", help="convert the images to 1 (grey) or 3 (RGB) channels to match the model")
     e.add_argument("--trust-pickle", action="store_true", help=_DANGER)
+    e.add_argument("--access", default="gradients", help="what the model gives an attacker: gradients (default), "
+                   "scores (its outputs, no gradients) or labels (only the predicted class, like an API that returns "
+                   "labels); attacks that need more are skipped with a note, e.g. --access labels --attacks hsj")
     e.add_argument("--threats", help="comma-separated NORM:EPS, eps for pixels in [0, 1]: linf:0.1,linf:8/255,l2:1.5")
     e.add_argument("--attacks", default="standard", help=f"a set ({' | '.join(SETS)}; default standard) or "
                    "comma-separated attack names")
@@ -102,7 +105,8 @@ def _plan(args: argparse.Namespace):
     data_spec, data = resolve_data(args.data, data_root=args.data_root, channels=channels, num_classes=num_classes)
     normalize = parse_normalize(args.normalize, data.input_shape[0]) if args.normalize else None
     model_spec, weights_spec, model = prepare(data, arch=args.model, weights=args.weights, normalize=normalize,
-                                              num_classes=num_classes, trust_pickle=args.trust_pickle)
+                                              num_classes=num_classes, trust_pickle=args.trust_pickle,
+                                              access=args.access)
     k = check_on_data(model, data)
     n_eval = min(n, len(data.test))
     cells = user_cells(data_spec, model_spec, weights_spec, threats=threats, attacks=args.attacks, n=n_eval,

@@ -72,6 +72,8 @@ class Geometry:
     aliases: ClassVar[tuple[str, ...]] = ()
     #: a budget that visibly moves a small image in [0, 1] (the attack contract tests use it)
     example_eps: ClassVar[float] = 0.1
+    #: budgets are whole numbers (L0 counts pixels): an attack moves them a whole unit at a time
+    discrete: ClassVar[bool] = False
     #: relative slack when checking that a perturbation is inside the ball (float rounding)
     rtol: ClassVar[float] = 1e-4
     atol: ClassVar[float] = 1e-6
@@ -81,13 +83,26 @@ class Geometry:
         """Per-sample norm of a perturbation, shape ``[B]``."""
         raise NotImplementedError
 
-    def project_ball(self, delta: Tensor, eps: float) -> Tensor:
-        """The Euclidean projection of a perturbation onto the ball of radius ``eps`` (no box)."""
+    def project_ball(self, delta: Tensor, eps: float | Tensor) -> Tensor:
+        """The Euclidean projection of a perturbation onto the ball of radius ``eps`` (no box);
+        ``eps`` is a number or a tensor of one radius per sample (as in :meth:`project`)."""
         raise ValueError(f"the {self.norm.value} ball has no projection here")
 
-    def project(self, x_adv: Tensor, x: Tensor, eps: float) -> Tensor:
-        """A point of the ``eps`` ball around ``x`` intersected with the box [0, 1], close to ``x_adv``."""
+    def project(self, x_adv: Tensor, x: Tensor, eps: float | Tensor) -> Tensor:
+        """A point of the ``eps`` ball around ``x`` intersected with the box [0, 1], close to ``x_adv``.
+        ``eps`` is a number or a tensor ``[B]`` of one radius per sample (minimum-norm attacks
+        move each point's budget on its own)."""
         raise ValueError(f"the {self.norm.value} ball has no projection here")
+
+    def dual_norm(self, g: Tensor) -> Tensor:
+        """Per-sample dual norm ``‖g‖_* = max_{‖d‖ ≤ 1} ⟨g, d⟩``, shape ``[B]``: ``|L| / ‖∇L‖_*`` is
+        the distance to the zero level set of the linearised ``L`` (DeepFool, FMN)."""
+        raise ValueError(f"{self.norm.value} has no dual norm here")
+
+    def scale_budget(self, eps: Tensor, factor: float) -> Tensor:
+        """Budgets ``eps`` (one per sample) grown or shrunk by ``factor`` (FMN's ε schedule):
+        ``eps · factor`` for a continuous norm."""
+        return eps * factor
 
     def ascent(self, grad: Tensor) -> Tensor:
         """The steepest-ascent direction of unit norm: ``argmax_{‖d‖ ≤ 1} ⟨grad, d⟩``."""
@@ -146,14 +161,20 @@ class LinfGeometry(Geometry):
     def distance(self, delta: Tensor) -> Tensor:
         return delta.flatten(1).abs().amax(dim=1)
 
-    def project_ball(self, delta: Tensor, eps: float) -> Tensor:
-        return delta.clamp(-eps, eps)
+    def project_ball(self, delta: Tensor, eps: float | Tensor) -> Tensor:
+        e = _radius(eps, delta)
+        return torch.max(torch.min(delta, e), -e)
 
-    def project(self, x_adv: Tensor, x: Tensor, eps: float) -> Tensor:
-        return torch.min(torch.max(x_adv, x - eps), x + eps).clamp_(0.0, 1.0)
+    def project(self, x_adv: Tensor, x: Tensor, eps: float | Tensor) -> Tensor:
+        e = _radius(eps, x)
+        return torch.min(torch.max(x_adv, x - e), x + e).clamp_(0.0, 1.0)
 
     def ascent(self, grad: Tensor) -> Tensor:
         return grad.sign()
+
+    def dual_norm(self, g: Tensor) -> Tensor:
+        """``‖g‖₁``."""
+        return g.flatten(1).abs().sum(dim=1)
 
     def random_start(self, x: Tensor, eps: float, gen: torch.Generator) -> Tensor:
         """``x + U(−ε, ε)`` per coordinate, clipped (Madry et al. 2018)."""
@@ -173,6 +194,11 @@ class LinfGeometry(Geometry):
             raise ValueError(f"Linf eps on images in [0, 1] must be <= 1, got {eps:g}; did you mean {eps:g}/255?")
 
 
+def _radius(eps: float | Tensor, like: Tensor) -> float | Tensor:
+    """A number as it is; a tensor of per-sample radii ``[B]`` as a broadcastable ``[B, 1, ...]``."""
+    return per_sample(eps.to(like.dtype), like) if isinstance(eps, Tensor) else eps
+
+
 def _normalize_l2(g: Tensor, tiny: float = 1e-12) -> Tensor:
     return g / per_sample(g.flatten(1).norm(p=2, dim=1).clamp_min(tiny), g)
 
@@ -189,16 +215,20 @@ class L2Geometry(Geometry):
     def distance(self, delta: Tensor) -> Tensor:
         return delta.flatten(1).norm(p=2, dim=1)
 
-    def project_ball(self, delta: Tensor, eps: float) -> Tensor:
+    def project_ball(self, delta: Tensor, eps: float | Tensor) -> Tensor:
         """``δ · min(1, ε / ‖δ‖₂)`` per sample."""
         factor = (eps / self.distance(delta).clamp_min(1e-12)).clamp(max=1.0)
         return delta * per_sample(factor, delta)
 
-    def project(self, x_adv: Tensor, x: Tensor, eps: float) -> Tensor:
+    def project(self, x_adv: Tensor, x: Tensor, eps: float | Tensor) -> Tensor:
         return (x + self.project_ball(x_adv - x, eps)).clamp_(0.0, 1.0)
 
     def ascent(self, grad: Tensor) -> Tensor:
         return _normalize_l2(grad)
+
+    def dual_norm(self, g: Tensor) -> Tensor:
+        """``‖g‖₂`` (L2 is its own dual)."""
+        return g.flatten(1).norm(p=2, dim=1)
 
     def random_start(self, x: Tensor, eps: float, gen: torch.Generator) -> Tensor:
         """A uniform random direction at radius ``ε·u``, ``u ~ U(0, 1)``, clipped.  (A volume-uniform
@@ -226,12 +256,36 @@ class L0Geometry(Geometry):
     norm = Norm.L0
     aliases = ("l0", "0")
     example_eps = 1.0
+    discrete = True
 
     def distance(self, delta: Tensor) -> Tensor:
         return (delta.abs().amax(dim=1) > 0).flatten(1).sum(dim=1).to(delta.dtype)
 
     def inside(self, delta: Tensor, eps: float) -> Tensor:
         return self.distance(delta) <= eps
+
+    def project_ball(self, delta: Tensor, eps: float | Tensor) -> Tensor:
+        """Keep the ``⌊ε⌋`` pixels whose change is largest (squared over channels), zero the rest:
+        the Euclidean projection onto the set of perturbations that change at most ``ε`` pixels."""
+        k = torch.as_tensor(eps, dtype=torch.float64, device=delta.device).floor().long().reshape(-1)
+        k = k.expand(delta.shape[0]) if k.numel() == 1 else k
+        power = delta.pow(2).sum(dim=1).flatten(1)  # [B, H*W]
+        order = power.argsort(dim=1, descending=True)
+        rank = torch.empty_like(order).scatter_(1, order, torch.arange(power.shape[1], device=delta.device).expand_as(order))
+        keep = (rank < k.clamp(min=0)[:, None]).view(delta.shape[0], 1, *delta.shape[2:])
+        return delta * keep
+
+    def project(self, x_adv: Tensor, x: Tensor, eps: float | Tensor) -> Tensor:
+        """Clip to the box, then keep the ``⌊ε⌋`` pixels that changed most (clipping does not
+        change which pixels changed, so this is the projection onto ball ∩ box)."""
+        return x + self.project_ball(x_adv.clamp(0.0, 1.0) - x, eps)
+
+    def scale_budget(self, eps: Tensor, factor: float) -> Tensor:
+        """Whole pixels: at least one pixel in ``factor``'s direction, ``⌊ε · factor⌋`` when that
+        moves further, never below 0."""
+        if factor >= 1:
+            return torch.maximum(eps + 1, (eps * factor).floor())
+        return torch.minimum(eps - 1, (eps * factor).floor()).clamp_min(0)
 
     def check_eps(self, eps: float) -> None:
         if eps != int(eps):
@@ -252,16 +306,20 @@ class L1Geometry(Geometry):
     def distance(self, delta: Tensor) -> Tensor:
         return l1.l1_norm(delta)
 
-    def project_ball(self, delta: Tensor, eps: float) -> Tensor:
+    def project_ball(self, delta: Tensor, eps: float | Tensor) -> Tensor:
         """Duchi et al.'s sorting projection (ICML 2008, Figure 1)."""
         return l1.project_l1_ball(delta, eps)
 
-    def project(self, x_adv: Tensor, x: Tensor, eps: float) -> Tensor:
+    def project(self, x_adv: Tensor, x: Tensor, eps: float | Tensor) -> Tensor:
         return l1.project_l1_box(x_adv, x, eps)
 
     def ascent(self, grad: Tensor) -> Tensor:
         """One coordinate, ``sign(g_j)·e_j`` at ``j = argmax |g_j|`` (a vertex of the cross-polytope)."""
         return l1.l1_ascent(grad)
+
+    def dual_norm(self, g: Tensor) -> Tensor:
+        """``‖g‖∞``."""
+        return g.flatten(1).abs().amax(dim=1)
 
     def random_start(self, x: Tensor, eps: float, gen: torch.Generator) -> Tensor:
         """A uniform point of the ε-sphere at radius ``ε·u``, ``u ~ U(0, 1)``, clipped."""

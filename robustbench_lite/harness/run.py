@@ -38,7 +38,7 @@ from ..training.cache import ModelCache, train_or_load
 from . import faults
 from .kinds import Group, Sink, Stage, kind
 from .plan import Cell, Plan
-from .rows import WORST_CASE, CellResult, OnRow, Row, error_row
+from .rows import FINISHED, WORST_CASE, CellResult, OnRow, Row, error_row
 from .specs import DataSpec
 from .store import Store
 
@@ -210,7 +210,7 @@ def _refreshed(task: GroupTask, store: Store) -> GroupTask:
     done = {}
     for c in task.cells:
         hit = store.get(c.key)
-        if hit is not None and hit[0].status == "ok":
+        if hit is not None and hit[0].status in FINISHED:
             done[c.key] = hit
     stages = store.stages(group_prefix(task.cells)) if len(done) < len(task.cells) else {}
     return GroupTask(task.cells, done, stages)
@@ -230,7 +230,7 @@ def _run_tasks(executor: Executor, tasks: list[GroupTask], ctx: RunContext, stor
                 if row.model_key:  # measured (an attack that raised is measured with its error)
                     summary.computed += 1
                     summary.computed_keys.append(row.key)
-                if row.status != "ok":
+                if row.status == "error":
                     summary.errors += 1
                     if not row.model_key:
                         log.warning("%s on %s: %s", row.attack, row.defense, row.error.splitlines()[0] if row.error else "")

@@ -31,7 +31,7 @@ from ...training.cache import train_or_load
 from ...training.defense import Defense
 from ..autotune import BatchTuner, attack_pass
 from ..plan import Cell
-from ..rows import WORST_CASE, CellResult, Row, error_row
+from ..rows import SKIPPED, WORST_CASE, CellResult, Row, error_row
 from ..store import Store
 from . import KINDS, CellKind, Group, kind, register_kind, rows_of_kind
 
@@ -157,7 +157,7 @@ class Evasion(CellKind):
         return self.result(
             cell, group, values, method=rec.attack, clean_acc=clean_acc, seconds=rec.seconds, n=cell.n if n is None else n,
             grad_evals=rec.grad_evals, forward_evals=rec.forward_evals, flags=flags,
-            status="error" if rec.error else "ok", error=rec.error, metrics="",
+            status="error" if rec.error else SKIPPED if rec.skipped else "ok", error=rec.error or rec.skipped, metrics="",
         )
 
     def refresh(self, cells: Sequence[Cell], store: Store, labels: Callable[[], Tensor]) -> None:
@@ -293,7 +293,8 @@ def worst_case_rows(
     """One ``worst_case`` row per threat: the per-point AND of its cells' robust masks.
 
     ``latest`` maps cell keys to their newest rows (cells absent or not ``ok`` make the worst
-    case ``incomplete``); ``flags`` are an evaluation's flags (``worst_case@<threat>`` keys);
+    case ``incomplete``, except those skipped on purpose: their attack needs more of the model
+    than it gives); ``flags`` are an evaluation's flags (``worst_case@<threat>`` keys);
     ``escalated`` the escalation ladder's outcome per threat (its mask is ANDed in, its costs
     added, and its steps go into the row's ``metrics`` as ``escalation``); with the points'
     ``labels`` the metrics hold the worst class too."""
@@ -313,7 +314,8 @@ def worst_case_rows(
         for r, m in ok:
             mask &= m
             found.update(f for f in r.flags.split(";") if f)
-        if len(ok) < len(tcells):
+        skipped = sum(1 for s in stored if s is not None and s[0].status == SKIPPED)
+        if len(ok) + skipped < len(tcells):
             found.add(INCOMPLETE)
         found.update(flags.get(f"{WORST_CASE}@{threat.label}", set()))
         ref = ok[0][0]
