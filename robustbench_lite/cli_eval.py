@@ -117,7 +117,7 @@ def _plan(args: argparse.Namespace):
 
 
 def _execute(args: argparse.Namespace, plan, info: dict) -> int:
-    from .harness.rows import WORST_CASE
+    from .harness.rows import SKIPPED, WORST_CASE
     from .harness.run import run_plan
     from .harness.store import Store
     from .report import leaderboard
@@ -139,6 +139,8 @@ def _execute(args: argparse.Namespace, plan, info: dict) -> int:
           f"computed, {summary.skipped} already done, {summary.errors} errors, {elapsed:.1f} s")
     for line in _summary_lines(mine):
         print("  " + line)
+    for r in sorted((r for r in mine if r.status == SKIPPED), key=lambda r: (r.kind, r.norm, r.eps, r.attack)):
+        print(f"  skipped {r.attack} ({r.kind} {r.norm} {r.eps:g}): {r.error}")
     paths = leaderboard.write(rows, args.out)
     print("wrote " + ", ".join(str(p) for p in paths))
     try:

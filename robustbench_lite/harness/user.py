@@ -255,7 +255,7 @@ def prepare(data: Data, *, arch: str | None = None, weights: str | Path | None =
             spec = UserModelSpec(arch, dict(kwargs or {}), num_classes=k, normalize=norm, source="registry")
     if access is not Access.GRADIENTS:
         suffix = "-label-only" if access is Access.LABELS else "-scores-only"
-        spec = dataclasses.replace(spec, name=spec.name + suffix, access=access.value)
+        spec = dataclasses.replace(spec, name=spec.name + suffix, arch=spec.arch or spec.name, access=access.value)
     model = spec.build(data)
     wspec.build().fit(model, data)
     check_on_data(model, data)
