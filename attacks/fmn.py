@@ -61,7 +61,8 @@ class FMN(EvasionAttack):
         b = x.shape[0]
         track = Smallest(x, geo)
         delta = torch.zeros_like(x)
-        eps = torch.zeros(b, device=x.device, dtype=x.dtype)
+        # ε before the first step: 0, or the smallest whole budget (one pixel) for L0
+        eps = geo.scale_budget(torch.zeros(b, device=x.device, dtype=x.dtype), 1.0)
         found = torch.zeros(b, dtype=torch.bool, device=x.device)
         widest = geo.distance(torch.maximum(x, 1 - x))  # the largest perturbation the box allows
         for k in range(self.steps):
