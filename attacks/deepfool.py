@@ -6,9 +6,9 @@ At the current iterate ``x_i`` the classifier is linearised: for each candidate 
 ``l = argmin_k |f'_k| / ‖w'_k‖_*`` (the dual norm: L2 for L2, L1 for Linf), and the smallest step
 onto it is ``r_i = (|f'_l| + 1e-4) / ‖w'_l‖_* · d_l`` with ``d_l`` the norm's steepest-ascent
 direction of unit size (``w'/‖w'‖₂`` for L2, ``sign(w')`` for Linf: the paper's
-``|w'|^{q−1} ⊙ sign(w')`` scaled).  The steps add up, ``r = Σ r_i`` (kept inside the box), and the
-next iterate is ``x + (1 + η) r`` clipped to [0, 1], with the overshoot η = 0.02 on the total as in
-the authors' code.  A point stops at its first adversarial iterate, or after ``steps`` steps.
+``|w'|^{q−1} ⊙ sign(w')`` scaled).  The next iterate is ``x_{i+1} = clip(x_i + (1 + η) r_i)`` with
+the overshoot η = 0.02: the authors' ``x + (1 + η) Σ r_i``, with the box [0, 1] applied at every
+step.  A point stops at its first adversarial iterate, or after ``steps`` steps.
 
 ``candidates`` is the number of classes considered, those with the largest logits at ``x`` (the
 authors' code's ``num_classes``, 10); each step costs one gradient per candidate other than the
@@ -56,7 +56,6 @@ class DeepFool(EvasionAttack):
         adv = misclassified(logits, y)
         track.offer(None, x, adv)
         idx = (~adv).nonzero().flatten()
-        r = torch.zeros_like(x)
         point = x.clone()
         for _ in range(self.steps):
             if idx.numel() == 0:
@@ -78,8 +77,7 @@ class DeepFool(EvasionAttack):
             pick = torch.arange(n, device=x.device)
             w_l = w[pick, best]
             step = geo.ascent(w_l) * ops.per_sample((f[pick, best].abs() + 1e-4) / dual[pick, best], w_l)
-            r[idx] = ((x[idx] + r[idx] + step).clamp(0.0, 1.0) - x[idx])
-            point[idx] = (x[idx] + (1 + self.overshoot) * r[idx]).clamp(0.0, 1.0)
+            point[idx] = (point[idx] + (1 + self.overshoot) * step).clamp(0.0, 1.0)
         if idx.numel():
             track.offer(idx, point[idx], misclassified(model(point[idx]), y[idx]))
         return track.result(self.eps)

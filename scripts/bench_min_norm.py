@@ -30,8 +30,8 @@ recipe), on the first ``--n`` Fashion-MNIST test points.
   each attack runs as the curve kind runs a minimum-norm attack, once at the grid's largest eps
   (a distance above it counts as none found).
 
-Per-point distances are kept in ``.rbl/bench-min-norm`` (by model key, attack, settings, points
-and seed), so an interrupted run resumes and the curves reuse the strength section's runs of the
+Per-point distances are kept in ``.rbl/bench-min-norm`` (by model key, attack, settings, points,
+seed and a hash of our attack's code), so an interrupted run resumes and the curves reuse the strength section's runs of the
 same attack; ``--fresh`` recomputes.  A new comparison is a row of :data:`PAIRS` (e.g. FAB
 against adv-lib's).
 
@@ -42,6 +42,7 @@ against adv-lib's).
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import logging
 import math
@@ -134,6 +135,16 @@ def cached(key: dict, compute: Callable[[], tuple[Tensor, float]], fresh: bool) 
     return d, cpu
 
 
+def code_of(attack) -> str:
+    """A hash of the attack's source file and the norm geometry it uses: stored distances of an
+    earlier version of either are not reused."""
+    from robustbench_lite.core import threat
+
+    files = [inspect.getsourcefile(type(attack)), inspect.getsourcefile(threat)]
+    files += [str(Path(files[0]).with_name("_min_norm.py"))] if Path(files[0]).with_name("_min_norm.py").is_file() else []
+    return hashlib.sha256(b"".join(Path(f).read_bytes() for f in files)).hexdigest()[:16]
+
+
 def ours_distances(fx, x, y, name: str, norm: Norm, settings: dict, args, eps: float | None = None
                    ) -> tuple[Tensor, float]:
     """Our attack's judged distances (run at ``eps``, default: an eps no example exceeds)."""
@@ -145,7 +156,7 @@ def ours_distances(fx, x, y, name: str, norm: Norm, settings: dict, args, eps: f
         return judged(fx.model, x, y, out.x_adv, norm), time.process_time() - t
 
     key = {"model": fx.trained.key, "label": f"ours {name} {norm.value}", "settings": attack.get_params(),
-           "points": [args.n, len(x)], "seed": args.seed}
+           "points": [args.n, len(x)], "seed": args.seed, "code": code_of(attack)}
     return cached(key, compute, args.fresh)
 
 

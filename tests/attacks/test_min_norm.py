@@ -123,3 +123,21 @@ def test_bad_settings_get_one_line_naming_the_fix(digits_model, points):
         create_attack("square", eps=0.1, queries=10).run(LabelOnly(digits_model), x, y)
     for exc in (bad_norm, no_budget, blind):
         assert "\n" not in str(exc.value)
+
+
+@pytest.mark.parametrize("name", ["fmn", "ddn", "deepfool", "hsj"])
+def test_the_curve_takes_each_in_one_run_at_the_largest_eps(name, digits_model, digits):
+    from robustbench_lite import make_policy
+    from robustbench_lite.core.models import predict
+    from robustbench_lite.eval.curve import attack_curve
+
+    split = digits.test.head(40)
+    correct = predict(digits_model, split.x, "cpu") == split.y
+    budget = {"queries": 200} if name == "hsj" else {"steps": 10}
+    rec = attack_curve(digits_model, lambda e: create_attack(name, norm="l2", eps=e, **budget), [0.5, 1.0, 1.5], split,
+                       correct, policy=make_policy("cpu", "off"))
+    assert rec.attacked == int(correct.sum())  # one run, not one per eps
+    own = create_attack(name, norm="l2", eps=1.5, **budget).run(digits_model, split.x[correct], split.y[correct])
+    expected = torch.where(own.distances <= 1.5, own.distances, torch.full_like(own.distances, math.inf))
+    assert torch.allclose(rec.distances[correct], expected, rtol=1e-5, atol=1e-6)
+    assert (rec.distances[~correct] == 0).all()
