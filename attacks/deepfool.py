@@ -8,7 +8,11 @@ onto it is ``r_i = (|f'_l| + 1e-4) / ‖w'_l‖_* · d_l`` with ``d_l`` the norm
 direction of unit size (``w'/‖w'‖₂`` for L2, ``sign(w')`` for Linf: the paper's
 ``|w'|^{q−1} ⊙ sign(w')`` scaled).  The next iterate is ``x_{i+1} = clip(x_i + (1 + η) r_i)`` with
 the overshoot η = 0.02: the authors' ``x + (1 + η) Σ r_i``, with the box [0, 1] applied at every
-step.  A point stops at its first adversarial iterate, or after ``steps`` steps.
+step.  A point stops at its first adversarial iterate, or after ``steps`` steps.  An iterate counts
+as adversarial only when its margin ``Z_y − max_{k≠y} Z_k`` is below ``−1e-5 · max(1, max_k |Z_k|)``:
+without overshoot a step lands 1e-4 past the linearised boundary, within float32 rounding of large
+logits, and such an example can be classified correctly when the model sees it in another batch;
+a point short of that margin steps on (each step moves it at least 1e-4 further).
 
 ``candidates`` is the number of classes considered, those with the largest logits at ``x`` (the
 authors' code's ``num_classes``, 10); each step costs one gradient per candidate other than the
@@ -28,7 +32,12 @@ import torch
 
 from robustbench_lite import EvasionAttack, Norm, ops, register_attack, setting
 
-from ._min_norm import Smallest, misclassified
+from ._min_norm import Smallest
+
+
+def misclassified(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Misclassified by a margin that float32 rounding of the logits cannot undo (module docstring)."""
+    return ops.margin(logits, y) < -1e-5 * logits.abs().amax(dim=1).clamp_min(1.0)
 
 
 @register_attack("deepfool")

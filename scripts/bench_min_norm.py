@@ -135,14 +135,22 @@ def cached(key: dict, compute: Callable[[], tuple[Tensor, float]], fresh: bool) 
     return d, cpu
 
 
+_CODE: dict[type, str] = {}
+
+
 def code_of(attack) -> str:
-    """A hash of the attack's source file and the norm geometry it uses: stored distances of an
-    earlier version of either are not reused."""
+    """A hash of the attack's source file, the norm geometry it uses and the minimum-norm
+    bookkeeping: stored distances of an earlier version of any are not reused.  Each file is read
+    once per process (:func:`main` reads all at the start), so an edit during a run cannot label
+    the results of the code in memory with the hash of the edited file."""
     from robustbench_lite.core import threat
 
-    files = [inspect.getsourcefile(type(attack)), inspect.getsourcefile(threat)]
-    files += [str(Path(files[0]).with_name("_min_norm.py"))] if Path(files[0]).with_name("_min_norm.py").is_file() else []
-    return hashlib.sha256(b"".join(Path(f).read_bytes() for f in files)).hexdigest()[:16]
+    cls = attack if isinstance(attack, type) else type(attack)
+    if cls not in _CODE:
+        files = [Path(inspect.getsourcefile(cls)), Path(inspect.getsourcefile(threat))]
+        files += [f for f in [files[0].with_name("_min_norm.py")] if f.is_file()]
+        _CODE[cls] = hashlib.sha256(b"".join(f.read_bytes() for f in files)).hexdigest()[:16]
+    return _CODE[cls]
 
 
 def ours_distances(fx, x, y, name: str, norm: Norm, settings: dict, args, eps: float | None = None
@@ -327,6 +335,8 @@ def main() -> None:
     p.add_argument("--eps-max", type=float, default=4.0, help="L2 eps of the curves (their grid's largest)")
     p.add_argument("--fresh", action="store_true", help="recompute instead of reusing stored distances")
     args = bc.parse(p)
+    for name in list_attacks():  # the code of every attack as it was imported (see code_of)
+        code_of(ATTACKS.get(name))
     sections = {s.strip() for s in args.sections.split(",") if s.strip()}
     only = [o.strip() for o in args.only.split(",") if o.strip()]
     print(f"{bc.environment()}; {time.strftime('%Y-%m-%d')}; first {args.n} Fashion-MNIST test points")

@@ -92,6 +92,26 @@ def test_deepfool_overshoot_moves_past_the_boundary(digits_model, points):
     assert float(pushed[both].median()) > float(plain[both].median())
 
 
+def test_deepfool_examples_are_misclassified_beyond_rounding():
+    # a linear model with large logits and no overshoot: DeepFool's step lands 1e-4 past the
+    # boundary, inside float rounding of logits near 100, so it must step on until the margin
+    # is clear (else the example can flip back when the model is evaluated in another batch)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(16, 3))
+    with torch.no_grad():
+        model[1].weight.normal_()
+        model[1].bias.fill_(100.0)
+    x = torch.rand(64, 1, 4, 4) * 0.5 + 0.25
+    with torch.no_grad():
+        y = model(x).argmax(1)
+    out = create_attack("deepfool", norm="l2", eps=100.0, overshoot=0.0, steps=50).run(model, x, y)
+    assert torch.isfinite(out.distances).all()
+    with torch.no_grad():
+        logits = model(out.x_adv)
+    margin = logits.gather(1, y[:, None]).squeeze(1) - logits.scatter(1, y[:, None], -math.inf).amax(1)
+    assert (margin < -1e-5 * logits.abs().amax(1)).all()
+
+
 def test_hsj_keeps_to_its_query_budget_and_more_queries_find_smaller_examples(digits_model, points):
     x, y = points[0][:30], points[1][:30]
     runs = {q: create_attack("hsj", norm="l2", eps=10.0, queries=q).run(digits_model, x, y) for q in (150, 1000)}
