@@ -11,7 +11,11 @@ statistics, the function it computes in eval mode) and offers:
 * ``certify(model, x, y, threat) -> bool [B]``: every bound positive and the clean point
   classified correctly: such a point has no adversarial example in the ball;
 * ``radius(model, x, y, norm, hi, tol) -> [B]``: per point, a certified radius found by bisection
-  on eps (0 for misclassified points), for certified-accuracy-versus-eps curves.
+  on eps (0 for misclassified points), for certified-accuracy-versus-eps curves;
+* ``verify(model, x, y, threat) -> Verification``: per point ``verified``, ``falsified`` (with an
+  adversarial example, re-checked by a forward pass) or ``undecided``
+  (:mod:`~robustbench_lite.certify.outcome`).  Incomplete verifiers get it for free (their
+  certified points verified, the rest undecided); a complete verifier implements ``_verify``.
 
 Plugins implement ``_margin_bounds(model, x, y, threat)``, or ``_bounds(model, x, y, norm, eps)``
 with a radius per point (what the bisection calls; by default once per distinct radius).  Verifiers that work on
@@ -30,6 +34,7 @@ certified-training defenses.  Third-party verifiers arrive by the entry-point gr
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -43,6 +48,7 @@ from ..core.threat import Norm, ThreatModel
 from ._bounds import L1, InputSet, crown_margins, ibp_margins, layer_bounds, logit_interval
 from ._layers import Network
 from ._parse import SUPPORTED, parse_network
+from .outcome import Status, Verification
 
 __all__ = [
     "VERIFIERS",
@@ -50,6 +56,8 @@ __all__ = [
     "InputSet",
     "Network",
     "SUPPORTED",
+    "Status",
+    "Verification",
     "Verifier",
     "create_verifier",
     "crown_margins",
@@ -108,13 +116,37 @@ class Verifier(Plugin):
         threat = self._check_threat(threat)
         model, x, y = self._check(model, x, y)
         with eval_mode(model), torch.no_grad():
-            correct = _correct(model, x, y)
-            idx = correct.nonzero()[:, 0]  # a misclassified point is never certified: skip its bounds
-            certified = torch.zeros_like(correct)
-            if idx.numel():
-                bounds = self._checked_bounds(model, x[idx], y[idx], threat.norm, self._eps(x[idx], threat.eps))
-                certified[idx] = (bounds > 0).all(dim=1)
-            return certified.cpu()
+            return self._certified(model, x, y, threat)
+
+    def verify(self, model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel) -> Verification:
+        """Per point ``verified``, ``falsified`` or ``undecided``; every counterexample the plugin
+        returns is re-checked by a forward pass (:meth:`Verification.recheck <robustbench_lite.certify.outcome.Verification.recheck>`: one outside the
+        ball or classified correctly leaves its point undecided and ``rejected``)."""
+        threat = self._check_threat(threat)
+        model, x, y = self._check(model, x, y)
+        with eval_mode(model), torch.no_grad():
+            out = self._verify(model, x, y, threat)
+            if not isinstance(out, Verification) or out.n != x.shape[0]:
+                got = f"{out.n} points" if isinstance(out, Verification) else type(out).__name__
+                raise RuntimeError(f"verifier {self.name} returned {got} from _verify for {x.shape[0]} points")
+            return out.recheck(model, x, y, threat)
+
+    def _verify(self, model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel) -> Verification:
+        """A complete verifier's per-point outcome (runs under ``no_grad``, model in eval mode,
+        inputs checked); by default an incomplete verifier's: :meth:`certify`'s points verified,
+        every other point undecided."""
+        start = time.perf_counter()
+        certified = self._certified(model, x, y, threat)
+        return Verification.from_certified(certified, seconds=time.perf_counter() - start)
+
+    def _certified(self, model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel) -> Tensor:
+        correct = _correct(model, x, y)
+        idx = correct.nonzero()[:, 0]  # a misclassified point is never certified: skip its bounds
+        certified = torch.zeros_like(correct)
+        if idx.numel():
+            bounds = self._checked_bounds(model, x[idx], y[idx], threat.norm, self._eps(x[idx], threat.eps))
+            certified[idx] = (bounds > 0).all(dim=1)
+        return certified.cpu()
 
     def radius(
         self, model: nn.Module, x: Tensor, y: Tensor, norm: Norm | str = Norm.LINF,
@@ -172,11 +204,16 @@ class Verifier(Plugin):
             raise ValueError(f"verifier {self.name} bounds {allowed} balls, not {norm.value}; pick one of those norms")
         return threat
 
-    @staticmethod
-    def _check(model: object, x: object, y: object) -> tuple[nn.Module, Tensor, Tensor]:
+    def _check(self, model: object, x: object, y: object) -> tuple[nn.Module, Tensor, Tensor]:
         model = check_model(model)
         x = check_images(x)
-        return model, x, check_labels(y, x.shape[0]).to(x.device)
+        y = check_labels(y, x.shape[0]).to(x.device)
+        self._check_network(model, x)
+        return model, x, y
+
+    def _check_network(self, model: nn.Module, x: Tensor) -> None:
+        """Refuse a network this verifier cannot handle before any point is skipped (a batch
+        the model misclassifies entirely must not pass an unsupported layer silently)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -191,6 +228,11 @@ class BoundVerifier(Verifier):
         """Sound lower bounds ``[B, K]`` of ``f_y − f_c`` over ``inset`` (float64; any value at
         ``c = y``)."""
         raise NotImplementedError
+
+    def _check_network(self, model: nn.Module, x: Tensor) -> None:
+        if x.shape[0]:
+            with eval_mode(model), torch.no_grad():
+                parse_network(model, x[:1])  # a ValueError naming an unsupported layer
 
     def _bounds(self, model: nn.Module, x: Tensor, y: Tensor, norm: Norm, eps: Tensor) -> Tensor:
         net = parse_network(model, x[:1])

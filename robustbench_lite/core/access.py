@@ -8,7 +8,7 @@ HopSkipJump, can work with that).  :class:`Access` names the three levels, order
 * Each attack says what it needs by its capability tags (``needs_grad``, ``needs_scores``; see
   :attr:`robustbench_lite.core.attack.Attack.access`).
 * A model says what it gives by an ``output_access`` attribute on any of its modules;
-  :func:`model_access` reads the most restrictive one (a model without any gives gradients).
+  ``model_access`` reads the most restrictive one (a model without any gives gradients).
   :class:`LabelOnly` and :class:`ScoresOnly` wrap a network to give less, so a white-box network
   can be evaluated as the black box it will be deployed as.
 
@@ -88,7 +88,7 @@ class LabelOnly(nn.Module):
 
     The output is the one-hot row of the argmax of ``model``'s logits (so ``argmax`` and accuracy
     work unchanged) and carries no gradient: a score or gradient attack learns nothing from it,
-    and the evaluation skips those attacks instead (see :func:`model_access`)."""
+    and the evaluation skips those attacks instead (see ``model_access``)."""
 
     output_access: ClassVar[Access] = Access.LABELS
 

@@ -2,7 +2,9 @@
 still classified correctly, cheapest attack first, and the per-point worst case per threat.
 
 Each attack's record holds a per-point ``robust`` mask over the evaluated points (correct and
-not broken), so worst cases can be recomputed from stored masks after a resumed run.
+not broken), so worst cases can be recomputed from stored masks after a resumed run.  With an
+``adv_sink`` (:class:`~robustbench_lite.eval.adversarial.AdvSink`) the adversarial examples each
+attack found go there as they are judged; without one nothing is kept.
 """
 
 from __future__ import annotations
@@ -22,10 +24,12 @@ from ..core.data import DataSplit
 from ..core.device import DevicePolicy, as_policy, halving_on_oom, keeps_layout
 from ..core.models import check_logits
 from ..core.ops import ce
+from ..core.progress import Progress, Task
 from ..core.registry import ATTACKS, create_attack
 from ..core.threat import Norm, ThreatModel
 from . import adaptive as wrappers
 from . import flags as checks
+from .adversarial import AdvExamples, AdvSink
 from .checkpoint import Checkpoint, MemoryCheckpoint, attack_id, record_from, record_payload
 from .escalate import Escalated, Escalation, StepRecord, run_step
 
@@ -43,7 +47,7 @@ class AttackRecord:
     """One attack's outcome on the evaluated points."""
 
     attack: EvasionAttack
-    robust: Tensor | None  # bool [n]; None when the attack failed
+    robust: Tensor | None  #: bool [n]; None when the attack failed
     seconds: float
     grad_evals: int
     forward_evals: int
@@ -51,9 +55,10 @@ class AttackRecord:
     scope: str
     target_hit_rate: float | None = None
     error: str = ""
-    success_rate: float | None = None  # min-norm attacks: share of attacked points with any adversarial
-    median_l2: float | None = None  # min-norm attacks: median distance of the adversarials found
-    skipped: str = ""  # why the attack did not run (it needs more of the model than the model gives)
+    success_rate: float | None = None  #: min-norm attacks: share of attacked points with any adversarial
+    median_l2: float | None = None  #: min-norm attacks: median distance of the adversarials found
+    examples: AdvExamples | None = None  #: the broken points' adversarial images (only when asked to keep them)
+    skipped: str = ""  #: why the attack did not run (it needs more of the model than the model gives)
 
     @property
     def robust_acc(self) -> float | None:
@@ -62,16 +67,16 @@ class AttackRecord:
 
 @dataclass(frozen=True)
 class Evaluation:
-    """Everything :func:`evaluate` measured."""
+    """Everything :func:`~robustbench_lite.evaluate` measured."""
 
     n: int
-    correct: Tensor  # bool [n]: clean prediction is right
-    records: list[AttackRecord]  # in the order of the attacks passed in
-    worst_case: dict[ThreatModel, Tensor]  # bool [n] per threat
-    flags: dict[str, set[str]]  # attack name or "worst_case:<threat>" -> flags
-    plain_records: list[AttackRecord] | None = None  # before an adaptive rerun (None: no rerun)
-    model_flags: frozenset[str] = frozenset()  # codes of the model-level checks that fired
-    escalated: dict[ThreatModel, Escalated] = dataclasses.field(default_factory=dict)  # the ladder, per threat
+    correct: Tensor  #: bool [n]: clean prediction is right
+    records: list[AttackRecord]  #: in the order of the attacks passed in
+    worst_case: dict[ThreatModel, Tensor]  #: bool [n] per threat
+    flags: dict[str, set[str]]  #: attack name or "worst_case:<threat>" -> flags
+    plain_records: list[AttackRecord] | None = None  #: before an adaptive rerun (None: no rerun)
+    model_flags: frozenset[str] = frozenset()  #: codes of the model-level checks that fired
+    escalated: dict[ThreatModel, Escalated] = dataclasses.field(default_factory=dict)  #: the ladder, per threat
 
     @property
     def clean_acc(self) -> float:
@@ -168,7 +173,7 @@ def iterations_probe(
     *, points: int = 64, short: int = 10, factor: int = 10,
 ) -> str | None:
     """The more-iterations check on (up to) ``points`` clean-correct points of ``split``: PGD-CE
-    (or the first of :data:`PROBE_ATTACKS` that supports the threat's norm; none: no check) with
+    (or the first of ``PROBE_ATTACKS`` that supports the threat's norm; none: no check) with
     ``short`` and ``factor x short`` steps, against ``reference`` (the per-point robust mask of
     every attack of the threat, e.g. Square included) on the same points."""
     k = min(points, len(split))
@@ -195,13 +200,18 @@ def run_attack(
     scope: str = "all",
     attack_model: nn.Module | None = None,
     policy: DevicePolicy | None = None,
+    keep_adv: bool = False,
+    task: Task | None = None,
 ) -> AttackRecord:
     """Run ``attack`` on the points where ``attack_mask`` is set; others count as not robust.
 
     ``attack_model`` (e.g. a BPDA/EOT wrapper of ``model``) is what the attack sees; the
     adversarial points are always judged on ``model``.  ``policy`` (default: float32 on
     ``device``) moves the batches, sets the attack's and the judging's autocast, and says whether
-    both see the model in chunked passes (:class:`~robustbench_lite.core.device.Chunked`)."""
+    both see the model in chunked passes (:class:`~robustbench_lite.core.device.Chunked`).
+    With ``keep_adv`` the record's ``examples`` hold the adversarial images of the attacked
+    points the judge misclassified (on the CPU).  ``task`` (a
+    :class:`~robustbench_lite.core.progress.Task`) counts the points as each batch is done."""
     policy = policy if policy is not None else as_policy(device)
     judge = policy.chunked(model)
     seen = judge if attack_model is None else policy.chunked(attack_model)
@@ -210,6 +220,9 @@ def run_attack(
     gen = torch.Generator(device=device).manual_seed(attack.seed)
     seconds, grads, fwds, hits = 0.0, 0, 0, 0
     dists: list[Tensor] = []
+    kept: list[AdvExamples] = []
+    if task is not None:
+        task.restart(len(idx))
     for i in range(0, len(idx), batch_size):
         sel = idx[i : i + batch_size]
         x, y = policy.batch_to(split.x[sel]), policy.batch_to(split.y[sel])
@@ -222,13 +235,20 @@ def run_attack(
         grads += out.grad_evals
         fwds += out.forward_evals + len(sel)
         robust[sel] = (pred == y).cpu()
+        if keep_adv:
+            broke = (pred != y).cpu()
+            kept.append(AdvExamples(sel[broke], out.x_adv[broke.to(out.x_adv.device)].float().cpu().contiguous(),
+                                    y.cpu()[broke], pred.cpu()[broke]))
         if out.target is not None:
             hits += int((pred == out.target).sum())
         if out.distances is not None:
             dists.append(out.distances.cpu())
+        if task is not None:
+            task.update(len(sel))
     target_rate = hits / len(idx) if attack.targeted and len(idx) else None
     success, median = min_norm_summary(torch.cat(dists)) if attack.min_norm and dists else (None, None)
-    return AttackRecord(attack, robust, seconds, grads, fwds, len(idx), scope, target_rate, "", success, median)
+    examples = (AdvExamples.concat(kept) if kept else AdvExamples.empty(split.x)) if keep_adv else None
+    return AttackRecord(attack, robust, seconds, grads, fwds, len(idx), scope, target_rate, "", success, median, examples)
 
 
 def worst_class(robust: Tensor, labels: Tensor) -> tuple[float, int]:
@@ -271,6 +291,8 @@ def evaluate(
     escalation: Escalation | None = DEFAULT_ESCALATION,
     surrogate: Callable[[], nn.Module | None] | None = None,
     num_classes: int | None = None,
+    adv_sink: AdvSink | None = None,
+    progress: Progress | bool | None = None,
 ) -> Evaluation:
     """Evaluate ``attacks`` on the first ``n`` points of ``split``.
 
@@ -289,10 +311,10 @@ def evaluate(
     ``num_classes`` of them when given); points with NaN or inf outputs count as misclassified
     and raise ``non-finite-outputs``.  Images that are float16 or float64 are evaluated as float32.
 
-    Every cell gets the checks of :mod:`checks` (flags per attack and per worst case).  With
+    Every cell gets the checks of :mod:`~robustbench_lite.eval.flags` (flags per attack and per worst case).  With
     ``adaptive`` (default), when a masking check fires (zero gradients, probability outputs,
     randomized outputs, large eps not reaching 0, black-box beating white-box, more iterations
-    not helping) each gradient attack is rerun through :func:`wrappers.adapt` (BPDA for marked
+    not helping) each gradient attack is rerun through :func:`~robustbench_lite.eval.adaptive.adapt` (BPDA for marked
     layers, EOT with ``eot_samples`` passes, log-probabilities, logit rescaling) on the points it
     left unbroken; its record becomes the per-point worst of both runs and carries an
     ``adapted:...`` flag.  Then each threat's worst case escalates through ``escalation``'s ladder
@@ -302,7 +324,11 @@ def evaluate(
     ``Evaluation.escalated`` holds each step's per-point outcome, and the worst case
     (``worst_case`` and its ``adapted:...`` flag) includes them.  With ``probe_iterations``
     (default) each threat with an iterative gradient attack also gets the more-iterations check
-    (:func:`iterations_probe`, 110 PGD steps on 64 points).
+    (:func:`~robustbench_lite.eval.evasion.iterations_probe`, 110 PGD steps on 64 points).
+
+    ``adv_sink`` gets the adversarial examples of every point an attack (its plain run, its
+    adaptive rerun) or an escalation step broke, as soon as it is judged and before its stage is
+    checkpointed; stages and records taken from ``checkpoint`` or ``precomputed`` hand it nothing.
 
     A model that gives less than its gradients (a
     :class:`~robustbench_lite.core.access.LabelOnly` or
@@ -313,9 +339,14 @@ def evaluate(
 
     ``batch_size`` is a number or a function of the attack (an autotuned choice per attack kind);
     an attack that runs out of CUDA memory is rerun with half the batch (see
-    :func:`autotune.halving_on_oom`).  ``policy`` (default: float32 on ``device``) says where and
-    in which precision the model runs (:class:`device.DevicePolicy`).
+    :func:`~robustbench_lite.core.device.halving_on_oom`).  ``policy`` (default: float32 on ``device``) says where and
+    in which precision the model runs (:class:`~robustbench_lite.DevicePolicy`).
+
+    ``progress`` (a :class:`~robustbench_lite.core.progress.Progress`, or ``True`` for the automatic
+    one) shows each attack's points as its batches finish, and says when and why the adaptive
+    rerun and the ladder start.
     """
+    reporter = Progress.of(progress)
     policy = policy if policy is not None else as_policy(device)
     device = policy.device
     ck: Checkpoint = checkpoint if checkpoint is not None else MemoryCheckpoint()
@@ -336,13 +367,18 @@ def evaluate(
     if given is not Access.GRADIENTS:  # the rerun and the ladder attack through gradients or scores
         adaptive, escalation, probe_iterations = False, None, False
 
-    def run(attack: EvasionAttack, mask: Tensor, scope: str, attack_model: nn.Module | None = None) -> AttackRecord:
-        rec, _ = halving_on_oom(
-            lambda b: run_attack(
-                model, attack, split, mask, device=device, batch_size=b, scope=scope, attack_model=attack_model, policy=policy
-            ),
-            attack_batch(attack),
-        )
+    def run(
+        attack: EvasionAttack, mask: Tensor, scope: str, attack_model: nn.Module | None = None, label: str = ""
+    ) -> AttackRecord:
+        with reporter.task(label or f"{attack.name} {threat_text(attack.threat)}", int(mask.sum())) as task:
+            rec, _ = halving_on_oom(
+                lambda b: run_attack(
+                    model, attack, split, mask, device=device, batch_size=b, scope=scope, attack_model=attack_model,
+                    policy=policy, keep_adv=adv_sink is not None, task=task,
+                ),
+                attack_batch(attack),
+            )
+            task.close(f"{rec.attacked} points attacked, {int(rec.robust.sum())} still robust")
         return rec
 
     # -- clean predictions and the model-level checks ------------------------------------------
@@ -350,15 +386,18 @@ def evaluate(
     if hit is not None and hit[1] is not None:
         correct, found, classes = hit[1], set(hit[0]["flags"]), int(hit[0]["classes"])
     else:
-        correct, finite, classes = clean_predictions(model, split, policy, num_classes=num_classes)
-        correct_split = split.subset(correct.nonzero().flatten())
-        found = model_checks(model, correct_split, device)
-        grad_flag = checks.zero_gradients(input_grad_norms(model, correct_split, device))
-        if grad_flag:
-            found.add(grad_flag)
-        if not finite.all():
-            found.add(checks.NON_FINITE)
-        ck.put("checks", {"flags": sorted(found), "classes": classes}, correct)
+        with reporter.task("clean accuracy and model checks", len(split)) as task:
+            correct, finite, classes = clean_predictions(model, split, policy, num_classes=num_classes)
+            correct_split = split.subset(correct.nonzero().flatten())
+            found = model_checks(model, correct_split, device)
+            grad_flag = checks.zero_gradients(input_grad_norms(model, correct_split, device))
+            if grad_flag:
+                found.add(grad_flag)
+            if not finite.all():
+                found.add(checks.NON_FINITE)
+            ck.put("checks", {"flags": sorted(found), "classes": classes}, correct)
+            task.update(len(split))
+            task.close(f"clean accuracy {float(correct.float().mean()):.3f}, flags: {', '.join(sorted(found)) or 'none'}")
     correct_split = split.subset(correct.nonzero().flatten())
     clean_acc = float(correct.float().mean())
 
@@ -385,6 +424,10 @@ def evaluate(
                 rec = run(attack, mask, scope)
             except Exception as exc:  # one failing attack must not lose the others
                 rec = AttackRecord(attack, None, 0.0, 0, 0, int(mask.sum()), scope, error=_describe(exc))
+            if rec.examples is not None:
+                if adv_sink is not None:
+                    adv_sink.attack(i, attack, rec.examples, adaptive=False)
+                rec = dataclasses.replace(rec, examples=None)
             ck.put(stage, record_payload(rec), rec.robust)
             if on_record is not None:
                 on_record(i, rec, clean_acc)
@@ -394,10 +437,11 @@ def evaluate(
     done = [r for r in records if r is not None]
     flags = cell_flags(done, found)
     if probe_iterations:
-        _probe_iterations(model, done, correct, correct_split, worst, flags, device, ck)
+        _probe_iterations(model, done, correct, correct_split, worst, flags, device, ck, reporter)
     fired = set(found) | {f for fs in flags.values() for f in fs}
     if not adaptive or not fired & set(MASKING):
         return Evaluation(len(split), correct, done, worst, flags, model_flags=frozenset(found))
+    masking = sorted(fired & set(MASKING))
 
     # -- the adaptive rerun of each gradient attack through wrappers ------------------------------
     wrapped, names = wrappers.adapt(
@@ -410,6 +454,9 @@ def evaluate(
     merged = list(done)
     tag = checks.adapted(names)
     rerun: set[ThreatModel] = set()
+    if names:
+        reporter.note(f"checks fired ({', '.join(masking)}): the gradients may be masked, so the gradient attacks run "
+                      f"again through {', '.join(names)} on the points they left")
     for i in order if names else ():
         rec = merged[i]
         if i in precomputed or rec.robust is None or not rec.attack.needs_grad or not rec.robust.any():
@@ -419,7 +466,10 @@ def evaluate(
         hit = ck.get(stage)
         if hit is None:
             try:
-                again = run(rec.attack, rec.robust, rec.scope, wrapped)
+                again = run(rec.attack, rec.robust, rec.scope, wrapped,
+                            f"adaptive rerun: {rec.attack.name} {threat_text(rec.attack.threat)}")
+                if adv_sink is not None and again.examples is not None:
+                    adv_sink.attack(i, rec.attack, again.examples, adaptive=True)
                 hit = ({"error": "", "seconds": again.seconds, "grad_evals": again.grad_evals,
                         "forward_evals": again.forward_evals}, rec.robust & again.robust)
             except Exception as exc:  # keep the plain record; say the rerun failed
@@ -448,7 +498,9 @@ def evaluate(
             own = set(found) | {f for key, fs in flags.items() if key.endswith(f"@{threat.label}") for f in fs}
             if not own & set(MASKING):
                 continue  # this threat's own checks are quiet (the rerun was for another threat's flags)
-            esc = _escalate(threat, worst[threat], escalation, ck, run, inner, model, lazy, split, classes)
+            why = ", ".join(sorted(own & set(MASKING)))
+            esc = _escalate(threat, worst[threat], escalation, ck, run, inner, model, lazy, split, classes, adv_sink,
+                            reporter, why)
             escalated[threat] = esc
             worst[threat] = worst[threat] & esc.robust
     for threat in worst:
@@ -461,28 +513,58 @@ def evaluate(
 
 
 class _Lazy:
-    """The surrogate, built on first use (training it can take a while) and moved to the device."""
+    """The surrogate, built on first use (training it can take a while) and moved to the device;
+    a failure to build it is kept and raised again at each use (each threat's transfer step
+    records it)."""
 
     def __init__(self, make: Callable[[], nn.Module | None] | None, policy: DevicePolicy) -> None:
         self.make, self.policy, self.built, self.model = make, policy, False, None
+        self.error: Exception | None = None
 
     def get(self) -> nn.Module | None:
         if not self.built:
             self.built = True
-            made = self.make() if self.make is not None else None
+            try:
+                made = self.make() if self.make is not None else None
+            except Exception as exc:
+                self.error = exc
+                raise
             self.model = self.policy.model_to(made).eval() if made is not None else None
+        if self.error is not None:
+            raise self.error
         return self.model
+
+
+def threat_text(threat: ThreatModel) -> str:
+    """A threat as progress lines show it: ``linf 0.1``."""
+    return f"{threat.norm.value} {threat.eps:g}"
 
 
 def _escalate(
     threat: ThreatModel, alive: Tensor, cfg: Escalation, ck: Checkpoint, run: Callable[..., AttackRecord],
     wrapped: nn.Module, model: nn.Module, surrogate: _Lazy, split: DataSplit, num_classes: int,
+    adv_sink: AdvSink | None = None, reporter: Progress | None = None, why: str = "",
 ) -> Escalated:
-    """The ladder on one threat: each step on the points still unbroken, while budget lasts."""
+    """The ladder on one threat: each step on the points still unbroken, while budget lasts; a
+    step's finds go to ``adv_sink`` (when given) before its stage is checkpointed; ``reporter``
+    hears what it does and why (``why``: the masking checks that fired)."""
+    reporter = reporter if reporter is not None else Progress.off()
+    where = threat_text(threat)
     steps: list[StepRecord] = []
     robust, spent = alive.clone(), 0.0
+    if robust.any():
+        reporter.note(
+            f"{where}: checks fired ({why}), so the worst case may overstate robustness: escalating on the "
+            f"{int(robust.sum())} unbroken points ({', '.join(cfg.steps)}, up to {cfg.budget:g} gradient evaluations "
+            "per point)"
+        )
     for step in cfg.steps:
-        if not robust.any() or spent + cfg.cost(step) > cfg.budget:
+        if not robust.any():
+            reporter.note(f"{where}: escalation stops: no unbroken point left")
+            break
+        if spent + cfg.cost(step) > cfg.budget:
+            reporter.note(f"{where}: escalation stops before {step}: its {cfg.cost(step):g} gradient evaluations per "
+                          f"point would pass the budget of {cfg.budget:g} ({spent:g} spent)")
             break
         spent += cfg.cost(step)
         stage = f"escalate:{threat.label}:{step}"
@@ -490,14 +572,27 @@ def _escalate(
         if hit is not None and hit[1] is not None:
             rec = StepRecord.from_payload(hit[0], hit[1])
         else:
+            found: list[AttackRecord] = []
+
+            def run_one(a: EvasionAttack, m: Tensor, am: nn.Module | None, found: list = found,
+                        step: str = step) -> AttackRecord:
+                one = run(a, m, "survivors", am, f"escalation {step}: {a.name} {where}")
+                found.append(one)
+                return one
+
             try:
                 rec = run_step(
-                    step, threat, robust, cfg, run_one=lambda a, m, am: run(a, m, "survivors", am), wrapped=wrapped,
+                    step, threat, robust, cfg, run_one=run_one, wrapped=wrapped,
                     judge=model, surrogate=surrogate.get() if step == "transfer" else None, like=split.x, num_classes=num_classes,
                 )
             except Exception as exc:  # a failed step keeps what the others found
                 rec = StepRecord(step, robust.clone(), int(robust.sum()), 0, 0.0, 0, 0, error=f"{type(exc).__name__}: {exc}"[:300])
+            kept = [r.examples for r in found if r.examples is not None]
+            if adv_sink is not None and kept and not rec.error:
+                adv_sink.escalation(threat, step, [r.attack for r in found], AdvExamples.concat(kept))
             ck.put(stage, rec.as_payload(), rec.robust)
+        outcome = f"skipped ({rec.error.splitlines()[0]})" if rec.error else f"broke {rec.broke} of {rec.attacked} points"
+        reporter.note(f"{where}: escalation {step}: {outcome}")
         steps.append(rec)
         robust = robust & rec.robust
     return Escalated(robust, steps)
@@ -514,6 +609,7 @@ def _as_float32(split: DataSplit) -> DataSplit:
 def _probe_iterations(
     model: nn.Module, records: Sequence[AttackRecord], correct: Tensor, correct_split: DataSplit,
     worst: Mapping[ThreatModel, Tensor], flags: dict[str, set[str]], device: torch.device, ck: Checkpoint,
+    reporter: Progress | None = None,
 ) -> None:
     """Run :func:`iterations_probe` per threat (its outcome is a stage); a flag goes on the
     threat's iterative gradient attacks and its worst case."""
@@ -525,7 +621,10 @@ def _probe_iterations(
         stage = f"probe:{threat.label}"
         hit = ck.get(stage)
         if hit is None:
-            hit = ({"code": iterations_probe(model, correct_split, threat, mask[correct], device)}, None)
+            points = min(64, len(correct_split))
+            with (reporter or Progress.off()).task(f"more-iterations probe {threat_text(threat)}", points) as task:
+                hit = ({"code": iterations_probe(model, correct_split, threat, mask[correct], device)}, None)
+                task.update(points)
             ck.put(stage, *hit)
         code = hit[0]["code"]
         if code is None:

@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..core.progress import Progress
 from ..core.threat import Norm, ThreatModel
 from .kinds.evasion import worst_case_key
 from .plan import Plan
@@ -53,7 +54,8 @@ def benchmark(
     normalize: tuple[Sequence[float], Sequence[float]] | None = None,
     workdir: str | Path | None = None,
     autocast: str = "auto",
-    progress: bool = False,
+    progress: bool | Progress = True,
+    save_adv: str | Path | None = None,
     access: str = "gradients",
 ) -> tuple[float, float]:
     """Clean accuracy and worst-case robust accuracy of ``model`` on the first ``n_examples``
@@ -62,7 +64,11 @@ def benchmark(
     at ``eps`` (pixels in [0, 1]; default: the dataset's usual budget).
 
     ``normalize=(mean, std)`` puts the model's input normalization in front of it; ``model_name``
-    names the row (default ``user-weights``); ``workdir`` keeps the rows and resumes.  ``access``
+    names the row (default ``user-weights``); ``workdir`` keeps the rows and resumes; ``save_adv``
+    names a folder for each attack's adversarial examples (safetensors with the points' indices,
+    the threat and the attack's settings: ``robustbench-lite replay`` re-judges them).  ``progress``
+    shows bars on a terminal and INFO lines on the ``robustbench_lite.progress`` logger elsewhere
+    (``False``: neither; or a :class:`~robustbench_lite.core.progress.Progress`).  ``access``
     ``"labels"`` (or ``"scores"``) evaluates the model as an API that returns only its predicted
     label (or its scores): give decision-based attacks (``attacks=["hsj"]``); the others are
     skipped with a note in their rows."""
@@ -85,7 +91,7 @@ def benchmark(
     with tempfile.TemporaryDirectory(prefix="rbl-benchmark-") as tmp:
         root = Path(workdir) if workdir is not None else Path(tmp)
         run_plan(Plan("benchmark", tuple(cells)), workdir=root, device=str(device), data_root=data_dir,
-                 batch_size=batch_size, progress=progress, autocast=autocast)
+                 batch_size=batch_size, progress=progress, autocast=autocast, save_adv=save_adv)
         with Store(root / "store.sqlite") as store:
             hit = store.get(worst_case_key(cells))
             errors = [r.error.splitlines()[0] for c in cells if (r := _row(store, c.key)) is not None and r.error]

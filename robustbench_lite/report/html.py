@@ -3,8 +3,10 @@
 :func:`write_report` turns store rows into
 
 * ``report.html``: self-contained (CSS inline, plots embedded as base64 PNG): a summary, every
-  leaderboard (flagged rows marked, never dropped), the flags explained, and three plots:
-  robust accuracy vs eps per defense, per-attack strength and time, clean vs robust accuracy;
+  leaderboard (flagged rows marked, never dropped; where a verifier ran, each row's bracket drawn
+  as a bar from the certified share to the attacked worst case, and exact rows marked), the flags
+  explained, and three plots: robust accuracy vs eps per defense, per-attack strength and time,
+  clean vs robust accuracy;
 * ``report.md``: the same tables and explanations, with the plots as PNG files beside it
   (``plots/*.png``).
 
@@ -18,13 +20,17 @@ import base64
 import html
 import io
 import math
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
+from ..core.names import safe_stem
 from ..eval import flags as checks
+from ..harness.identity import distinguish
 from ..harness.kinds import rows_of_kind
 from ..harness.rows import WORST_CASE, CellResult
 from .leaderboard import long_table, wide_tables
@@ -39,6 +45,10 @@ th,td{border:1px solid #ccc;padding:.25rem .5rem;text-align:right} th{background
 td.row-name,td.flags{text-align:left} tr.flagged{background:#fff4d6} .warn{color:#b45309;font-weight:600}
 .summary td{text-align:left} .muted{color:#666;font-size:.85rem} img{max-width:100%;border:1px solid #eee}
 dt{font-family:monospace;font-weight:600;margin-top:.5rem} dd{margin-left:1.2rem}
+.bracket{position:relative;display:inline-block;width:160px;height:10px;background:#eee;border:1px solid #bbb;vertical-align:middle}
+.bracket span{position:absolute;top:0;bottom:0} .bracket .proven{left:0;background:#2a9d8f}
+.bracket .undecided{background:#e9c46a;min-width:1px} .bracket .contradiction{background:#d62828;min-width:1px}
+.exact{color:#1b7f4f;font-weight:600;font-size:.8rem}
 """
 
 
@@ -52,6 +62,11 @@ class Plot:
 def row_label(model: str, defense: str) -> str:
     """How a leaderboard row is named in the report."""
     return f"{model} / {defense}"
+
+
+def plot_text(text: str) -> str:
+    """``text`` for a matplotlib label: ``$`` escaped, so a name is never parsed as math text."""
+    return str(text).replace("$", r"\$")
 
 
 def _fmt(v: object) -> str:
@@ -68,6 +83,7 @@ def make_plots(rows: Sequence[CellResult]) -> list[Plot]:
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
 
+    rows = distinguish(rows)
     df = long_table([r for r in rows_of_kind(rows, "evasion") if r.status == "ok" and r.robust_acc is not None])
     if df.empty:
         return []
@@ -83,8 +99,8 @@ def make_plots(rows: Sequence[CellResult]) -> list[Plot]:
             g = g.sort_values("eps")
             xs = [0.0, *g["eps"].tolist()]
             ys = [float(g["clean_acc"].iloc[0]), *g["robust_acc"].tolist()]
-            ax.plot(xs, ys, marker="o", label=row_label(model, defense))
-        ax.set_title(f"{dataset}, {norm}")
+            ax.plot(xs, ys, marker="o", label=plot_text(row_label(model, defense)))
+        ax.set_title(plot_text(f"{dataset}, {norm}"))
         ax.set_xlabel("eps (0 = clean)")
         ax.set_ylabel("worst-case robust accuracy")
         ax.set_ylim(-0.02, 1.02)
@@ -103,7 +119,7 @@ def make_plots(rows: Sequence[CellResult]) -> list[Plot]:
     a1.invert_yaxis()
     a2.barh(stats.index, stats["seconds"], color="#dd8452")
     a2.set_xlabel("mean seconds per cell")
-    a2.set_xscale("log")
+    seconds_axis(a2, stats["seconds"].tolist())
     a2.invert_yaxis()
     for ax in (a1, a2):
         ax.grid(alpha=0.3, axis="x")
@@ -122,7 +138,7 @@ def make_plots(rows: Sequence[CellResult]) -> list[Plot]:
         color = colors[k % len(colors)]
         for r in g.itertuples():
             ax.scatter(r.clean_acc, r.robust_acc, color=color, marker=markers[f"{r.norm} {r.eps:g}"], s=45, alpha=0.85)
-        handles.append(Line2D([], [], color=color, marker="o", ls="", label=row_label(model, defense)))
+        handles.append(Line2D([], [], color=color, marker="o", ls="", label=plot_text(row_label(model, defense))))
     handles += [Line2D([], [], color="#555", marker=markers[t], ls="", label=t) for t in threats]
     ax.legend(handles=handles, fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
     ax.plot([0, 1], [0, 1], color="#999", lw=0.8, ls="--")
@@ -134,6 +150,31 @@ def make_plots(rows: Sequence[CellResult]) -> list[Plot]:
     ax.set_title("Clean vs robust accuracy (worst case per threat)")
     plots.append(Plot("clean_vs_robust", "Clean vs robust accuracy", _png(fig, plt)))
     return plots
+
+
+def seconds_axis(ax, seconds: Sequence[float]) -> None:
+    """A log-scale x axis for ``seconds`` with readable ticks: whole decades only, at most
+    :data:`MAX_TICKS` of them, labelled as plain numbers (``0.01``, ``1``, ``100``), no labels on
+    minor ticks (matplotlib labels those when the data span less than a decade, and the long
+    ``2×10⁻¹``-style labels then run into each other); the limits cover whole decades, so at least
+    two ticks are labelled.  Linear when no value is positive."""
+    from matplotlib.ticker import FixedLocator, FuncFormatter, LogLocator, NullFormatter
+
+    positive = [v for v in seconds if v > 0 and math.isfinite(v)]
+    if not positive:
+        return
+    low, high = math.floor(math.log10(min(positive))), math.ceil(math.log10(max(positive)))
+    high = max(high, low + 1)
+    ax.set_xscale("log")
+    ax.set_xlim(10.0**low, 10.0**high)
+    step = max(1, math.ceil((high - low) / (MAX_TICKS - 1)))
+    ax.xaxis.set_major_locator(FixedLocator([10.0**e for e in range(low, high + 1, step)]))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.xaxis.set_minor_locator(LogLocator(base=10, subs=tuple(range(2, 10)), numticks=100))
+    ax.xaxis.set_minor_formatter(NullFormatter())
+
+
+MAX_TICKS = 6  # labelled decades on the seconds axis
 
 
 def _png(fig, plt) -> bytes:
@@ -171,13 +212,48 @@ def _table_columns(table: pd.DataFrame) -> list[str]:
     return [c for c in table.columns if c not in ("dataset", "norm", "eps", "model", "defense")]
 
 
+BRACKET_TITLE = "bracket (certified → attacked)"
+
+
+def _bracket(r: pd.Series) -> tuple[float, float] | None:
+    """A leaderboard row's (certified, worst case), when a verifier ran on its points."""
+    cert, worst = r.get("certified"), r.get(WORST_CASE)
+    if not isinstance(cert, (int, float)) or not isinstance(worst, (int, float)) or math.isnan(cert) or math.isnan(worst):
+        return None
+    return float(cert), float(worst)
+
+
+def _exact(r: pd.Series) -> bool:
+    flag = r.get("exact")
+    return _bracket(r) is not None and isinstance(flag, (bool, np.bool_)) and bool(flag)
+
+
+def _bracket_bar(r: pd.Series) -> str:
+    """The row's bracket as a bar on [0, 1]: proven robust up to the certified share, undecided up to
+    the attacked worst case (red where the certified share exceeds it: a soundness bug)."""
+    found = _bracket(r)
+    if found is None:
+        return "<td></td>"
+    cert, worst = found
+    lo, hi = sorted((cert, worst))
+    band = "undecided" if cert <= worst else "contradiction"
+    title = f"certified {cert:.3f} ≤ robust accuracy ≤ {worst:.3f} (attacked)" + (": exact" if _exact(r) else "")
+    mark = " <span class='exact'>exact</span>" if _exact(r) else ""
+    return (f"<td class='row-name'><span class='bracket' title='{html.escape(title)}'>"
+            f"<span class='proven' style='width:{100 * lo:.2f}%'></span>"
+            f"<span class='{band}' style='left:{100 * lo:.2f}%;width:{100 * (hi - lo):.2f}%'></span></span>{mark}</td>")
+
+
 def _html(rows: Sequence[CellResult], tables: dict[str, pd.DataFrame], plots: list[Plot]) -> str:
     e = html.escape
     out = ["<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>",
            "<title>robustbench_lite report</title>", f"<style>{_CSS}</style></head><body>",
            "<h1>robustbench_lite report</h1>",
            "<p class='muted'>Robust accuracy = share of the n test points classified correctly under every attack "
-           "of the threat (worst case per point). Rows marked ⚠ carry flags: read them before trusting the number.</p>",
+           "of the threat (worst case per point). Rows marked ⚠ carry flags: read them before trusting the number. "
+           "Where a verifier ran, the row is a bracket: certified (proven robust) ≤ robust accuracy ≤ worst case "
+           "(attacked); the bar is green up to the certified share and yellow over the undecided points, and a row "
+           "with nothing undecided is marked exact.</p>",
            "<h2>Summary</h2><table class='summary'>"]
     out += [f"<tr><th>{e(k)}</th><td>{e(v)}</td></tr>" for k, v in _summary(rows, tables)]
     out.append("</table><h2>Leaderboards</h2>")
@@ -185,11 +261,16 @@ def _html(rows: Sequence[CellResult], tables: dict[str, pd.DataFrame], plots: li
         cols = _table_columns(table)
         first = table.iloc[0]
         out.append(f"<h3 id='{e(name)}'>{e(str(first['dataset']))} — {e(str(first['norm']))} eps {first['eps']:g}</h3>")
-        out.append("<table><tr><th>model / defense</th>" + "".join(f"<th>{e(c)}</th>" for c in cols) + "</tr>")
+        bars = "certified" in table.columns
+        out.append("<table><tr><th>model / defense</th>" + (f"<th>{e(BRACKET_TITLE)}</th>" if bars else "")
+                   + "".join(f"<th>{e(c)}</th>" for c in cols) + "</tr>")
         for _, r in table.iterrows():
             flagged = bool(r["flags"])
             label = row_label(str(r["model"]), str(r["defense"]))
-            cells = []
+            if bars:
+                cells = [_bracket_bar(r)]
+            else:
+                cells = []
             for c in cols:
                 if c == "flags":
                     codes = [x for x in str(r["flags"]).split(";") if x]
@@ -198,8 +279,8 @@ def _html(rows: Sequence[CellResult], tables: dict[str, pd.DataFrame], plots: li
                 else:
                     cells.append(f"<td>{e(_fmt(r[c]))}</td>")
             mark = "<span class='warn'>⚠ </span>" if flagged else ""
-            out.append(f"<tr class='{'flagged' if flagged else ''}'><td class='row-name'>{mark}{e(label)}</td>"
-                       + "".join(cells) + "</tr>")
+            classes = " ".join(c for c, on in (("flagged", flagged), ("exact-row", _exact(r))) if on)
+            out.append(f"<tr class='{classes}'><td class='row-name'>{mark}{e(label)}</td>" + "".join(cells) + "</tr>")
         out.append("</table>")
     out += _curves_html(rows)
     out.append("<h2>Flags explained</h2>")
@@ -220,12 +301,20 @@ def _html(rows: Sequence[CellResult], tables: dict[str, pd.DataFrame], plots: li
     return "\n".join(out)
 
 
-def _md_table(header: list[str], body: list[list[str]]) -> str:
-    def esc(s: str) -> str:
-        return s.replace("|", "\\|")
+_MD_SPECIAL = re.compile(r"([\\`*_\[\]|!#~])")
 
-    lines = ["| " + " | ".join(esc(h) for h in header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(esc(c) for c in row) + " |" for row in body]
+
+def md_text(text: object) -> str:
+    """``text`` as literal Markdown: HTML markup escaped (a name like ``<img onerror=...>`` shows
+    as text, never as a tag), Markdown punctuation backslash-escaped (no links, images, emphasis,
+    code or table cells from a name) and line breaks as spaces."""
+    flat = " ".join(str(text).splitlines())
+    return _MD_SPECIAL.sub(r"\\\1", html.escape(flat, quote=False))
+
+
+def _md_table(header: list[str], body: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(md_text(h) for h in header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(md_text(c) for c in row) + " |" for row in body]
     return "\n".join(lines)
 
 
@@ -237,18 +326,22 @@ def _markdown(rows: Sequence[CellResult], tables: dict[str, pd.DataFrame], plots
     for table in tables.values():
         cols = _table_columns(table)
         first = table.iloc[0]
-        out += [f"### {first['dataset']} — {first['norm']} eps {first['eps']:g}", ""]
+        out += [f"### {md_text(first['dataset'])} — {md_text(first['norm'])} eps {first['eps']:g}", ""]
+        bars = "certified" in table.columns
         body = []
         for _, r in table.iterrows():
             mark = "⚠ " if r["flags"] else ""
-            body.append([mark + row_label(str(r["model"]), str(r["defense"]))] + [_fmt(r[c]) for c in cols])
-        out += [_md_table(["model / defense", *cols], body), ""]
+            found = _bracket(r) if bars else None
+            bracket = [] if not bars else [""] if found is None else [
+                f"[{found[0]:.3f}, {found[1]:.3f}]" + (" exact" if _exact(r) else "")]
+            body.append([mark + row_label(str(r["model"]), str(r["defense"])), *bracket] + [_fmt(r[c]) for c in cols])
+        out += [_md_table(["model / defense", *(["bracket [certified, attacked]"] if bars else []), *cols], body), ""]
     out += _curves_md(rows)
     out += ["## Flags explained", ""]
     present = _flag_codes(tables)
-    out += [f"- `{c}`: {checks.explain(c)}" for c in present] or ["No flag was raised in this store."]
+    out += [f"- `{c.replace('`', '')}`: {md_text(checks.explain(c))}" for c in present] or ["No flag was raised in this store."]
     out += ["", "## Plots", ""]
-    out += [f"### {p.title}\n\n![{p.title}](plots/{p.name}.png)\n" for p in plots]
+    out += [f"### {md_text(p.title)}\n\n![{md_text(p.title)}](plots/{safe_stem(p.name)}.png)\n" for p in plots]
     return "\n".join(out)
 
 
@@ -279,7 +372,7 @@ def _curves_md(rows: Sequence[CellResult]) -> list[str]:
 
     out = []
     for title, t in curve_tables(rows):
-        out += [f"### Robustness curve: {title}", "",
+        out += [f"### Robustness curve: {md_text(title)}", "",
                 _md_table(list(t.columns), [[_fmt(r[c]) for c in t.columns] for _, r in t.iterrows()]), ""]
     return (["## Robustness curves", "", *out] if out else [])
 
@@ -287,7 +380,7 @@ def _curves_md(rows: Sequence[CellResult]) -> list[str]:
 def write_report(rows: Sequence[CellResult], out_dir: str | Path) -> tuple[Path, Path]:
     """Write ``report.html`` (self-contained) and ``report.md`` (+ ``plots/*.png``) under
     ``out_dir``; return their paths."""
-    rows = list(rows)
+    rows = distinguish(rows)  # a row is one model: shared display names get distinguishing labels
     if not rows:
         raise ValueError("the store has no results yet; run `robustbench-lite run` first")
     out_dir = Path(out_dir)
@@ -297,7 +390,7 @@ def write_report(rows: Sequence[CellResult], out_dir: str | Path) -> tuple[Path,
 
     plots = make_plots(rows) + curve_plots(rows)
     for p in plots:
-        (out_dir / "plots" / f"{p.name}.png").write_bytes(p.png)
+        (out_dir / "plots" / f"{safe_stem(p.name)}.png").write_bytes(p.png)
     html_path, md_path = out_dir / "report.html", out_dir / "report.md"
     html_path.write_text(_html(rows, tables, plots), encoding="utf-8")
     md_path.write_text(_markdown(rows, tables, plots), encoding="utf-8")

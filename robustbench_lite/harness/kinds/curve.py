@@ -29,6 +29,7 @@ from ...core.access import access_note, model_access
 from ...core.config import config_hash
 from ...core.models import predict
 from ...eval import flags as checks
+from ...eval.bracket import Proof
 from ...eval.curve import (
     ORDERS,
     area,
@@ -40,8 +41,9 @@ from ...eval.curve import (
     robust_at,
     robust_curve,
 )
+from ..identity import distinguish
 from ..plan import Cell
-from ..rows import SKIPPED, WORST_CASE, CellResult, Row, cell_row, error_row
+from ..rows import SKIPPED, WORST_CASE, CellResult, Row, cell_row, error_row, model_identity
 from ..store import Store
 from . import CellKind, Group, register_kind, rows_of_kind
 
@@ -140,7 +142,8 @@ class Curve(CellKind):
                 rec = attack_curve(
                     model, lambda eps, cell=cell: _attack_at(cell, eps), cell.grid, split, correct,
                     policy=group.policy, batch_size=batch(cell.build()) if callable(batch) else batch,
-                    order=cell.order,
+                    order=cell.order, progress=group.progress,
+                    label=f"curve {cell.attack.name} {cell.threat.norm.value} ({len(cell.grid)} eps, order {cell.order})",
                 )
             except Exception as exc:
                 log.warning("curve of %s failed: %s", cell.attack.name, exc)
@@ -172,7 +175,9 @@ class Curve(CellKind):
             tag = row.attack if score is None else f"{row.attack} (optimality {score:.3f})"
         return f"curve {row.norm} {tag}: {curve}"
 
-    def refresh(self, cells: Sequence[Cell], store: Store, labels: Callable[[], Tensor]) -> None:
+    def refresh(
+        self, cells: Sequence[Cell], store: Store, labels: Callable[[], Tensor], proofs: Sequence[Proof] = ()
+    ) -> None:
         """Optimality and the worst case of finished curves, from the stored distances."""
         from ..run import code_version
 
@@ -188,7 +193,7 @@ class Curve(CellKind):
     def tables(self, rows: Sequence[CellResult]) -> dict[str, pd.DataFrame]:
         """``<dataset>_curve``: one row per model, defense, attack and eps (0 = clean)."""
         by_dataset: dict[str, list[dict[str, Any]]] = {}
-        for r in rows_of_kind(rows, self.name):
+        for r in rows_of_kind(distinguish(rows), self.name):
             m = json.loads(r.metrics) if r.metrics else {}
             base = {"dataset": r.dataset, "model": r.model, "defense": r.defense, "attack": r.attack, "norm": r.norm}
             tail = {"n": r.n, "optimality": m.get("optimality"), "area": m.get("area"), "flags": r.flags,
@@ -271,6 +276,7 @@ def finish(cells: Sequence[Cell], latest: Mapping[str, Row], model_flags: set[st
         scope="all", target_hit_rate=None, success_rate=None, median_l2=None, flags=checks.join(found), status="ok",
         error="", train_seconds=ref.train_seconds, attack_params=json.dumps(sorted(c.attack.name for c, _ in ok)),
         key=config_hash({"curve_worst_case": sorted(c.key for c in cells)}), model_key=ref.model_key,
+        **model_identity(cells[0]),
         code_version=version,
         metrics=json.dumps({"points": len(grid), "area": area(best, eps_max) / eps_max, "optimality": None}),
     )
