@@ -15,8 +15,9 @@ statistics, the function it computes in eval mode) and offers:
 
 Plugins implement ``_margin_bounds(model, x, y, threat)``, or ``_bounds(model, x, y, norm, eps)``
 with a radius per point (what the bisection calls; by default once per distinct radius).  Verifiers that work on
-the layers of the network derive from :class:`BoundVerifier`, which parses the model into supported
-layers (:func:`parse_network`: an unsupported layer is a ``ValueError`` naming it, the supported
+the layers of the network derive from :class:`BoundVerifier`, which traces the model into a
+computation graph of supported operations (:func:`parse_network`, ``torch.fx``: residual
+additions, batch norms folded; an unsupported node is a ``ValueError`` naming it, the supported
 layers and the zoo models that parse), casts the points to float64, runs ``_net_bounds(net,
 inset, y)`` in chunks of ``batch_size`` points and folds the margin matrix into the last layer.
 
@@ -40,9 +41,8 @@ from ..core.attack import check_images, check_labels, check_model, eval_mode
 from ..core.config import Plugin, setting
 from ..core.registry import Registry
 from ..core.threat import Norm, ThreatModel
-from ._bounds import L1, InputSet, crown_margins, ibp_margins, layer_bounds, logit_interval
-from ._layers import Network
-from ._parse import SUPPORTED, parse_network
+from ._bounds import InputSet, crown_margins, ibp_margins, layer_bounds, logit_interval
+from ._graph import SUPPORTED, Network, parse_network
 
 __all__ = [
     "VERIFIERS",
@@ -67,7 +67,7 @@ create_verifier = VERIFIERS.create
 list_verifiers = VERIFIERS.list
 
 #: the balls the bound propagators handle (intersected with the [0, 1] box)
-BALL_NORMS: tuple[Norm, ...] = (Norm.LINF, Norm.L2) + ((L1,) if L1 is not None else ())
+BALL_NORMS: tuple[Norm, ...] = (Norm.LINF, Norm.L2, Norm.L1)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -130,7 +130,7 @@ class Verifier(Plugin):
         norm = self._check_threat(Norm.parse(norm))
         model, x, y = self._check(model, x, y)
         d = x[0].numel()
-        hi = float(hi) if hi is not None else {Norm.LINF: 1.0, Norm.L2: math.sqrt(d)}.get(norm, float(d))
+        hi = float(hi) if hi is not None else norm.geometry.diameter(d)
         if not (math.isfinite(hi) and hi > 0 and math.isfinite(tol) and tol > 0):
             raise ValueError(f"radius needs finite hi > 0 and tol > 0, got hi={hi}, tol={tol}")
         with eval_mode(model), torch.no_grad():
