@@ -11,7 +11,12 @@ statistics, the function it computes in eval mode) and offers:
 * ``certify(model, x, y, threat) -> bool [B]``: every bound positive and the clean point
   classified correctly: such a point has no adversarial example in the ball;
 * ``radius(model, x, y, norm, hi, tol) -> [B]``: per point, a certified radius found by bisection
-  on eps (0 for misclassified points), for certified-accuracy-versus-eps curves.
+  on eps (0 for misclassified points), for certified-accuracy-versus-eps curves;
+* ``decide(model, x, y, threat, starts=None) -> Decision``: per point ``verified``, ``falsified``
+  (with an adversarial example, re-checked by forward passes of the model in float32 and float64
+  inside the ball ∩ [0, 1]) or ``undecided``; ``starts`` are candidate examples (an evasion
+  attack's) checked first.  A complete verifier (``bab``) decides every point given the time;
+  the others verify what they certify and falsify only with the clean point or a start.
 
 Plugins implement ``_margin_bounds(model, x, y, threat)``, or ``_bounds(model, x, y, norm, eps)``
 with a radius per point (what the bisection calls; by default once per distinct radius).  Verifiers that work on
@@ -22,7 +27,8 @@ layers and the zoo models that parse), casts the points to float64, runs ``_net_
 inset, y)`` in chunks of ``batch_size`` points and folds the margin matrix into the last layer.
 
 Built-in verifiers: ``ibp`` (Gowal et al. 2018), ``crown`` (Zhang et al. 2018), ``alpha-crown``
-(Xu et al. 2021) and ``stable-relu`` (the fixed-pattern certificate of the convex pair).  The bound
+(Xu et al. 2021), ``bab`` (β-CROWN branch and bound, Wang et al. 2021: complete) and
+``stable-relu`` (the fixed-pattern certificate of the convex pair).  The bound
 functions (:func:`layer_bounds`, :func:`ibp_margins`, :func:`crown_margins`) are exported for the
 certified-training defenses.  Third-party verifiers arrive by the entry-point group
 ``robustbench_lite.verifiers``.
@@ -31,7 +37,9 @@ certified-training defenses.  Third-party verifiers arrive by the entry-point gr
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
+from enum import Enum
 from typing import ClassVar
 
 import torch
@@ -42,14 +50,17 @@ from ..core.config import Plugin, setting
 from ..core.registry import Registry
 from ..core.threat import Norm, ThreatModel
 from ._bounds import InputSet, crown_margins, ibp_margins, layer_bounds, logit_interval
+from ._falsify import Checker
 from ._graph import SUPPORTED, Network, parse_network
 
 __all__ = [
     "VERIFIERS",
     "BoundVerifier",
+    "Decision",
     "InputSet",
     "Network",
     "SUPPORTED",
+    "Status",
     "Verifier",
     "create_verifier",
     "crown_margins",
@@ -68,6 +79,39 @@ list_verifiers = VERIFIERS.list
 
 #: the balls the bound propagators handle (intersected with the [0, 1] box)
 BALL_NORMS: tuple[Norm, ...] = (Norm.LINF, Norm.L2, Norm.L1)
+
+
+class Status(str, Enum):
+    """What a verifier decided about one point."""
+
+    VERIFIED = "verified"  # no adversarial example in the ball (proven)
+    FALSIFIED = "falsified"  # an adversarial example, checked on the model
+    UNDECIDED = "undecided"  # neither, within the budget
+
+    def __str__(self) -> str:
+        return self.value
+
+
+@dataclass(frozen=True)
+class Decision:
+    """Per point: ``status``, the adversarial ``examples`` (float32, ``[B, *x]``; NaN rows where not
+    falsified), margin lower bounds ``lower`` (``[B, K]`` float64, ``+inf`` at ``c = y``), the
+    ``subdomains`` bounded (0 for incomplete verifiers) and the ``seconds`` spent (shared stages
+    split evenly over their points)."""
+
+    status: tuple[Status, ...]
+    examples: Tensor
+    lower: Tensor
+    subdomains: Tensor
+    seconds: Tensor
+
+    def mask(self, status: Status | str) -> Tensor:
+        """``bool [B]``: the points with that status."""
+        status = Status(status)
+        return torch.tensor([s is status for s in self.status], dtype=torch.bool)
+
+    def counts(self) -> dict[str, int]:
+        return {s.value: int(self.mask(s).sum()) for s in Status}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -116,6 +160,45 @@ class Verifier(Plugin):
                 certified[idx] = (bounds > 0).all(dim=1)
             return certified.cpu()
 
+    def decide(self, model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel, starts: Tensor | None = None) -> Decision:
+        """Per point ``verified`` / ``falsified`` (with the example) / ``undecided`` (see the module
+        doc); ``starts``: candidate adversarial examples ``[B, *x]``, NaN rows where there is none."""
+        threat = self._check_threat(threat)
+        model, x, y = self._check(model, x, y)
+        if starts is not None and (not isinstance(starts, Tensor) or starts.shape != x.shape):
+            raise ValueError(f"starts must be a tensor of the points' shape {tuple(x.shape)} (NaN rows: none), "
+                             f"got {getattr(starts, 'shape', type(starts).__name__)}")
+        with eval_mode(model), torch.no_grad():
+            return self._decide(model, x, y, threat.norm, self._eps(x, threat.eps), starts)
+
+    def _decide(
+        self, model: nn.Module, x: Tensor, y: Tensor, norm: Norm, eps: Tensor, starts: Tensor | None,
+    ) -> Decision:
+        """An incomplete verifier's decision: verified where its bounds certify, falsified where
+        the clean point or a start is a checked counterexample, undecided elsewhere."""
+        start = time.perf_counter()
+        checker = Checker(model)
+        n = x.shape[0]
+        falsified, examples = checker.check(x, y, eps, x)
+        if starts is not None:
+            given = ~torch.isnan(starts).flatten(1).any(1) & ~falsified
+            ok, ex = checker.check(x, y, eps, torch.where(given.reshape(-1, *([1] * (x.dim() - 1))), starts, x))
+            examples = torch.where((given & ok).reshape(-1, *([1] * (x.dim() - 1))), ex, examples)
+            falsified = falsified | (given & ok)
+        lower = torch.full((n, 0), float("nan"), dtype=torch.float64, device=x.device)
+        idx = (~falsified).nonzero()[:, 0]
+        verified = torch.zeros_like(falsified)
+        if idx.numel():
+            part = self._checked_bounds(model, x[idx], y[idx], norm, eps[idx])
+            lower = torch.full((n, part.shape[1]), float("-inf"), dtype=torch.float64, device=x.device)
+            lower[idx] = part
+            verified[idx] = (part > 0).all(1)
+        status = tuple(Status.FALSIFIED if f else Status.VERIFIED if v else Status.UNDECIDED
+                       for f, v in zip(falsified.tolist(), verified.tolist(), strict=True))
+        examples = torch.where(falsified.reshape(-1, *([1] * (x.dim() - 1))), examples, float("nan"))
+        seconds = torch.full((n,), (time.perf_counter() - start) / max(1, n), dtype=torch.float64)
+        return Decision(status, examples.cpu(), lower.cpu(), torch.zeros(n, dtype=torch.long), seconds)
+
     def radius(
         self, model: nn.Module, x: Tensor, y: Tensor, norm: Norm | str = Norm.LINF,
         hi: float | None = None, tol: float = 1e-3, *, known: tuple[float, Tensor] | None = None,
@@ -148,11 +231,16 @@ class Verifier(Plugin):
                 if idx.numel() == 0:
                     return lo.cpu()
                 mid = (lo[idx] + up[idx]) / 2
-                ok = (self._checked_bounds(model, x[idx], y[idx], norm, mid) > 0).all(dim=1)
+                ok = (self._radius_bounds(model, x[idx], y[idx], norm, mid) > 0).all(dim=1)
                 lo[idx] = torch.where(ok, mid, lo[idx])
                 up[idx] = torch.where(ok, up[idx], mid)
 
     # -- machinery --------------------------------------------------------------------------------
+    def _radius_bounds(self, model: nn.Module, x: Tensor, y: Tensor, norm: Norm, eps: Tensor) -> Tensor:
+        """The bounds the radius bisection certifies with (the verifier's own by default; a
+        complete verifier may use a cheaper sound bound, since every step is a full decision)."""
+        return self._checked_bounds(model, x, y, norm, eps)
+
     def _checked_bounds(self, model: nn.Module, x: Tensor, y: Tensor, norm: Norm, eps: Tensor) -> Tensor:
         bounds = self._bounds(model, x, y, norm, eps).to(torch.float64)
         if bounds.shape[0] != x.shape[0] or bounds.dim() != 2:

@@ -211,3 +211,13 @@ def trained(model: nn.Module, shape: tuple[int, ...], seed: int, steps: int = 15
         loss.backward()
         opt.step()
     return model.eval()
+
+
+def random_mlp(seed: int, d: int, widths: tuple[int, ...], k: int = 3, std: float = 0.7) -> nn.Sequential:
+    """A ReLU MLP with every weight and bias drawn from N(0, std²): random, but with decision
+    boundaries inside [0, 1]^d (PyTorch's default init leaves one class everywhere)."""
+    model = mlp(seed, d, widths, k)
+    torch.manual_seed(seed)
+    for p in model.parameters():
+        nn.init.normal_(p, 0.0, std)
+    return model
