@@ -21,15 +21,18 @@ open and closed, is a lower bound of its margin over the ball.
 
 from __future__ import annotations
 
-import time
+import logging
+from collections.abc import Callable
 from dataclasses import dataclass, fields
 
 import torch
 from torch import Tensor
 
-from ._beta import Layout, babsr, optimize
+from ._beta import Layout, babsr, fsb, gap_scores, optimize
 from ._falsify import Checker, pgd_targeted
 from ._leaf import solve_leaf
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -45,6 +48,10 @@ class Settings:
     lp_leaves: bool
     attack_steps: int
     attack_points: int
+    candidates: int  # FSB's candidates per subdomain (0: BaBSR alone)
+    heuristic: str
+    dtype: torch.dtype  # of the α, β iterations
+    clock: Callable[[], float]  # process CPU time on CPU, wall time on an accelerator
 
 
 @dataclass
@@ -55,6 +62,7 @@ class Pool:
     beta: Tensor  # [N, U]
     lower: Tensor  # [N]
     branch: Tensor  # [N] the neuron to split next (−1: none left)
+    lam: Tensor  # [N] the bound's coefficient of that neuron's output (for the children's β)
 
     def take(self, idx: Tensor) -> Pool:
         return Pool(**{f.name: getattr(self, f.name)[idx] for f in fields(self)})
@@ -83,6 +91,7 @@ class Search:
         self.layout, self.x, self.y, self.eps = layout, x, y, eps
         self.checker, self.cfg, self.gen = checker, settings, gen
         self.lower = root_lower.clone()  # [K]: per class, min over closed subdomains (root bound to start)
+        self.root_lower = root_lower.clone()
         self.eye = torch.eye(root_lower.shape[0], dtype=layout.inset.x.dtype, device=x.device)
         self.bias = layout.preact_bias()
         self.lo_u, self.hi_u = layout.root_interval()
@@ -90,23 +99,28 @@ class Search:
         self.example: Tensor | None = None
 
     def run(self) -> Outcome:
-        start = time.perf_counter()
+        start = self.cfg.clock()
         todo = [c for c in range(self.lower.shape[0]) if c != self.y and float(self.lower[c]) <= 0]
         spec = torch.tensor(todo, dtype=torch.long, device=self.x.device)
         n, u = len(todo), self.layout.size
         signs = torch.zeros(n, u, dtype=torch.int8, device=self.x.device)
         alpha = self.layout.root_alpha().expand(n, u)
         self.lower[spec] = float("inf")
-        pool = self._bound(spec, signs, alpha, torch.zeros_like(alpha), self.cfg.root_iterations)
+        root = self.root_lower[spec]
+        pool = self._bound(spec, signs, alpha, torch.zeros_like(alpha), self.cfg.root_iterations, root)
         while self.example is None and pool is not None and len(pool):
-            if time.perf_counter() - start > self.cfg.timeout or self.count >= self.cfg.max_subdomains:
+            if self.cfg.clock() - start > self.cfg.timeout or self.count >= self.cfg.max_subdomains:
                 break
             self.rounds += 1
             pool = pool.take(pool.lower.argsort())
             pick, rest = pool.take(slice(0, max(1, self.cfg.batch // 2))), pool.take(slice(max(1, self.cfg.batch // 2), None))
             children = self._split(pick)
-            pool = self._bound(children.spec, children.signs, children.alpha, children.beta, self.cfg.iterations)
+            pool = self._bound(children.spec, children.signs, children.alpha, children.beta, self.cfg.iterations,
+                               children.lower)
             pool = rest if pool is None else rest.cat(pool)
+            if log.isEnabledFor(logging.DEBUG) and pool is not None and len(pool):
+                log.debug("round %d: %d subdomains bounded, %d open, lowest bound %.5f, %.1f s", self.rounds,
+                          self.count, len(pool), float(pool.lower.min()), self.cfg.clock() - start)
         open_ = pool if pool is not None else None
         lower = self.lower.clone()
         if open_ is not None and len(open_):
@@ -121,7 +135,10 @@ class Search:
 
     # -- one batch of subdomains -----------------------------------------------------------------
     def _split(self, pool: Pool) -> Pool:
-        """Both phases of each subdomain's branching neuron (inherits α and β)."""
+        """Both phases of each subdomain's branching neuron (inherits α and β).  Where the
+        neuron's output has a coefficient ``λ ≥ 0`` (its lower line ``αz`` in the bound), the new
+        multiplier starts at ``λ(1 − α)`` (active) or ``λα`` (inactive): then the child's bound
+        starts exactly at its parent's, and the optimisation only climbs from there."""
         both = pool.take(torch.arange(len(pool), device=self.x.device).repeat(2))
         rows = torch.arange(len(both), device=self.x.device)
         phase = torch.ones(len(both), dtype=torch.int8, device=self.x.device)
@@ -129,14 +146,18 @@ class Search:
         signs = both.signs.clone()
         signs[rows, both.branch] = phase
         beta = both.beta.clone()
-        beta[rows, both.branch] = 0.0
-        return Pool(both.spec, signs, both.alpha, beta, both.lower, both.branch)
+        a = both.alpha[rows, both.branch].to(beta.dtype)
+        lam = both.lam.to(beta.dtype).clamp(min=0)
+        beta[rows, both.branch] = torch.where(phase > 0, lam * (1 - a), lam * a)
+        return Pool(both.spec, signs, both.alpha, beta, both.lower, both.branch, both.lam)
 
-    def _bound(self, spec: Tensor, signs: Tensor, alpha: Tensor, beta: Tensor, steps: int) -> Pool | None:
-        """Bound a batch, try its candidates, close what is decided; the open rest as a pool."""
+    def _bound(self, spec: Tensor, signs: Tensor, alpha: Tensor, beta: Tensor, steps: int, parent: Tensor) -> Pool | None:
+        """Bound a batch, try its candidates, close what is decided; the open rest as a pool.
+        A child's region lies in its parent's, so the parent's bound holds for it too."""
         rows = self.eye[self.y][None] - self.eye[spec]
         lower, alpha, beta, a_in, record = optimize(self.layout, rows, signs, alpha, beta, steps, self.cfg.lr_alpha,
-                                                    self.cfg.lr_beta, self.cfg.use_beta)
+                                                    self.cfg.lr_beta, self.cfg.use_beta, self.cfg.dtype)
+        lower = torch.maximum(lower, parent.to(lower.dtype))
         self.count += len(spec)
         inset = self.layout.inset
         worst = torch.where(a_in > 0, inset.lo, inset.hi)  # the box minimiser of each linear bound
@@ -150,15 +171,25 @@ class Search:
             return None
         spec, signs, alpha, beta, lower = spec[keep], signs[keep], alpha[keep], beta[keep], lower[keep]
         record = {k: v[keep] for k, v in record.items()}
-        branch = babsr(self.layout, record, signs, self.bias, self.lo_u, self.hi_u)
+        scores = babsr(self.layout, record, signs, self.bias, self.lo_u, self.hi_u)
+        if self.cfg.heuristic == "gap":
+            scores = gap_scores(self.layout, record, signs, alpha, worst[keep])
+        if self.cfg.candidates > 1:
+            branch = fsb(self.layout, self.eye[self.y][None] - self.eye[spec], signs, alpha, beta, scores,
+                         self.cfg.candidates, self.cfg.use_beta, self.cfg.dtype)
+        else:
+            free = (signs == 0).any(1)
+            branch = torch.where(free, scores.argmax(1), -1) if scores.shape[1] else torch.full_like(spec, -1)
         leaf = branch < 0
+        lam_all = self.layout.compact({k: record[k][:, 0] for k in self.layout.relus})
+        lam = lam_all.gather(1, branch.clamp(min=0)[:, None])[:, 0] if lam_all.shape[1] else torch.zeros_like(lower)
         for i in leaf.nonzero()[:, 0].tolist():
             self._leaf(int(spec[i]), signs[i], float(lower[i]))
             if self.example is not None:
                 self._close(spec, lower)
                 return None
         keep = ~leaf
-        return Pool(spec[keep], signs[keep], alpha[keep], beta[keep], lower[keep], branch[keep])
+        return Pool(spec[keep], signs[keep], alpha[keep], beta[keep], lower[keep], branch[keep], lam[keep])
 
     def _leaf(self, c: int, signs: Tensor, bound: float) -> None:
         value, point = solve_leaf(self.layout, self.eye[self.y] - self.eye[c], signs) if self.cfg.lp_leaves \

@@ -63,6 +63,19 @@ class Layout:
     def size(self) -> int:
         return self.offsets[-1]
 
+    def cast(self, dtype: torch.dtype) -> Layout:
+        """The same root with its bounds and input set in ``dtype`` (cached): the optimisation
+        may iterate in float32, the bounds returned are computed in float64."""
+        if dtype == self.inset.x.dtype:
+            return self
+        cache = self.__dict__.setdefault("_casts", {})
+        if dtype not in cache:
+            i = self.inset
+            inset = InputSet(i.x.to(dtype), i.norm, i.eps.to(dtype), i.lo.to(dtype), i.hi.to(dtype))
+            bounds = {k: (lo.to(dtype), hi.to(dtype)) for k, (lo, hi) in self.bounds.items()}
+            cache[dtype] = Layout(self.net, inset, bounds, self.relus, self.index, self.offsets)
+        return cache[dtype]
+
     def compact(self, dense: dict[int, Tensor]) -> Tensor:
         """``[N, U]``: the unstable neurons' entries of per-ReLU tensors ``[N, *shape]``."""
         parts = [dense[k].flatten(1)[:, idx] for k, idx in zip(self.relus, self.index, strict=True)]
@@ -118,11 +131,13 @@ def _scatter(layout: Layout, i: int, values: Tensor) -> Tensor:
 
 def domain_bounds(
     layout: Layout, spec: Tensor, signs: Tensor, alpha: Tensor, beta: Tensor | None, record: dict | None = None,
+    node: int | None = None,
 ) -> tuple[Tensor, Tensor]:
     """β-CROWN lower bounds ``[N]`` of ``spec[n] · logits`` over each subdomain (``spec``:
     ``[N, K]``; ``signs``, ``alpha``, ``beta``: ``[N, U]``), and the input coefficients ``[N, *x]``
     (whose box minimiser is the bound's worst input).  ``record`` receives the coefficient of each
-    nonlinear node's output (for branching)."""
+    nonlinear node's output (for branching).  ``node``: bound ``spec[n] · z_node`` instead of the
+    logits (``spec``: ``[N, *shape(z_node)]``; intermediate bounds)."""
     net, n = layout.net, signs.shape[0]
     bounds = split_bounds(layout, signs)
     relax, extra = {}, {}
@@ -134,47 +149,127 @@ def domain_bounds(
             term = _scatter(layout, i, beta[:, sl] * -signs[:, sl].to(beta.dtype))
             extra[p] = term if p not in extra else extra[p] + term
     inset = layout.inset.take(torch.zeros(n, dtype=torch.long, device=signs.device))
-    a, const = backward(net, {net.output: spec[:, None, :]}, bounds, inset, relax, extra=extra, record=record,
-                        linear=True)
+    start = net.output if node is None else node
+    a, const = backward(net, {start: spec[:, None]}, bounds, inset, relax, extra=extra, record=record, linear=True)
     return (const + inset.linear_min(a))[:, 0], a[:, 0]
 
 
 def optimize(
     layout: Layout, spec: Tensor, signs: Tensor, alpha: Tensor, beta: Tensor, steps: int,
-    lr_alpha: float, lr_beta: float, use_beta: bool = True,
+    lr_alpha: float, lr_beta: float, use_beta: bool = True, dtype: torch.dtype = torch.float64,
+    node: int | None = None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, dict]:
     """Projected gradient ascent on ``α`` and ``β`` of a batch of subdomains (Adam directions,
-    Kingma & Ba 2015, with their default moments): ``(best bound [N], α, β, input coefficients
-    [N, *x] and nonlinear-output coefficients of the last iterate)``."""
-    alpha = alpha.detach().clone()
-    beta = beta.detach().clone() if use_beta else None
+    Kingma & Ba 2015, with their default moments), iterating in ``dtype``; the iterate with the
+    best bound per subdomain is then bounded once more in float64 (what is returned, so the
+    bound is sound whatever ``dtype``): ``(bound [N], α, β, input coefficients [N, *x] and the
+    nonlinear-output coefficients of that pass)``."""
+    work = layout.cast(dtype)
+    alpha, beta = alpha.detach().to(dtype).clone(), beta.detach().to(dtype).clone()
+    best_a, best_b = alpha.clone(), beta.clone()
     params = [(alpha, lr_alpha, 1.0)] + ([(beta, lr_beta, float("inf"))] if use_beta else [])
     moments = [(torch.zeros_like(p), torch.zeros_like(p)) for p, _, _ in params]
     best = None
-    for it in range(steps + 1):
-        record = {} if it == steps else None
+    spec_w = spec.to(dtype)
+    for it in range(steps):
         with torch.enable_grad():
             for p, _, _ in params:
-                p.requires_grad_(it < steps)
-            bound, a_in = domain_bounds(layout, spec, signs, alpha, beta, record)
-            grads = torch.autograd.grad(bound.sum(), [p for p, _, _ in params]) if it < steps else None
-        best = bound.detach() if best is None else torch.maximum(best, bound.detach())
-        if grads is None:
-            break
+                p.requires_grad_(True)
+            bound, _ = domain_bounds(work, spec_w, signs, alpha, beta if use_beta else None, node=node)
+            grads = torch.autograd.grad(bound.sum(), [p for p, _, _ in params])
         with torch.no_grad():
+            bound = bound.detach()
+            better = bound > best if best is not None else torch.ones_like(bound, dtype=torch.bool)
+            best = bound if best is None else torch.maximum(best, bound)
+            best_a[better], best_b[better] = alpha[better], beta[better]
             for (p, lr, top), (m, v), g in zip(params, moments, grads, strict=True):
                 p.requires_grad_(False)
                 m.mul_(0.9).add_(g, alpha=0.1)
                 v.mul_(0.999).addcmul_(g, g, value=0.001)
                 step = lr * (m / (1 - 0.9 ** (it + 1))) / ((v / (1 - 0.999 ** (it + 1))).sqrt() + 1e-8)
                 p.add_(step).clamp_(0.0, top)  # ascent, then the projection onto [0, 1] or [0, inf)
-    alpha.requires_grad_(False)
-    beta = torch.zeros_like(alpha) if beta is None else beta.requires_grad_(False)
-    return best, alpha, beta, a_in.detach(), {k: v.detach() for k, v in record.items()}
+    if steps:  # the last step's result was not bounded yet
+        with torch.no_grad():
+            bound, _ = domain_bounds(work, spec_w, signs, alpha, beta if use_beta else None, node=node)
+            better = bound > best
+            best_a[better], best_b[better] = alpha[better], beta[better]
+    best_a, best_b = best_a.to(layout.inset.x.dtype), best_b.to(layout.inset.x.dtype)
+    if not use_beta:
+        best_b = torch.zeros_like(best_a)
+    record: dict = {}
+    with torch.no_grad():
+        bound, a_in = domain_bounds(layout, spec, signs, best_a, best_b if use_beta else None, record, node)
+    return bound, best_a, best_b, a_in, record
+
+
+def gap_scores(layout: Layout, record: dict, signs: Tensor, alpha: Tensor, worst: Tensor) -> Tensor:
+    """``[N, U]``: how much each unsplit unstable neuron's relaxation costs the bound at the
+    bound's own optimum.  A backward bound with fixed relaxations equals the network with each
+    unstable ReLU replaced by its chosen line (the lower line ``αz`` where the output's
+    coefficient ``λ ≥ 0``, the upper line ``u(z − l)/(u − l)`` where ``λ < 0``), evaluated at the
+    input that minimises it (``worst``).  A forward pass of that relaxed network gives each
+    neuron's input ``ẑ``; the neuron costs ``−λ·(line(ẑ) − relu(ẑ)) ≥ 0`` there, and splitting it
+    removes that slack (the primal view of the relaxation gap that BaBSR estimates from the
+    bias alone)."""
+    net, n = layout.net, signs.shape[0]
+    bounds = split_bounds(layout, signs)
+    pos = {k: i for i, k in enumerate(layout.relus)}
+    gaps: dict[int, Tensor] = {}
+
+    def relaxed(k: int, z: Tensor) -> Tensor:
+        out = torch.relu(z)
+        if k not in pos:
+            return out
+        i = pos[k]
+        lo, hi = bounds[k]
+        lam = record[k][:, 0]
+        a = _scatter(layout, i, alpha[:, layout.offsets[i] : layout.offsets[i + 1]].to(z.dtype))[:, 0]
+        unstable = (lo < 0) & (hi > 0)
+        width = torch.where(unstable, hi - lo, torch.ones_like(hi))
+        line = torch.where(lam >= 0, a * z, hi * (z - lo) / width)
+        line = torch.where(unstable, line, out)
+        gaps[k] = -lam * (line - out)
+        return line
+
+    values: dict[int, Tensor] = {0: worst.to(layout.inset.x.dtype)}
+    for k in range(1, len(net.nodes)):
+        node = net.nodes[k]
+        args = [values[i] for i in node.inputs]
+        values[k] = relaxed(k, args[0]) if isinstance(node.op, ReLUOp) else node.op.forward(*args)
+    score = layout.compact(gaps) if gaps else signs.new_zeros(n, 0, dtype=worst.dtype)
+    return torch.where(signs == 0, score, torch.full_like(score, float("-inf")))
+
+
+def fsb(layout: Layout, spec: Tensor, signs: Tensor, alpha: Tensor, beta: Tensor, scores: Tensor, k: int,
+        use_beta: bool = True, dtype: torch.dtype = torch.float64) -> Tensor:
+    """Filtered smart branching (De Palma, Bunel, Desmaison, Dvijotham, Kohli, Torr & Kumar,
+    "Improved branch and bound for neural network verification via Lagrangian decomposition",
+    2021): of the ``k`` best neurons by ``scores`` (BaBSR) per subdomain, the one whose two
+    children have the best worse bound, each child bounded by one pass with the parent's α and
+    β (no optimisation).  Returns ``[N]`` (``-1``: nothing left to split)."""
+    n = signs.shape[0]
+    free = signs == 0
+    k = min(k, signs.shape[1])
+    if k == 0:
+        return torch.full((n,), -1, dtype=torch.long, device=signs.device)
+    cand = scores.masked_fill(~free, float("-inf")).topk(k, dim=1).indices  # [N, k]
+    valid = free.gather(1, cand)
+    rows = torch.arange(n, device=signs.device).repeat_interleave(2 * k)
+    pick = cand.repeat_interleave(2, dim=1).reshape(-1)
+    child = signs[rows].clone()
+    phase = torch.tensor([1, -1], dtype=signs.dtype, device=signs.device).repeat(n * k)
+    child[torch.arange(rows.numel(), device=signs.device), pick] = phase
+    work = layout.cast(dtype)
+    with torch.no_grad():
+        bound, _ = domain_bounds(work, spec[rows].to(dtype), child, alpha[rows].to(dtype),
+                                 beta[rows].to(dtype) if use_beta else None)
+    worse = bound.reshape(n, k, 2).amin(2).masked_fill(~valid, float("-inf"))
+    choice = cand.gather(1, worse.argmax(1, keepdim=True))[:, 0]
+    return torch.where(free.any(1), choice, torch.full_like(choice, -1))
 
 
 def babsr(layout: Layout, record: dict, signs: Tensor, bias: Tensor, lo: Tensor, hi: Tensor) -> Tensor:
-    """The unsplit unstable neuron to split next per subdomain (``-1``: none left), by BaBSR
+    """``[N, U]``: each unstable neuron's branching score (``-inf`` once split), by BaBSR
     (Bunel, Lu, Turkaslan, Torr, Kohli & Kumar, "Branch and bound for piecewise linear neural
     network verification", JMLR 2020, Sec. 5.1): with ``λ`` the bound's coefficient of the ReLU's
     output, ``s = u/(u − l)``, ``t = −s·l`` the upper relaxation and ``b`` the pre-activation's
@@ -184,7 +279,37 @@ def babsr(layout: Layout, record: dict, signs: Tensor, bias: Tensor, lo: Tensor,
     s = hi / (hi - lo)
     t = -s * lo
     score = (torch.maximum(bias * lam * (s - 1), bias * lam * s) + lam.clamp(max=0) * t).abs()
-    score = torch.where(signs == 0, score, torch.full_like(score, float("-inf")))
-    best = score.argmax(1) if score.shape[1] else torch.zeros(signs.shape[0], dtype=torch.long, device=signs.device)
-    free = (signs == 0).any(1) if score.shape[1] else torch.zeros_like(best, dtype=torch.bool)
-    return torch.where(free, best, torch.full_like(best, -1))
+    return torch.where(signs == 0, score, torch.full_like(score, float("-inf"))).expand(signs.shape[0], -1)
+
+
+def refine_intermediate(net: Network, inset: InputSet, bounds: dict, steps: int, lr: float,
+                        dtype: torch.dtype = torch.float64) -> dict:
+    """Tighter intermediate bounds of one point (batch 1) by α-CROWN: node by node, the unstable
+    neurons' lower and upper bounds are specifications of their own, with lower slopes of the
+    earlier ReLUs optimised per specification (Xu et al., ICLR 2021, optimise the intermediate
+    layers too); each new bound is intersected with the old, so both stay sound."""
+    out = dict(bounds)
+    for k in sorted(bounds):
+        if not isinstance(net.nodes[k].op, ReLUOp):
+            continue
+        p = net.nodes[k].inputs[0]
+        lo, hi = out[k]
+        idx = ((lo < 0) & (hi > 0)).flatten().nonzero()[:, 0]
+        _, frontier = affine_region(net, p)
+        if idx.numel() == 0 or frontier == [0]:  # nothing unstable, or an affine map of the input box: exact
+            continue
+        layout = Layout.make(net, inset, {j: b for j, b in out.items() if j < k})
+        u = idx.numel()
+        rows = lo.new_zeros(2 * u, lo[0].numel())
+        rows[torch.arange(u), idx] = 1.0
+        rows[torch.arange(u, 2 * u), idx] = -1.0
+        alpha = layout.root_alpha().expand(2 * u, -1)
+        zeros = torch.zeros(2 * u, layout.size, dtype=torch.int8, device=lo.device)
+        bound = optimize(layout, rows.reshape(2 * u, *lo.shape[1:]), zeros, alpha, torch.zeros_like(alpha), steps,
+                         lr, lr, False, dtype, node=p)[0]
+        lo_f, hi_f = lo.flatten(1).clone(), hi.flatten(1).clone()
+        lo_f[0, idx] = torch.maximum(lo_f[0, idx], bound[:u])
+        hi_f[0, idx] = torch.minimum(hi_f[0, idx], -bound[u:])
+        lo_f = torch.minimum(lo_f, hi_f)
+        out[k] = (lo_f.reshape(lo.shape), hi_f.reshape(hi.shape))
+    return out
