@@ -4,7 +4,8 @@ The public API lives here, so one import line is enough::
 
     from robustbench_lite import create_attack, create_defense, evaluate, load, train_or_load, ModelSpec
 
-and ``benchmark(model, dataset=..., threat_model="Linf", eps=...)`` evaluates a model of your own.
+and ``benchmark(model, dataset=..., threat_model="Linf", eps=...)`` evaluates a model of your own;
+``results(workdir)`` gives a results folder's wide and long tables as pandas DataFrames.
 
 Plugins (attacks, defenses, models, datasets, cell kinds) import their bases and helpers from this
 module too: ``EvasionAttack``, ``Defense``, ``setting``, ``register_attack``, ``ops``, ``Norm``, ...
@@ -49,6 +50,7 @@ from .core.threat import Geometry, Norm, ThreatModel, geometry  # noqa: E402
 from .eval.evasion import evaluate  # noqa: E402
 from .harness.benchmark import benchmark  # noqa: E402
 from .harness.kinds import CellKind, Group, list_kinds, register_kind  # noqa: E402
+from .report.export import Results, results  # noqa: E402
 from .training.cache import ModelCache, TrainedModel, train_or_load  # noqa: E402
 from .training.defense import Defense, EpochRecord, TrainLog, TrainState  # noqa: E402
 
@@ -70,6 +72,7 @@ __all__ = [
     "Norm",
     "Normalize",
     "PoisoningAttack",
+    "Results",
     "ThreatModel",
     "TrainLog",
     "TrainState",
@@ -103,6 +106,7 @@ __all__ = [
     "register_kind",
     "register_model",
     "register_verifier",
+    "results",
     "setting",
     "split_head",
     "train_or_load",

@@ -1,4 +1,4 @@
-"""``robustbench-lite run | list | leaderboard | report``.
+"""``robustbench-lite run | list | leaderboard | report | eval | replay``.
 
 Every failure ends in one line on stderr and an exit code that says what kind it was
 (:data:`EXIT_CODES`); ``-v`` adds the traceback.
@@ -7,6 +7,7 @@ Every failure ends in one line on stderr and an exit code that says what kind it
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sqlite3
 import sys
@@ -17,6 +18,7 @@ from pathlib import Path
 
 from .certify import VERIFIERS
 from .cli_eval import add_eval_parser, run_eval
+from .cli_replay import add_replay_parser, run_replay
 from .core.device import AUTOCAST_CHOICES
 from .core.registry import ATTACKS, DATASETS, DEFENSES, MODELS, PluginError, load_plugin_file
 from .core.threat import ThreatModel
@@ -108,17 +110,23 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--address", help="with --executor ray: join this Ray cluster (e.g. 'auto' or HOST:6379); "
                    "default: start a local Ray instance")
     r.add_argument("--ray-cpus", type=_positive_int, default=2, help="CPUs of a local Ray instance (default 2)")
+    r.add_argument("--save-adv", metavar="DIR", help="write each evasion attack's adversarial examples (the points "
+                   "it broke) to DIR as safetensors, for `robustbench-lite replay`; cells finished before are not redone")
     r.add_argument("--no-progress", action="store_true")
 
     ls = sub.add_parser("list", help="list attacks, defenses, models, datasets, verifiers, kinds or presets")
     ls.add_argument("what", nargs="?", default="attacks", choices=[*_REGISTRIES, "presets"])
     ls.add_argument("pattern", nargs="?", default="*", help="fnmatch pattern, e.g. 'pgd*'")
 
-    lb = sub.add_parser("leaderboard", help="rebuild the leaderboard CSVs from the store and print them")
+    lb = sub.add_parser("leaderboard", help="rebuild the leaderboard CSVs from the store and print them (--format json: "
+                        "leaderboard.json, RobustBench model_info-shaped, and a Markdown claim card per row)")
     lb.add_argument("--workdir", default=".rbl")
     lb.add_argument("--out", default="leaderboards")
+    lb.add_argument("--format", default="csv", choices=["csv", "json"], help="csv: the CSVs, printed as tables (default); "
+                    "json: OUT/leaderboard.json and OUT/claims/*.md, the JSON printed")
 
     add_eval_parser(sub)
+    add_replay_parser(sub)
 
     rp = sub.add_parser("report", help="write report.html (self-contained) and report.md from the store")
     rp.add_argument("--workdir", default=".rbl")
@@ -140,11 +148,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "list":
             return _list(args)
         if args.command == "leaderboard":
+            if args.format == "json":
+                return _leaderboard_json(args.workdir, args.out)
             return _leaderboard(args.workdir, args.out)
         if args.command == "report":
             return _report(args.workdir, args.out)
         if args.command == "eval":
             return run_eval(args)
+        if args.command == "replay":
+            return run_replay(args)
         return _run(args)
     except BaseException as exc:  # noqa: BLE001 - every failure becomes one line and an exit code
         if isinstance(exc, SystemExit):
@@ -215,6 +227,25 @@ def _leaderboard(workdir: str, out: str) -> int:
     return 0
 
 
+def _leaderboard_json(workdir: str, out: str) -> int:
+    from .report.export import write_json
+
+    with Store(f"{workdir}/store.sqlite", create=False) as store:
+        rows = store.rows()
+        if not rows:
+            raise ValueError(f"the results store in {workdir} holds no cells yet: run `robustbench-lite run --workdir {workdir}` first")
+
+        def mask_of(key: str):
+            hit = store.get(key)
+            return None if hit is None else hit[1]
+
+        doc, paths = write_json(rows, out, mask_of=mask_of)
+    print(json.dumps(doc, indent=2))
+    print("wrote " + ", ".join(str(p) for p in paths[:3]) + (f" and {len(paths) - 3} more" if len(paths) > 3 else ""),
+          file=sys.stderr)
+    return 0
+
+
 def _config(path: str, data_root: str | None):
     from .harness.gridfile import load_grid
 
@@ -245,7 +276,7 @@ def _run(args: argparse.Namespace) -> int:
     summary = run_plan(
         plan, workdir=args.workdir, device=args.device, data_root=args.data_root, batch_size=args.batch_size,
         progress=not args.no_progress, autocast=args.autocast, autocast_eval=args.autocast_eval, executor=executor,
-        plugins=args.plugin,
+        plugins=args.plugin, save_adv=args.save_adv,
     )
     elapsed = time.perf_counter() - start
     print(
@@ -253,6 +284,8 @@ def _run(args: argparse.Namespace) -> int:
         f"{summary.errors} errors, {elapsed:.1f} s"
     )
     _leaderboard(args.workdir, args.out)
+    if args.save_adv:
+        print(f"adversarial examples: {Path(args.save_adv).resolve()} (check them: robustbench-lite replay)")
     return EXIT_CELLS_FAILED if summary.errors else EXIT_OK
 
 

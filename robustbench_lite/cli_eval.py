@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from pathlib import Path
 
 from .core.device import AUTOCAST_CHOICES, make_policy
 from .core.usermodel import parse_normalize
@@ -24,18 +25,28 @@ _DANGER = ("allow a checkpoint that needs unpickling (a whole pickled nn.Module)
            "code the file names, so a file from an untrusted source can take over this machine")
 
 
-def add_eval_parser(sub: argparse._SubParsersAction) -> None:
-    e = sub.add_parser("eval", help="evaluate your own model (a weights file) on a dataset, an image folder or an .npz")
+def add_model_options(e: argparse.ArgumentParser, data_default: str = "") -> None:
+    """The options that name a user's model and its data (``eval`` and ``replay`` share them);
+    ``data_default`` says what a missing ``--data`` means (empty: it is required)."""
     e.add_argument("--model", help="architecture: a registry name (small-cnn), timm:NAME, or my_net.py:build, a function "
                    "build(input_shape, num_classes) -> nn.Module; omit it for a whole pickled module (--trust-pickle)")
     e.add_argument("--weights", help=".safetensors, or a .pt/.pth state dict (read with weights_only)")
     e.add_argument("--data", help="a registered dataset (robustbench-lite list datasets), a folder of "
-                   "class sub-folders of PNG/JPEG images, or an .npz with x (uint8, or floats in [0, 1]) and y")
+                   "class sub-folders of PNG/JPEG images, or an .npz with x (uint8, or floats in [0, 1]) and y"
+                   + (f"; default: {data_default}" if data_default else ""))
     e.add_argument("--normalize", help="MEAN,STD (or per channel m1,m2,m3,s1,s2,s3) for pixels in [0, 1]: the "
                    "normalization the model was trained with; it goes inside the model, eps stays in pixel space")
     e.add_argument("--num-classes", help="the model's number of classes (default: the data's)")
     e.add_argument("--channels", help="convert the images to 1 (grey) or 3 (RGB) channels to match the model")
     e.add_argument("--trust-pickle", action="store_true", help=_DANGER)
+    e.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
+    e.add_argument("--data-root", help="where registered datasets' files are")
+    e.add_argument("--plugin", action="append", default=argparse.SUPPRESS, metavar="FILE.py")
+
+
+def add_eval_parser(sub: argparse._SubParsersAction) -> None:
+    e = sub.add_parser("eval", help="evaluate your own model (a weights file) on a dataset, an image folder or an .npz")
+    add_model_options(e)
     e.add_argument("--threats", help="comma-separated NORM:EPS, eps for pixels in [0, 1]: linf:0.1,linf:8/255,l2:1.5")
     e.add_argument("--attacks", default="standard", help=f"a set ({' | '.join(SETS)}; default standard) or "
                    "comma-separated attack names")
@@ -45,15 +56,14 @@ def add_eval_parser(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--curve-order", default="up", help="up: attack each eps on the points not broken yet (every "
                    "robust point is attacked at its eps); down: AttackBench's search from the largest eps, stopping at "
                    "a point's first failure (cheaper; assumes failing in a ball means failing in smaller ones)")
-    e.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     e.add_argument("--autocast", default="auto", choices=AUTOCAST_CHOICES)
     e.add_argument("--batch-size", default="500", help="evaluation batch size, or 'auto'")
-    e.add_argument("--data-root", help="where registered datasets' files are")
     e.add_argument("--workdir", default=".rbl", help="store and model cache folder (default .rbl)")
     e.add_argument("--out", default="leaderboards", help="folder for the leaderboard CSVs")
     e.add_argument("--report", default="report", help="folder for report.html and report.md (default report)")
+    e.add_argument("--save-adv", metavar="DIR", help="write each attack's adversarial examples (the points it broke) "
+                   "to DIR as safetensors, for `robustbench-lite replay`")
     e.add_argument("--no-progress", action="store_true")
-    e.add_argument("--plugin", action="append", default=argparse.SUPPRESS, metavar="FILE.py")
 
 
 def _int(text: str | None, flag: str, low: int) -> int | None:
@@ -79,9 +89,29 @@ def run_eval(args: argparse.Namespace) -> int:
     return _execute(args, plan, info)
 
 
+def load_model(args: argparse.Namespace, data: str | None = None):
+    """The data and the model the options of :func:`add_model_options` name, read and checked
+    (``data`` replaces ``--data``): ``(data_spec, data, model_spec, weights_spec, model, classes)``."""
+    from .harness.user import check_on_data, prepare, resolve_data
+
+    source = data if data is not None else args.data
+    if not args.weights or not source:
+        raise ValueError(f"{args.command} needs --weights FILE and --data DATASET|FOLDER|FILE.npz (and --model ARCH for a "
+                         "state dict)")
+    num_classes = _int(args.num_classes, "--num-classes", 2)
+    channels = _int(args.channels, "--channels", 1)
+    if channels not in (None, 1, 3):
+        raise ValueError(f"--channels takes 1 (grey) or 3 (RGB), got {channels}")
+    data_spec, loaded = resolve_data(source, data_root=args.data_root, channels=channels, num_classes=num_classes)
+    normalize = parse_normalize(args.normalize, loaded.input_shape[0]) if args.normalize else None
+    model_spec, weights_spec, model = prepare(loaded, arch=args.model, weights=args.weights, normalize=normalize,
+                                              num_classes=num_classes, trust_pickle=args.trust_pickle)
+    return data_spec, loaded, model_spec, weights_spec, model, check_on_data(model, loaded)
+
+
 def _plan(args: argparse.Namespace):
     from .harness.plan import Plan
-    from .harness.user import check_on_data, parse_curve, parse_threat, prepare, resolve_data, user_cells
+    from .harness.user import parse_curve, parse_threat, user_cells
 
     if not args.weights or not args.data:
         raise ValueError("eval needs --weights FILE and --data DATASET|FOLDER|FILE.npz (and --model ARCH for a state dict)")
@@ -92,18 +122,10 @@ def _plan(args: argparse.Namespace):
     n = _int(args.n, "--n", 1)
     if args.curve_order not in ("up", "down"):
         raise ValueError(f"--curve-order takes up or down, got {args.curve_order!r}")
-    num_classes = _int(args.num_classes, "--num-classes", 2)
-    channels = _int(args.channels, "--channels", 1)
-    if channels not in (None, 1, 3):
-        raise ValueError(f"--channels takes 1 (grey) or 3 (RGB), got {channels}")
     batch = args.batch_size.strip().lower()
     info_batch: int | str = "auto" if batch == "auto" else _int(batch, "--batch-size", 1)
     make_policy(args.device, args.autocast)  # a bad device fails here
-    data_spec, data = resolve_data(args.data, data_root=args.data_root, channels=channels, num_classes=num_classes)
-    normalize = parse_normalize(args.normalize, data.input_shape[0]) if args.normalize else None
-    model_spec, weights_spec, model = prepare(data, arch=args.model, weights=args.weights, normalize=normalize,
-                                              num_classes=num_classes, trust_pickle=args.trust_pickle)
-    k = check_on_data(model, data)
+    data_spec, data, model_spec, weights_spec, model, k = load_model(args)
     n_eval = min(n, len(data.test))
     cells = user_cells(data_spec, model_spec, weights_spec, threats=threats, attacks=args.attacks, n=n_eval,
                        num_classes=k, curves=curves, curve_order=args.curve_order)
@@ -123,7 +145,7 @@ def _execute(args: argparse.Namespace, plan, info: dict) -> int:
     start = time.perf_counter()
     summary = run_plan(plan, workdir=args.workdir, device=args.device, batch_size=info["batch_size"],
                        progress=not args.no_progress, autocast=args.autocast, data_root=args.data_root,
-                       plugins=getattr(args, "plugin", []))
+                       plugins=getattr(args, "plugin", []), save_adv=args.save_adv)
     elapsed = time.perf_counter() - start
     with Store(f"{args.workdir}/store.sqlite") as store:
         rows = store.rows()
@@ -137,6 +159,8 @@ def _execute(args: argparse.Namespace, plan, info: dict) -> int:
         print("  " + line)
     paths = leaderboard.write(rows, args.out)
     print("wrote " + ", ".join(str(p) for p in paths))
+    if args.save_adv:
+        print(f"adversarial examples: {Path(args.save_adv).resolve()} (check them: robustbench-lite replay)")
     try:
         from .report.html import write_report
 

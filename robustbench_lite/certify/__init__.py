@@ -12,11 +12,13 @@ statistics, the function it computes in eval mode) and offers:
   classified correctly: such a point has no adversarial example in the ball;
 * ``radius(model, x, y, norm, hi, tol) -> [B]``: per point, a certified radius found by bisection
   on eps (0 for misclassified points), for certified-accuracy-versus-eps curves;
-* ``decide(model, x, y, threat, starts=None) -> Decision``: per point ``verified``, ``falsified``
-  (with an adversarial example, re-checked by forward passes of the model in float32 and float64
-  inside the ball ∩ [0, 1]) or ``undecided``; ``starts`` are candidate examples (an evasion
-  attack's) checked first.  A complete verifier (``bab``) decides every point given the time;
-  the others verify what they certify and falsify only with the clean point or a start.
+* ``verify(model, x, y, threat, starts=None) -> Verification``: per point ``verified``,
+  ``falsified`` (with an adversarial example, re-checked by a forward pass) or ``undecided``
+  (:mod:`~robustbench_lite.certify.outcome`).  Incomplete verifiers get it for free (their
+  certified points verified, the rest undecided); a complete verifier (``bab``) implements
+  ``_verify`` and decides every point given the time.  ``starts`` are candidate adversarial
+  examples (an evasion attack's, NaN rows where there is none) that a verifier with
+  ``takes_starts`` tries first; the others ignore them.
 
 Plugins implement ``_margin_bounds(model, x, y, threat)``, or ``_bounds(model, x, y, norm, eps)``
 with a radius per point (what the bisection calls; by default once per distinct radius).  Verifiers that work on
@@ -39,7 +41,6 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass
-from enum import Enum
 from typing import ClassVar
 
 import torch
@@ -50,17 +51,17 @@ from ..core.config import Plugin, setting
 from ..core.registry import Registry
 from ..core.threat import Norm, ThreatModel
 from ._bounds import InputSet, crown_margins, ibp_margins, layer_bounds, logit_interval
-from ._falsify import Checker
 from ._graph import SUPPORTED, Network, parse_network
+from .outcome import Status, Verification
 
 __all__ = [
     "VERIFIERS",
     "BoundVerifier",
-    "Decision",
     "InputSet",
     "Network",
     "SUPPORTED",
     "Status",
+    "Verification",
     "Verifier",
     "create_verifier",
     "crown_margins",
@@ -81,44 +82,13 @@ list_verifiers = VERIFIERS.list
 BALL_NORMS: tuple[Norm, ...] = (Norm.LINF, Norm.L2, Norm.L1)
 
 
-class Status(str, Enum):
-    """What a verifier decided about one point."""
-
-    VERIFIED = "verified"  # no adversarial example in the ball (proven)
-    FALSIFIED = "falsified"  # an adversarial example, checked on the model
-    UNDECIDED = "undecided"  # neither, within the budget
-
-    def __str__(self) -> str:
-        return self.value
-
-
-@dataclass(frozen=True)
-class Decision:
-    """Per point: ``status``, the adversarial ``examples`` (float32, ``[B, *x]``; NaN rows where not
-    falsified), margin lower bounds ``lower`` (``[B, K]`` float64, ``+inf`` at ``c = y``), the
-    ``subdomains`` bounded (0 for incomplete verifiers) and the ``seconds`` spent (shared stages
-    split evenly over their points)."""
-
-    status: tuple[Status, ...]
-    examples: Tensor
-    lower: Tensor
-    subdomains: Tensor
-    seconds: Tensor
-
-    def mask(self, status: Status | str) -> Tensor:
-        """``bool [B]``: the points with that status."""
-        status = Status(status)
-        return torch.tensor([s is status for s in self.status], dtype=torch.bool)
-
-    def counts(self) -> dict[str, int]:
-        return {s.value: int(self.mask(s).sum()) for s in Status}
-
-
 @dataclass(frozen=True, kw_only=True)
 class Verifier(Plugin):
     """The checks and public methods every verifier shares; plugins implement :meth:`_bounds`."""
 
     norms: ClassVar[tuple[Norm, ...]] = (Norm.LINF,)
+    #: whether :meth:`_verify` takes ``starts=`` (candidate counterexamples; a complete verifier's)
+    takes_starts: ClassVar[bool] = False
 
     # -- what plugins implement (one of the two) --------------------------------------------------
     def _margin_bounds(self, model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel) -> Tensor:
@@ -152,52 +122,44 @@ class Verifier(Plugin):
         threat = self._check_threat(threat)
         model, x, y = self._check(model, x, y)
         with eval_mode(model), torch.no_grad():
-            correct = _correct(model, x, y)
-            idx = correct.nonzero()[:, 0]  # a misclassified point is never certified: skip its bounds
-            certified = torch.zeros_like(correct)
-            if idx.numel():
-                bounds = self._checked_bounds(model, x[idx], y[idx], threat.norm, self._eps(x[idx], threat.eps))
-                certified[idx] = (bounds > 0).all(dim=1)
-            return certified.cpu()
+            return self._certified(model, x, y, threat)
 
-    def decide(self, model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel, starts: Tensor | None = None) -> Decision:
-        """Per point ``verified`` / ``falsified`` (with the example) / ``undecided`` (see the module
-        doc); ``starts``: candidate adversarial examples ``[B, *x]``, NaN rows where there is none."""
+    def verify(self, model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel,
+               starts: Tensor | None = None) -> Verification:
+        """Per point ``verified``, ``falsified`` or ``undecided``; every counterexample the plugin
+        returns is re-checked by a forward pass (:meth:`Verification.recheck`: one outside the
+        ball or classified correctly leaves its point undecided and ``rejected``).  ``starts``:
+        candidate adversarial examples ``[B, *x]`` (NaN rows where there is none, e.g. an evasion
+        attack's), handed to ``_verify`` by verifiers with :attr:`takes_starts`."""
         threat = self._check_threat(threat)
         model, x, y = self._check(model, x, y)
-        if starts is not None and (not isinstance(starts, Tensor) or starts.shape != x.shape):
-            raise ValueError(f"starts must be a tensor of the points' shape {tuple(x.shape)} (NaN rows: none), "
-                             f"got {getattr(starts, 'shape', type(starts).__name__)}")
+        starts = self._check_starts(starts, x)
         with eval_mode(model), torch.no_grad():
-            return self._decide(model, x, y, threat.norm, self._eps(x, threat.eps), starts)
+            if self.takes_starts:
+                out = self._verify(model, x, y, threat, starts=starts)
+            else:
+                out = self._verify(model, x, y, threat)
+            if not isinstance(out, Verification) or out.n != x.shape[0]:
+                got = f"{out.n} points" if isinstance(out, Verification) else type(out).__name__
+                raise RuntimeError(f"verifier {self.name} returned {got} from _verify for {x.shape[0]} points")
+            return out.recheck(model, x, y, threat)
 
-    def _decide(
-        self, model: nn.Module, x: Tensor, y: Tensor, norm: Norm, eps: Tensor, starts: Tensor | None,
-    ) -> Decision:
-        """An incomplete verifier's decision: verified where its bounds certify, falsified where
-        the clean point or a start is a checked counterexample, undecided elsewhere."""
+    def _verify(self, model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel) -> Verification:
+        """A complete verifier's per-point outcome (runs under ``no_grad``, model in eval mode,
+        inputs checked); by default an incomplete verifier's: :meth:`certify`'s points verified,
+        every other point undecided."""
         start = time.perf_counter()
-        checker = Checker(model)
-        n = x.shape[0]
-        falsified, examples = checker.check(x, y, eps, x)
-        if starts is not None:
-            given = ~torch.isnan(starts).flatten(1).any(1) & ~falsified
-            ok, ex = checker.check(x, y, eps, torch.where(given.reshape(-1, *([1] * (x.dim() - 1))), starts, x))
-            examples = torch.where((given & ok).reshape(-1, *([1] * (x.dim() - 1))), ex, examples)
-            falsified = falsified | (given & ok)
-        lower = torch.full((n, 0), float("nan"), dtype=torch.float64, device=x.device)
-        idx = (~falsified).nonzero()[:, 0]
-        verified = torch.zeros_like(falsified)
+        certified = self._certified(model, x, y, threat)
+        return Verification.from_certified(certified, seconds=time.perf_counter() - start)
+
+    def _certified(self, model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel) -> Tensor:
+        correct = _correct(model, x, y)
+        idx = correct.nonzero()[:, 0]  # a misclassified point is never certified: skip its bounds
+        certified = torch.zeros_like(correct)
         if idx.numel():
-            part = self._checked_bounds(model, x[idx], y[idx], norm, eps[idx])
-            lower = torch.full((n, part.shape[1]), float("-inf"), dtype=torch.float64, device=x.device)
-            lower[idx] = part
-            verified[idx] = (part > 0).all(1)
-        status = tuple(Status.FALSIFIED if f else Status.VERIFIED if v else Status.UNDECIDED
-                       for f, v in zip(falsified.tolist(), verified.tolist(), strict=True))
-        examples = torch.where(falsified.reshape(-1, *([1] * (x.dim() - 1))), examples, float("nan"))
-        seconds = torch.full((n,), (time.perf_counter() - start) / max(1, n), dtype=torch.float64)
-        return Decision(status, examples.cpu(), lower.cpu(), torch.zeros(n, dtype=torch.long), seconds)
+            bounds = self._checked_bounds(model, x[idx], y[idx], threat.norm, self._eps(x[idx], threat.eps))
+            certified[idx] = (bounds > 0).all(dim=1)
+        return certified.cpu()
 
     def radius(
         self, model: nn.Module, x: Tensor, y: Tensor, norm: Norm | str = Norm.LINF,
@@ -246,6 +208,15 @@ class Verifier(Plugin):
         if bounds.shape[0] != x.shape[0] or bounds.dim() != 2:
             raise RuntimeError(f"verifier {self.name} returned bounds of shape {tuple(bounds.shape)} for {x.shape[0]} points")
         return bounds.scatter(1, y[:, None].to(bounds.device), float("inf"))
+
+    @staticmethod
+    def _check_starts(starts: object, x: Tensor) -> Tensor | None:
+        if starts is None:
+            return None
+        if not isinstance(starts, Tensor) or starts.shape != x.shape or not starts.is_floating_point():
+            got = tuple(starts.shape) if isinstance(starts, Tensor) else type(starts).__name__
+            raise ValueError(f"starts must be a float tensor of the points' shape {tuple(x.shape)} (NaN rows: none), got {got}")
+        return starts.to(x.device)
 
     @staticmethod
     def _eps(x: Tensor, eps: float) -> Tensor:

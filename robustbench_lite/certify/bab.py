@@ -38,13 +38,14 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from ..core.attack import eval_mode
 from ..core.config import setting
-from ..core.threat import Norm
+from ..core.threat import Norm, ThreatModel
 from . import (
     BoundVerifier,
-    Decision,
     InputSet,
     Status,
+    Verification,
     create_verifier,
     crown_margins,
     layer_bounds,
@@ -56,12 +57,22 @@ from ._falsify import Checker, float32_box, pgd_targeted
 from ._graph import parse_network
 
 
+@dataclass(frozen=True)
+class Decision:
+    """One :meth:`BaB.decide`: the per-point outcome and the search's margin lower bounds
+    (``[B, K]`` float64, ``+inf`` at ``c = y``; the minimum over each margin's final subdomains)."""
+
+    verification: Verification
+    lower: Tensor
+
+
 @register_verifier("bab")
 @dataclass(frozen=True, kw_only=True)
 class BaB(BoundVerifier):
     """β-CROWN branch and bound: verified, falsified (with the example) or undecided per point."""
 
     norms = (Norm.LINF,)
+    takes_starts = True
     timeout: float = setting(30.0, low=0.0, low_open=True)  # seconds of branch and bound per point
     max_subdomains: int = setting(200_000, low=1)  # subdomains bounded per point
     batch: int = setting(64, low=2)  # subdomains bounded together
@@ -82,11 +93,21 @@ class BaB(BoundVerifier):
     precision: str = setting("float32", choices=("float32", "float64"))  # of the α, β iterations
     seed: int = setting(0, low=0)
 
+    def decide(self, model, x: Tensor, y: Tensor, threat: ThreatModel, starts: Tensor | None = None) -> Decision:
+        """:meth:`verify` (same checks, same re-check of every counterexample) with the search's
+        margin lower bounds beside the outcome."""
+        threat = self._check_threat(threat)
+        model, x, y = self._check(model, x, y)
+        starts = self._check_starts(starts, x)
+        with eval_mode(model), torch.no_grad():
+            out = self._run(model, x, y, self._eps(x, threat.eps), starts)
+            return Decision(out.verification.recheck(model, x, y, threat), out.lower)
+
+    def _verify(self, model, x, y, threat, starts=None):
+        return self._run(model, x, y, self._eps(x, threat.eps), starts).verification
+
     def _bounds(self, model, x, y, norm, eps):
         return self._run(model, x, y, eps, None).lower.to(x.device)
-
-    def _decide(self, model, x, y, norm, eps, starts):
-        return self._run(model, x, y, eps, starts)
 
     def _radius_bounds(self, model, x, y, norm, eps):
         crown = create_verifier("crown", intermediate=self.intermediate, batch_size=self.batch_size)
@@ -137,9 +158,10 @@ class BaB(BoundVerifier):
             subdomains[i] = out.subdomains
             seconds[i] += clock() - start
         lower = lower.scatter(1, y[:, None], float("inf"))
-        falsified = torch.tensor([s is Status.FALSIFIED for s in status], dtype=torch.bool, device=x.device)
-        examples = torch.where(_rows(falsified, x), examples, float("nan"))
-        return Decision(tuple(status), examples.cpu(), lower.cpu(), subdomains, seconds)
+        falsified = torch.tensor([s is Status.FALSIFIED for s in status], dtype=torch.bool)
+        verified = torch.tensor([s is Status.VERIFIED for s in status], dtype=torch.bool)
+        examples = torch.where(_rows(falsified.to(x.device), x), examples, float("nan")).cpu()
+        return Decision(Verification(verified, falsified, examples, subdomains, seconds), lower.cpu())
 
     def _roots(self, net, x, y, eps, open_: Tensor, lower: Tensor) -> dict[int, dict]:
         """CROWN on every point (in chunks of ``batch_size``), into ``lower``; per point of

@@ -2,7 +2,9 @@
 still classified correctly, cheapest attack first, and the per-point worst case per threat.
 
 Each attack's record holds a per-point ``robust`` mask over the evaluated points (correct and
-not broken), so worst cases can be recomputed from stored masks after a resumed run.
+not broken), so worst cases can be recomputed from stored masks after a resumed run.  With an
+``adv_sink`` (:class:`~robustbench_lite.eval.adversarial.AdvSink`) the adversarial examples each
+attack found go there as they are judged; without one nothing is kept.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from ..core.registry import ATTACKS, create_attack
 from ..core.threat import Norm, ThreatModel
 from . import adaptive as wrappers
 from . import flags as checks
+from .adversarial import AdvExamples, AdvSink
 from .checkpoint import Checkpoint, MemoryCheckpoint, attack_id, record_from, record_payload
 from .escalate import Escalated, Escalation, StepRecord, run_step
 
@@ -52,6 +55,7 @@ class AttackRecord:
     error: str = ""
     success_rate: float | None = None  # min-norm attacks: share of attacked points with any adversarial
     median_l2: float | None = None  # min-norm attacks: median distance of the adversarials found
+    examples: AdvExamples | None = None  # the broken points' adversarial images (only when asked to keep them)
 
     @property
     def robust_acc(self) -> float | None:
@@ -182,13 +186,16 @@ def run_attack(
     scope: str = "all",
     attack_model: nn.Module | None = None,
     policy: DevicePolicy | None = None,
+    keep_adv: bool = False,
 ) -> AttackRecord:
     """Run ``attack`` on the points where ``attack_mask`` is set; others count as not robust.
 
     ``attack_model`` (e.g. a BPDA/EOT wrapper of ``model``) is what the attack sees; the
     adversarial points are always judged on ``model``.  ``policy`` (default: float32 on
     ``device``) moves the batches, sets the attack's and the judging's autocast, and says whether
-    both see the model in chunked passes (:class:`~robustbench_lite.core.device.Chunked`)."""
+    both see the model in chunked passes (:class:`~robustbench_lite.core.device.Chunked`).
+    With ``keep_adv`` the record's ``examples`` hold the adversarial images of the attacked
+    points the judge misclassified (on the CPU)."""
     policy = policy if policy is not None else as_policy(device)
     judge = policy.chunked(model)
     seen = judge if attack_model is None else policy.chunked(attack_model)
@@ -197,6 +204,7 @@ def run_attack(
     gen = torch.Generator(device=device).manual_seed(attack.seed)
     seconds, grads, fwds, hits = 0.0, 0, 0, 0
     dists: list[Tensor] = []
+    kept: list[AdvExamples] = []
     for i in range(0, len(idx), batch_size):
         sel = idx[i : i + batch_size]
         x, y = policy.batch_to(split.x[sel]), policy.batch_to(split.y[sel])
@@ -209,13 +217,18 @@ def run_attack(
         grads += out.grad_evals
         fwds += out.forward_evals + len(sel)
         robust[sel] = (pred == y).cpu()
+        if keep_adv:
+            broke = (pred != y).cpu()
+            kept.append(AdvExamples(sel[broke], out.x_adv[broke.to(out.x_adv.device)].float().cpu().contiguous(),
+                                    y.cpu()[broke], pred.cpu()[broke]))
         if out.target is not None:
             hits += int((pred == out.target).sum())
         if out.distances is not None:
             dists.append(out.distances.cpu())
     target_rate = hits / len(idx) if attack.targeted and len(idx) else None
     success, median = min_norm_summary(torch.cat(dists)) if attack.min_norm and dists else (None, None)
-    return AttackRecord(attack, robust, seconds, grads, fwds, len(idx), scope, target_rate, "", success, median)
+    examples = (AdvExamples.concat(kept) if kept else AdvExamples.empty(split.x)) if keep_adv else None
+    return AttackRecord(attack, robust, seconds, grads, fwds, len(idx), scope, target_rate, "", success, median, examples)
 
 
 def worst_class(robust: Tensor, labels: Tensor) -> tuple[float, int]:
@@ -258,6 +271,7 @@ def evaluate(
     escalation: Escalation | None = DEFAULT_ESCALATION,
     surrogate: Callable[[], nn.Module | None] | None = None,
     num_classes: int | None = None,
+    adv_sink: AdvSink | None = None,
 ) -> Evaluation:
     """Evaluate ``attacks`` on the first ``n`` points of ``split``.
 
@@ -291,6 +305,10 @@ def evaluate(
     (default) each threat with an iterative gradient attack also gets the more-iterations check
     (:func:`iterations_probe`, 110 PGD steps on 64 points).
 
+    ``adv_sink`` gets the adversarial examples of every point an attack (its plain run, its
+    adaptive rerun) or an escalation step broke, as soon as it is judged and before its stage is
+    checkpointed; stages and records taken from ``checkpoint`` or ``precomputed`` hand it nothing.
+
     ``batch_size`` is a number or a function of the attack (an autotuned choice per attack kind);
     an attack that runs out of CUDA memory is rerun with half the batch (see
     :func:`autotune.halving_on_oom`).  ``policy`` (default: float32 on ``device``) says where and
@@ -316,7 +334,8 @@ def evaluate(
     def run(attack: EvasionAttack, mask: Tensor, scope: str, attack_model: nn.Module | None = None) -> AttackRecord:
         rec, _ = halving_on_oom(
             lambda b: run_attack(
-                model, attack, split, mask, device=device, batch_size=b, scope=scope, attack_model=attack_model, policy=policy
+                model, attack, split, mask, device=device, batch_size=b, scope=scope, attack_model=attack_model, policy=policy,
+                keep_adv=adv_sink is not None,
             ),
             attack_batch(attack),
         )
@@ -359,6 +378,10 @@ def evaluate(
                 rec = run(attack, mask, scope)
             except Exception as exc:  # one failing attack must not lose the others
                 rec = AttackRecord(attack, None, 0.0, 0, 0, int(mask.sum()), scope, error=_describe(exc))
+            if rec.examples is not None:
+                if adv_sink is not None:
+                    adv_sink.attack(i, attack, rec.examples, adaptive=False)
+                rec = dataclasses.replace(rec, examples=None)
             ck.put(stage, record_payload(rec), rec.robust)
             if on_record is not None:
                 on_record(i, rec, clean_acc)
@@ -394,6 +417,8 @@ def evaluate(
         if hit is None:
             try:
                 again = run(rec.attack, rec.robust, rec.scope, wrapped)
+                if adv_sink is not None and again.examples is not None:
+                    adv_sink.attack(i, rec.attack, again.examples, adaptive=True)
                 hit = ({"error": "", "seconds": again.seconds, "grad_evals": again.grad_evals,
                         "forward_evals": again.forward_evals}, rec.robust & again.robust)
             except Exception as exc:  # keep the plain record; say the rerun failed
@@ -422,7 +447,7 @@ def evaluate(
             own = set(found) | {f for key, fs in flags.items() if key.endswith(f"@{threat.label}") for f in fs}
             if not own & set(MASKING):
                 continue  # this threat's own checks are quiet (the rerun was for another threat's flags)
-            esc = _escalate(threat, worst[threat], escalation, ck, run, inner, model, lazy, split, classes)
+            esc = _escalate(threat, worst[threat], escalation, ck, run, inner, model, lazy, split, classes, adv_sink)
             escalated[threat] = esc
             worst[threat] = worst[threat] & esc.robust
     for threat in worst:
@@ -451,8 +476,10 @@ class _Lazy:
 def _escalate(
     threat: ThreatModel, alive: Tensor, cfg: Escalation, ck: Checkpoint, run: Callable[..., AttackRecord],
     wrapped: nn.Module, model: nn.Module, surrogate: _Lazy, split: DataSplit, num_classes: int,
+    adv_sink: AdvSink | None = None,
 ) -> Escalated:
-    """The ladder on one threat: each step on the points still unbroken, while budget lasts."""
+    """The ladder on one threat: each step on the points still unbroken, while budget lasts; a
+    step's finds go to ``adv_sink`` (when given) before its stage is checkpointed."""
     steps: list[StepRecord] = []
     robust, spent = alive.clone(), 0.0
     for step in cfg.steps:
@@ -464,13 +491,23 @@ def _escalate(
         if hit is not None and hit[1] is not None:
             rec = StepRecord.from_payload(hit[0], hit[1])
         else:
+            found: list[AttackRecord] = []
+
+            def run_one(a: EvasionAttack, m: Tensor, am: nn.Module | None, found: list = found) -> AttackRecord:
+                one = run(a, m, "survivors", am)
+                found.append(one)
+                return one
+
             try:
                 rec = run_step(
-                    step, threat, robust, cfg, run_one=lambda a, m, am: run(a, m, "survivors", am), wrapped=wrapped,
+                    step, threat, robust, cfg, run_one=run_one, wrapped=wrapped,
                     judge=model, surrogate=surrogate.get() if step == "transfer" else None, like=split.x, num_classes=num_classes,
                 )
             except Exception as exc:  # a failed step keeps what the others found
                 rec = StepRecord(step, robust.clone(), int(robust.sum()), 0, 0.0, 0, 0, error=f"{type(exc).__name__}: {exc}"[:300])
+            kept = [r.examples for r in found if r.examples is not None]
+            if adv_sink is not None and kept and not rec.error:
+                adv_sink.escalation(threat, step, [r.attack for r in found], AdvExamples.concat(kept))
             ck.put(stage, rec.as_payload(), rec.robust)
         steps.append(rec)
         robust = robust & rec.robust

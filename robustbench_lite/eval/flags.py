@@ -21,6 +21,7 @@ BLACK_BOX_WINS = "black-box-beats-white-box"
 LARGE_EPS = "large-eps-not-zero"
 MORE_STEPS_NO_HELP = "more-iterations-no-help"
 CERTIFIED_BROKEN = "certified-broken"
+COUNTEREXAMPLE_REJECTED = "counterexample-rejected"
 WASSERSTEIN_BOUND_BROKEN = "wasserstein-bound-broken"
 NON_FINITE = "non-finite-outputs"
 CLEAN_MISMATCH = "clean-acc-mismatch"
@@ -44,6 +45,9 @@ FLAGS: dict[str, str] = {
     "while the short run left points unbroken that a black-box or unbounded attack can break",
     CERTIFIED_BROKEN: "an attack broke a point that the defense's certificate counts as robust: the certificate "
     "(or the model recovered from the training program) is unsound; do not trust the certified column",
+    COUNTEREXAMPLE_REJECTED: "a verifier claimed adversarial examples that failed the forward-pass re-check (outside the "
+    "threat ball or [0, 1], non-finite, or classified correctly): those points count as undecided, never as broken, "
+    "and the verifier has a bug",
     WASSERSTEIN_BOUND_BROKEN: "a Wasserstein attack reached a larger mean loss within the transport budget than WRM's "
     "certificate allows: the ascent behind the certificate missed the supremum (gamma below the loss's smoothness "
     "constant, a non-smooth network, too few steps), so the bound is not a certificate for this model",

@@ -54,6 +54,7 @@ def benchmark(
     workdir: str | Path | None = None,
     autocast: str = "auto",
     progress: bool = False,
+    save_adv: str | Path | None = None,
 ) -> tuple[float, float]:
     """Clean accuracy and worst-case robust accuracy of ``model`` on the first ``n_examples``
     points of ``dataset`` (a registered name, a folder, an ``.npz`` path, a :class:`Data`, or an
@@ -61,7 +62,9 @@ def benchmark(
     at ``eps`` (pixels in [0, 1]; default: the dataset's usual budget).
 
     ``normalize=(mean, std)`` puts the model's input normalization in front of it; ``model_name``
-    names the row (default ``user-weights``); ``workdir`` keeps the rows and resumes."""
+    names the row (default ``user-weights``); ``workdir`` keeps the rows and resumes; ``save_adv``
+    names a folder for each attack's adversarial examples (safetensors with the points' indices,
+    the threat and the attack's settings: ``robustbench-lite replay`` re-judges them)."""
     if isinstance(n_examples, bool) or not isinstance(n_examples, int) or n_examples < 1:
         raise ValueError(f"n_examples must be a positive int, got {n_examples!r}")
     if isinstance(threat_model, str) and threat_model.strip().lower() == "corruptions":
@@ -81,7 +84,7 @@ def benchmark(
     with tempfile.TemporaryDirectory(prefix="rbl-benchmark-") as tmp:
         root = Path(workdir) if workdir is not None else Path(tmp)
         run_plan(Plan("benchmark", tuple(cells)), workdir=root, device=str(device), data_root=data_dir,
-                 batch_size=batch_size, progress=progress, autocast=autocast)
+                 batch_size=batch_size, progress=progress, autocast=autocast, save_adv=save_adv)
         with Store(root / "store.sqlite") as store:
             hit = store.get(worst_case_key(cells))
             errors = [r.error.splitlines()[0] for c in cells if (r := _row(store, c.key)) is not None and r.error]

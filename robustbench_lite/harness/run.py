@@ -36,7 +36,8 @@ from ..core.device import make_policy
 from ..core.registry import load_plugin_file
 from ..training.cache import ModelCache, train_or_load
 from . import faults
-from .kinds import Group, Sink, Stage, kind
+from .advsave import check_save_dir
+from .kinds import Group, Sink, Stage, kind, proofs_of
 from .plan import Cell, Plan
 from .rows import WORST_CASE, CellResult, OnRow, Row, error_row
 from .specs import DataSpec
@@ -70,6 +71,7 @@ class RunContext:
     progress: bool = True
     plugins: tuple[str, ...] = ()
     threads: int | None = None  # torch CPU threads where the group runs (float sums depend on it)
+    save_adv: str | None = None  # a folder for each attack's adversarial examples (None: not kept)
 
 
 @dataclass(frozen=True)
@@ -156,17 +158,25 @@ def run_plan(
     autocast_eval: bool = False,
     executor: Executor | None = None,
     plugins: Sequence[str | Path] = (),
+    save_adv: str | Path | None = None,
 ) -> RunSummary:
     """Run every pending cell of ``plan`` with ``executor`` (default :class:`LocalExecutor`);
-    results go to ``workdir/store.sqlite``, written here only."""
+    results go to ``workdir/store.sqlite``, written here only.
+
+    ``save_adv`` names a folder for the adversarial examples of the evasion cells computed in this
+    run (:mod:`~robustbench_lite.harness.advsave`; a Ray worker writes there too, so on a cluster
+    it must be a shared folder).  Cells finished before (by a run without it) are not recomputed:
+    a warning says how many have no examples file."""
     if not (batch_size == "auto" or (isinstance(batch_size, int) and batch_size >= 1)):
         raise ValueError(f"batch_size must be a positive int or 'auto', got {batch_size!r}")
     make_policy(device, autocast, autocast_eval)  # bad flags fail here, before any work
     workdir = Path(workdir).resolve()
+    save_dir = None if save_adv is None else str(check_save_dir(save_adv))
     ctx = RunContext(
         workdir=str(workdir), device=str(device), autocast=autocast, autocast_eval=autocast_eval,
         data_root=None if data_root is None else str(Path(data_root).resolve()), batch_size=batch_size,
         progress=progress, plugins=tuple(str(Path(p).resolve()) for p in plugins), threads=torch.get_num_threads(),
+        save_adv=save_dir,
     )
     executor = executor if executor is not None else LocalExecutor()
     summary = RunSummary()
@@ -179,9 +189,10 @@ def run_plan(
                 task = _refreshed(task, store)
                 if len(task.done) == len(task.cells):  # finished (by an earlier run, or the one we waited for)
                     summary.skipped += len(task.done)
-                    labels = _labels_of(task.cells[0].data, ctx)
-                    for name, part in _by_kind(task.cells):
-                        kind(name).refresh(part, store, labels)
+                    settle(task.cells, store, _labels_of(task.cells[0].data, ctx))
+                    if save_dir is not None:
+                        for name, part in _by_kind(task.cells):
+                            kind(name).check_saved(part, save_dir)
                     continue
                 if not store.claim(group_prefix(task.cells)):
                     waiting.append(task)
@@ -221,8 +232,15 @@ def _run_tasks(executor: Executor, tasks: list[GroupTask], ctx: RunContext, stor
     sink = StoreSink(store)
     try:
         for task, rows in executor.run(tasks, ctx, on_row=sink.row, sink=sink):
-            store.put_many(rows, drop_stages=group_prefix(task.cells) if _complete(task, rows) else None)
+            complete = _complete(task, rows)
+            store.put_many(rows, drop_stages=group_prefix(task.cells) if complete else None)
             faults.point("group-stored")
+            if complete:
+                try:  # what several kinds derive together (a row's bracket), whichever ran first
+                    settle(task.cells, store, _labels_of(task.cells[0].data, ctx))
+                except Exception as exc:  # the rows are stored: the next run settles the group again
+                    log.warning("settling %s/%s failed (%s: %s); the next run retries it",
+                                task.cells[0].model.name, task.cells[0].defense.name, type(exc).__name__, _first_line(exc))
             store.release(group_prefix(task.cells))
             for row, _mask in rows:
                 if row.attack == WORST_CASE or row.key in task.done:
@@ -237,6 +255,16 @@ def _run_tasks(executor: Executor, tasks: list[GroupTask], ctx: RunContext, stor
     finally:
         for task in tasks:
             store.release(group_prefix(task.cells))
+
+
+def settle(cells: Sequence[Cell], store: Store, labels) -> None:
+    """Recompute what is derived from a group's stored rows: every kind's
+    :meth:`~robustbench_lite.harness.kinds.CellKind.refresh`, in the kinds' order, with the proofs
+    of all the group's stored rows (so a verifier's falsified points lower the worst case, and the
+    certified share is the union of the verifiers, whichever cell ran first)."""
+    proofs = proofs_of(hit for c in cells if (hit := store.get(c.key)) is not None)
+    for name, part in sorted(_by_kind(cells), key=lambda item: kind(item[0]).order):
+        kind(name).refresh(part, store, labels, proofs)
 
 
 def _complete(task: GroupTask, rows: Sequence[Row]) -> bool:
@@ -287,7 +315,7 @@ def run_group(
         return [(error_row(c, f"training failed: {type(exc).__name__}: {exc}", code_version()), None) for c in cells if c.key not in done]
     group = Group(
         trained, data, policy, cache, ctx.workdir, ctx.batch_size, code_version(), done, emit,
-        stages=dict(stages or {}), sink=sink, prefix=group_prefix(cells),
+        stages=dict(stages or {}), sink=sink, prefix=group_prefix(cells), save_adv=ctx.save_adv,
     )
     rows: list[Row] = []
     for name, part in sorted(_by_kind(cells), key=lambda item: kind(item[0]).order):

@@ -3,8 +3,10 @@
 :func:`write_report` turns store rows into
 
 * ``report.html``: self-contained (CSS inline, plots embedded as base64 PNG): a summary, every
-  leaderboard (flagged rows marked, never dropped), the flags explained, and three plots:
-  robust accuracy vs eps per defense, per-attack strength and time, clean vs robust accuracy;
+  leaderboard (flagged rows marked, never dropped; where a verifier ran, each row's bracket drawn
+  as a bar from the certified share to the attacked worst case, and exact rows marked), the flags
+  explained, and three plots: robust accuracy vs eps per defense, per-attack strength and time,
+  clean vs robust accuracy;
 * ``report.md``: the same tables and explanations, with the plots as PNG files beside it
   (``plots/*.png``).
 
@@ -22,6 +24,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 
 from ..eval import flags as checks
@@ -39,6 +42,10 @@ th,td{border:1px solid #ccc;padding:.25rem .5rem;text-align:right} th{background
 td.row-name,td.flags{text-align:left} tr.flagged{background:#fff4d6} .warn{color:#b45309;font-weight:600}
 .summary td{text-align:left} .muted{color:#666;font-size:.85rem} img{max-width:100%;border:1px solid #eee}
 dt{font-family:monospace;font-weight:600;margin-top:.5rem} dd{margin-left:1.2rem}
+.bracket{position:relative;display:inline-block;width:160px;height:10px;background:#eee;border:1px solid #bbb;vertical-align:middle}
+.bracket span{position:absolute;top:0;bottom:0} .bracket .proven{left:0;background:#2a9d8f}
+.bracket .undecided{background:#e9c46a;min-width:1px} .bracket .contradiction{background:#d62828;min-width:1px}
+.exact{color:#1b7f4f;font-weight:600;font-size:.8rem}
 """
 
 
@@ -171,13 +178,48 @@ def _table_columns(table: pd.DataFrame) -> list[str]:
     return [c for c in table.columns if c not in ("dataset", "norm", "eps", "model", "defense")]
 
 
+BRACKET_TITLE = "bracket (certified → attacked)"
+
+
+def _bracket(r: pd.Series) -> tuple[float, float] | None:
+    """A leaderboard row's (certified, worst case), when a verifier ran on its points."""
+    cert, worst = r.get("certified"), r.get(WORST_CASE)
+    if not isinstance(cert, (int, float)) or not isinstance(worst, (int, float)) or math.isnan(cert) or math.isnan(worst):
+        return None
+    return float(cert), float(worst)
+
+
+def _exact(r: pd.Series) -> bool:
+    flag = r.get("exact")
+    return _bracket(r) is not None and isinstance(flag, (bool, np.bool_)) and bool(flag)
+
+
+def _bracket_bar(r: pd.Series) -> str:
+    """The row's bracket as a bar on [0, 1]: proven robust up to the certified share, undecided up to
+    the attacked worst case (red where the certified share exceeds it: a soundness bug)."""
+    found = _bracket(r)
+    if found is None:
+        return "<td></td>"
+    cert, worst = found
+    lo, hi = sorted((cert, worst))
+    band = "undecided" if cert <= worst else "contradiction"
+    title = f"certified {cert:.3f} ≤ robust accuracy ≤ {worst:.3f} (attacked)" + (": exact" if _exact(r) else "")
+    mark = " <span class='exact'>exact</span>" if _exact(r) else ""
+    return (f"<td class='row-name'><span class='bracket' title='{html.escape(title)}'>"
+            f"<span class='proven' style='width:{100 * lo:.2f}%'></span>"
+            f"<span class='{band}' style='left:{100 * lo:.2f}%;width:{100 * (hi - lo):.2f}%'></span></span>{mark}</td>")
+
+
 def _html(rows: Sequence[CellResult], tables: dict[str, pd.DataFrame], plots: list[Plot]) -> str:
     e = html.escape
     out = ["<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>",
            "<title>robustbench_lite report</title>", f"<style>{_CSS}</style></head><body>",
            "<h1>robustbench_lite report</h1>",
            "<p class='muted'>Robust accuracy = share of the n test points classified correctly under every attack "
-           "of the threat (worst case per point). Rows marked ⚠ carry flags: read them before trusting the number.</p>",
+           "of the threat (worst case per point). Rows marked ⚠ carry flags: read them before trusting the number. "
+           "Where a verifier ran, the row is a bracket: certified (proven robust) ≤ robust accuracy ≤ worst case "
+           "(attacked); the bar is green up to the certified share and yellow over the undecided points, and a row "
+           "with nothing undecided is marked exact.</p>",
            "<h2>Summary</h2><table class='summary'>"]
     out += [f"<tr><th>{e(k)}</th><td>{e(v)}</td></tr>" for k, v in _summary(rows, tables)]
     out.append("</table><h2>Leaderboards</h2>")
@@ -185,11 +227,16 @@ def _html(rows: Sequence[CellResult], tables: dict[str, pd.DataFrame], plots: li
         cols = _table_columns(table)
         first = table.iloc[0]
         out.append(f"<h3 id='{e(name)}'>{e(str(first['dataset']))} — {e(str(first['norm']))} eps {first['eps']:g}</h3>")
-        out.append("<table><tr><th>model / defense</th>" + "".join(f"<th>{e(c)}</th>" for c in cols) + "</tr>")
+        bars = "certified" in table.columns
+        out.append("<table><tr><th>model / defense</th>" + (f"<th>{e(BRACKET_TITLE)}</th>" if bars else "")
+                   + "".join(f"<th>{e(c)}</th>" for c in cols) + "</tr>")
         for _, r in table.iterrows():
             flagged = bool(r["flags"])
             label = row_label(str(r["model"]), str(r["defense"]))
-            cells = []
+            if bars:
+                cells = [_bracket_bar(r)]
+            else:
+                cells = []
             for c in cols:
                 if c == "flags":
                     codes = [x for x in str(r["flags"]).split(";") if x]
@@ -198,8 +245,8 @@ def _html(rows: Sequence[CellResult], tables: dict[str, pd.DataFrame], plots: li
                 else:
                     cells.append(f"<td>{e(_fmt(r[c]))}</td>")
             mark = "<span class='warn'>⚠ </span>" if flagged else ""
-            out.append(f"<tr class='{'flagged' if flagged else ''}'><td class='row-name'>{mark}{e(label)}</td>"
-                       + "".join(cells) + "</tr>")
+            classes = " ".join(c for c, on in (("flagged", flagged), ("exact-row", _exact(r))) if on)
+            out.append(f"<tr class='{classes}'><td class='row-name'>{mark}{e(label)}</td>" + "".join(cells) + "</tr>")
         out.append("</table>")
     out += _curves_html(rows)
     out.append("<h2>Flags explained</h2>")
@@ -238,11 +285,15 @@ def _markdown(rows: Sequence[CellResult], tables: dict[str, pd.DataFrame], plots
         cols = _table_columns(table)
         first = table.iloc[0]
         out += [f"### {first['dataset']} — {first['norm']} eps {first['eps']:g}", ""]
+        bars = "certified" in table.columns
         body = []
         for _, r in table.iterrows():
             mark = "⚠ " if r["flags"] else ""
-            body.append([mark + row_label(str(r["model"]), str(r["defense"]))] + [_fmt(r[c]) for c in cols])
-        out += [_md_table(["model / defense", *cols], body), ""]
+            found = _bracket(r) if bars else None
+            bracket = [] if not bars else [""] if found is None else [
+                f"[{found[0]:.3f}, {found[1]:.3f}]" + (" exact" if _exact(r) else "")]
+            body.append([mark + row_label(str(r["model"]), str(r["defense"])), *bracket] + [_fmt(r[c]) for c in cols])
+        out += [_md_table(["model / defense", *(["bracket [certified, attacked]"] if bars else []), *cols], body), ""]
     out += _curves_md(rows)
     out += ["## Flags explained", ""]
     present = _flag_codes(tables)

@@ -67,15 +67,16 @@ def test_bab_without_a_budget_decides_every_instance_and_agrees_with_the_milp(in
         exact = {c: milp_min_margin(model, x[0], int(y[0]), c, eps)[0] for c in range(3) if c != int(y[0])}
         robust = min(exact.values()) > 0
         d = bab.decide(model, x, y, ThreatModel("linf", eps))
-        assert d.status[0] is (Status.VERIFIED if robust else Status.FALSIFIED), (name, eps, exact)
+        v = d.verification
+        assert v.status()[0] is (Status.VERIFIED if robust else Status.FALSIFIED), (name, eps, exact)
         for c, value in exact.items():
             assert float(d.lower[0, c]) <= value + 1e-9, (name, eps, c)  # sound
         if robust:
-            assert bool((d.lower[0] > 0).all()) and bool(torch.isnan(d.examples).all())
+            assert bool((d.lower[0] > 0).all())
         else:
-            _recheck(model, x, y, eps, d.examples[0])
-            assert float(margins(model, d.examples.double(), int(y[0])).max()) > 0
-        branched += int(d.subdomains[0]) > 2
+            _recheck(model, x, y, eps, v.counterexamples[0])
+            assert float(margins(model, v.counterexamples.double(), int(y[0])).max()) > 0
+        branched += int(v.subdomains[0]) > 2
     assert branched >= 8  # the search did the deciding, not CROWN or the first attack
 
 
@@ -107,49 +108,39 @@ def test_skipping_the_lp_leaves_leaves_instances_undecided(instances):
     for name, model, x, y, eps in instances:
         if name == "random-residual-mlp-24":
             d = create_verifier("bab", timeout=1e9, lp_leaves=False).decide(model, x, y, ThreatModel("linf", eps))
-            assert d.status[0] is not Status.VERIFIED or bool((d.lower > 0).all())
-            undecided += d.status[0] is Status.UNDECIDED
+            assert d.verification.status()[0] is not Status.VERIFIED or bool((d.lower > 0).all())
+            undecided += d.verification.status()[0] is Status.UNDECIDED
     assert undecided >= 1
 
 
 def test_a_budget_leaves_a_hard_point_undecided_never_guessed(instances):
     name, model, x, y, eps = _pick(instances, "random-residual-mlp-24", 0.3714)  # robust, ~100 subdomains
     d = create_verifier("bab", max_subdomains=20, batch=8).decide(model, x, y, ThreatModel("linf", eps))
-    assert d.status == (Status.UNDECIDED,) and 0 < int(d.subdomains[0]) <= 20 + 8
-    assert bool((d.lower[0] <= 0).any()) and bool(torch.isnan(d.examples).all())
-    d = create_verifier("bab", timeout=1e-6).decide(model, x, y, ThreatModel("linf", eps))
-    assert d.status == (Status.UNDECIDED,)
+    assert d.verification.status() == [Status.UNDECIDED] and 0 < int(d.verification.subdomains[0]) <= 20 + 8
+    assert bool((d.lower[0] <= 0).any())
+    v = create_verifier("bab", timeout=1e-6).verify(model, x, y, ThreatModel("linf", eps))
+    assert v.status() == [Status.UNDECIDED]
 
 
 def test_starts_are_checked_first_and_only_real_counterexamples_count(instances):
     name, model, x, y, eps = _pick(instances, "random-mlp-30", 0.2865)  # broken
-    d = create_verifier("bab").decide(model, x, y, ThreatModel("linf", eps))
-    assert d.status == (Status.FALSIFIED,)
-    again = create_verifier("bab", attack_restarts=0).decide(model, x, y, ThreatModel("linf", eps), starts=d.examples.double())
-    assert again.status == (Status.FALSIFIED,) and int(again.subdomains[0]) == 0  # the start did it
-    torch.testing.assert_close(again.examples, d.examples)
+    v = create_verifier("bab").verify(model, x, y, ThreatModel("linf", eps))
+    assert v.status() == [Status.FALSIFIED]
+    again = create_verifier("bab", attack_restarts=0).verify(model, x, y, ThreatModel("linf", eps),
+                                                              starts=v.counterexamples.double())
+    assert again.status() == [Status.FALSIFIED] and int(again.subdomains[0]) == 0  # the start did it
+    torch.testing.assert_close(again.counterexamples, v.counterexamples)
     outside = (x + 2 * eps).clamp(0, 1)  # clipped into the ball, then checked: not a counterexample by itself
     nan = torch.full_like(x, float("nan"))
     for starts in (outside, nan):
-        got = create_verifier("bab").decide(model, x, y, ThreatModel("linf", eps), starts=starts)
-        assert got.status == (Status.FALSIFIED,)
-        _recheck(model, x, y, eps, got.examples[0])
-    with pytest.raises(ValueError, match="starts must be a tensor of the points' shape"):
-        create_verifier("bab").decide(model, x, y, ThreatModel("linf", eps), starts=x[0])
-
-
-def test_incomplete_verifiers_decide_what_they_certify_and_misclassified_points():
-    model = random_mlp(22, 4, (10, 10, 10))
-    x = _points((1, 2, 2))
-    y = model(x).argmax(1)
-    y[0] = (y[0] + 1) % 3  # misclassified: falsified by the clean point itself
-    threat = ThreatModel("linf", 0.05)
-    d = create_verifier("crown").decide(model, x, y, threat)
-    cert = create_verifier("crown").certify(model, x, y, threat)
-    assert d.status[0] is Status.FALSIFIED
-    torch.testing.assert_close(d.examples[0], x[0].float())
-    assert torch.equal(d.mask("verified"), cert)
-    assert d.counts()["falsified"] == 1 and sum(d.counts().values()) == 6
+        got = create_verifier("bab").verify(model, x, y, ThreatModel("linf", eps), starts=starts)
+        assert got.status() == [Status.FALSIFIED]
+        _recheck(model, x, y, eps, got.counterexamples[0])
+    with pytest.raises(ValueError, match="starts must be a float tensor of the points' shape"):
+        create_verifier("bab").verify(model, x, y, ThreatModel("linf", eps), starts=x[0])
+    # an incomplete verifier ignores starts: it verifies what it certifies and falsifies nothing
+    crown = create_verifier("crown").verify(model, x, y, ThreatModel("linf", eps), starts=v.counterexamples.double())
+    assert crown.status() == [Status.UNDECIDED]
 
 
 @pytest.mark.parametrize("kwargs,match", [
@@ -170,7 +161,7 @@ def test_other_norms_are_refused_and_a_train_mode_model_is_decided_in_eval_mode(
     got = create_verifier("bab").decide(model, x, y, ThreatModel("linf", eps))
     assert all(m.training for m in model.modules())
     model.eval()
-    assert got.status == want.status
+    assert got.verification.status() == want.verification.status()
     torch.testing.assert_close(got.lower, want.lower)
 
 
@@ -185,16 +176,16 @@ def test_on_a_certified_trained_cnn_bab_verifies_more_than_crown_and_attacks_bre
     model, eps = certified_model, 0.05
     x, y = digits.test.x[:60], digits.test.y[:60]
     threat = ThreatModel("linf", eps)
-    d = create_verifier("bab", timeout=2.0).decide(model, x, y, threat)
+    d = create_verifier("bab", timeout=2.0).verify(model, x, y, threat)
     crown = create_verifier("crown").certify(model, x, y, threat)
-    verified, falsified = d.mask("verified"), d.mask("falsified")
+    verified, falsified = d.verified, d.falsified
     assert bool((verified >= crown).all()) and int(verified.sum()) > int(crown.sum())
     broken = torch.zeros(len(y), dtype=torch.bool)
     for name, kw in [("pgd", {"steps": 30}), ("apgd-t-dlr", {"steps": 30, "n_targets": 3})]:
         with torch.no_grad():
             broken |= model(create_attack(name, eps=eps, seed=0, **kw).perturb(model, x, y)).argmax(1) != y
     assert not bool((verified & broken).any())
-    assert bool((broken <= falsified | d.mask("undecided")).all())
+    assert bool((broken <= falsified | d.undecided).all())
     for i in falsified.nonzero()[:, 0].tolist():
-        _recheck(model, x[i : i + 1], y[i : i + 1], eps, d.examples[i])
-    assert d.counts()["undecided"] <= 3
+        _recheck(model, x[i : i + 1], y[i : i + 1], eps, d.counterexamples[i])
+    assert int(d.undecided.sum()) <= 3 and not bool(d.rejected.any())

@@ -10,6 +10,13 @@ kind of evaluation is one module registered with :func:`register_kind` (here, in
 Every row goes to the store as a :class:`~robustbench_lite.harness.rows.CellResult`: the fields
 of the kind's row type that are :class:`CellResult` fields fill them, the others go into its JSON
 ``metrics``.
+
+What a kind proves about single points (a verifier's certified and falsified points) it offers as
+:class:`~robustbench_lite.eval.bracket.Proof` objects (:meth:`CellKind.proofs`); the evasion kind
+folds every kind's proofs into each row's bracket (certified ≤ robust accuracy ≤ worst case).  Once
+a group's cells are stored, the driver calls every kind's :meth:`CellKind.refresh` (in
+:attr:`CellKind.order`) with the proofs of all the group's stored rows, so what is derived from
+several kinds does not depend on which ran first.
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ from torch import Tensor
 from ...core.data import Data
 from ...core.device import DevicePolicy
 from ...core.registry import ATTACKS, Registry, create_attack
+from ...eval.bracket import Proof
 from ...training.cache import ModelCache, TrainedModel
 from .. import faults
 from ..rows import CellResult, OnRow, Row, cell_row, error_row, split_metrics
@@ -92,6 +100,7 @@ class Group:
     stages: dict[str, Stage] = field(default_factory=dict)  # stored stages of a killed evaluation (resume)
     sink: Sink | None = None  # stores rows and stages as they are measured (None: returned rows only)
     prefix: str = ""  # the group's stage-key prefix
+    save_adv: str | None = None  # a folder for the adversarial examples the group's attacks find (None: not kept)
 
     def checkpoint(self, part: str) -> GroupCheckpoint:
         """The stages of one part of the group's work (e.g. an evaluation) as a checkpoint."""
@@ -187,9 +196,22 @@ class CellKind:
             fields["attack_params"] = json.dumps(method.get_params(), sort_keys=True)
         return cell_row(cell, **{**fields, **shared, **envelope})
 
-    def refresh(self, cells: Sequence[Cell], store: Store, labels: Callable[[], Tensor]) -> None:
+    def refresh(
+        self, cells: Sequence[Cell], store: Store, labels: Callable[[], Tensor], proofs: Sequence[Proof] = ()
+    ) -> None:
         """A group whose cells are all stored: recompute what is derived from them (nothing by
-        default).  ``labels()`` loads the test labels of the group's dataset, when needed."""
+        default).  ``labels()`` loads the test labels of the group's dataset, when needed;
+        ``proofs`` are every kind's per-point proofs over the group's stored rows."""
+
+    def proofs(self, rows: Iterable[Row]) -> list[Proof]:
+        """What this kind's stored rows among ``rows`` (a group's, with their masks) prove about
+        single points (none by default): e.g. a verifier's certified and falsified points."""
+        return []
+
+    def check_saved(self, cells: Sequence[Cell], save_dir: str) -> None:
+        """A finished group's cells under ``--save-adv save_dir``: say (a warning) which have no
+        saved adversarial examples (they were computed by a run without it).  Nothing by default:
+        only kinds that save examples check."""
 
     # -- tables ---------------------------------------------------------------------------------
     def tables(self, rows: Sequence[CellResult]) -> dict[str, pd.DataFrame]:
@@ -230,6 +252,12 @@ class CellKind:
 def kind(name: str) -> CellKind:
     """The registered cell kind ``name`` (an instance; kinds hold no state)."""
     return KINDS.get(name)()
+
+
+def proofs_of(rows: Iterable[Row]) -> list[Proof]:
+    """Every registered kind's proofs over a group's ``rows`` (each kind reads its own)."""
+    rows = list(rows)
+    return [p for name in KINDS.list() for p in kind(name).proofs(rows)]
 
 
 def rows_of_kind(rows: Iterable[CellResult], name: str) -> list[CellResult]:

@@ -1,36 +1,55 @@
-"""The certified kind: the share of a row's points a verifier proves robust, beside the worst case.
+"""The certified kind: what a verifier proves about each of a row's points, beside the worst case.
 
-A certified cell names a verifier (:mod:`robustbench_lite.certify`) and a threat.  It certifies the
-first ``n`` test points of the group's model and stores the per-point certified mask, the
-verifier's seconds, and the per-point certified radius found by bisection on eps over
-``[0, 2 eps]`` to ``eps / 4`` (:meth:`~robustbench_lite.certify.Verifier.radius`, started from the
-certificate at eps): the certified-accuracy-vs-eps curve (``curve_eps``, ``curve``) that the report
-draws on the same axes as the attacked curve.  Sound verifiers can be combined: ``union_acc`` is the
-share certified by this cell's verifier or by any certified cell of the group run before it on the
-same points and threat, so the row's last verifier holds the union of all of them.
+A certified cell names a verifier (:mod:`robustbench_lite.certify`) and a threat.  It verifies the
+first ``n`` test points of the group's model (:meth:`~robustbench_lite.certify.Verifier.verify`)
+and stores each point's status: the row's mask holds the *verified* points, the private metrics
+``_falsified`` the *falsified* ones (a complete verifier's; the rest are undecided) and
+``_counterexamples`` their adversarial examples (safetensors, zlib, base64; read them with
+:func:`counterexamples`; never in a CSV).  Every counterexample is re-checked here by a forward
+pass, whatever the verifier did: one outside the ball or the box, or classified correctly, is
+rejected (its point undecided) and the row gets ``counterexample-rejected``.  The row also holds
+the verifier's seconds, the subdomains it explored, and the per-point certified radius found by
+bisection on eps over ``[0, 2 eps]`` to ``eps / 4``
+(:meth:`~robustbench_lite.certify.Verifier.radius`, started from the certificate at eps): the
+certified-accuracy-vs-eps curve (``curve_eps``, ``curve``) that the report draws on the same axes
+as the attacked curve.
 
-When the group has an evasion worst case on the same points and threat, a certified point that an
-attack broke raises ``certified-broken`` (the certificate, or the model, is unsound).  The evasion
-tables get a ``certified`` column (the union over the row's verifiers) right after ``worst_case``.
-A model the verifier cannot parse (an unsupported layer) raises a ``ValueError`` naming the layer
-and the supported ones; the base stores it as an error row and the run goes on.
+Its rows are proofs (:meth:`Certified.proofs`) for the evasion worst case on the same points and
+threat: a falsified point is broken there, and the row's ``certified`` column is the per-point
+union over all the row's verifiers (see :mod:`~robustbench_lite.harness.kinds.evasion`).
+``union_acc`` here is the same union over the group's certified cells on the same points and
+threat, set again once the group is stored (:meth:`Certified.refresh`), so neither depends on the
+order the verifiers ran in.  When the group has an evasion worst case on the same points and
+threat, a certified point that an attack (or another verifier) broke raises ``certified-broken``
+(the certificate, or the model, is unsound).  A model the verifier cannot parse (an unsupported
+layer) raises a ``ValueError`` naming the layer and the supported ones; the base stores it as an
+error row and the run goes on.
 """
 
 from __future__ import annotations
 
+import base64
 import json
 import time
-from dataclasses import dataclass
-from typing import Any, ClassVar
+import zlib
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
+from torch import Tensor
 
-from ...certify import VERIFIERS, create_verifier
+from ...certify import VERIFIERS, Verification, create_verifier
+from ...core.attack import eval_mode
 from ...core.threat import ThreatModel
-from ...eval.flags import CERTIFIED_BROKEN
+from ...eval.bracket import Proof
+from ...eval.flags import CERTIFIED_BROKEN, COUNTEREXAMPLE_REJECTED, join
 from ..plan import Cell
 from ..rows import WORST_CASE, CellResult, Row
 from . import CellKind, Group, register_kind, rows_of_kind
+
+if TYPE_CHECKING:
+    from ..store import Store
 
 COLUMN = "certified"
 CURVE_STEPS = 4  # the radius bisection's resolution: eps / CURVE_STEPS, over [0, 2 eps]
@@ -50,7 +69,12 @@ class CertifiedRow:
     curve_seconds: float | None = None  # the radius bisection
     curve_eps: list[float] | None = None
     curve: list[float] | None = None  # share of the n points with certified radius >= each curve_eps
+    falsified_acc: float | None = None  # share of the n points proven not robust (a re-checked counterexample)
+    subdomains: int = 0  # branch-and-bound subdomains explored over all points (0: an incomplete verifier)
+    rejected: int = 0  # points whose claimed counterexample failed the re-check (counted undecided)
     _radii: list[float] | None = None  # per point (private: left out of the CSVs)
+    _falsified: list[int] | None = None  # the falsified points' indices
+    _counterexamples: str | None = None  # their adversarial examples (see counterexamples())
 
 
 @register_kind("certified")
@@ -76,8 +100,11 @@ class Certified(CellKind):
         x, y = group.policy.batch_to(points.x), group.policy.batch_to(points.y)
         model = group.trained.model
         start = time.perf_counter()
-        certified = verifier.certify(model, x, y, cell.threat).cpu().bool()
+        outcome = verifier.verify(model, x, y, cell.threat)
         seconds = time.perf_counter() - start
+        with eval_mode(model), torch.no_grad():  # the harness re-checks every counterexample, whatever the plugin did
+            outcome = outcome.recheck(model, x, y, cell.threat)
+        certified, falsified = outcome.verified, outcome.falsified
         eps = cell.threat.eps
         start = time.perf_counter()
         radii = verifier.radius(model, x, y, cell.threat.norm, hi=2 * eps, tol=eps / CURVE_STEPS,
@@ -86,25 +113,63 @@ class Certified(CellKind):
         grid = [eps * i / CURVE_STEPS for i in range(2 * CURVE_STEPS + 1)]
         with torch.no_grad():
             clean = float((model(x).argmax(1) == y).float().mean()) if len(points) else float("nan")
-        union, names = certified.clone(), [label(verifier.name, verifier.get_params())]
+        union, broken, names = certified.clone(), falsified.clone(), [label(verifier.name, verifier.get_params())]
         for row, mask in _certified_before(cell, group):
             union |= mask.cpu().bool()
+            broken |= _falsified(row, mask.numel())
             names.append(label(row.attack, json.loads(row.attack_params or "{}")))
         worst = _worst_case(cell, group)
-        flags = ""
-        if worst is not None and bool((union & ~worst[1].cpu().bool()).any()):
-            flags = CERTIFIED_BROKEN
+        if worst is not None:
+            broken |= ~worst[1].cpu().bool()
+        flags = {CERTIFIED_BROKEN} if bool((union & broken).any()) else set()
+        if bool(outcome.rejected.any()):
+            flags.add(COUNTEREXAMPLE_REJECTED)
         values = CertifiedRow(
             cell.threat.norm.value, eps, cell.n, clean, float(certified.float().mean()),
             None if worst is None else worst[0].robust_acc, seconds,
             union_acc=float(union.float().mean()), verifiers="+".join(sorted(set(names))),
             curve_seconds=curve_seconds, curve_eps=[round(e, 10) for e in grid],
             curve=[clean] + [float((radii >= e - 1e-12).float().mean()) for e in grid[1:]],  # eps 0: clean
-            _radii=[round(float(r), 8) for r in radii],
+            falsified_acc=float(falsified.float().mean()), subdomains=int(outcome.subdomains.sum()),
+            rejected=int(outcome.rejected.sum()), _radii=[round(float(r), 8) for r in radii],
+            _falsified=falsified.nonzero()[:, 0].tolist(), _counterexamples=_pack(outcome),
         )
-        return self.result(cell, group, values, method=verifier, robust_acc=values.certified_acc, flags=flags), certified
+        return self.result(cell, group, values, method=verifier, robust_acc=values.certified_acc, flags=join(flags)), certified
+
+    def proofs(self, rows: Iterable[Row]) -> list[Proof]:
+        """Each ok certified row with its mask: its verified points robust, its falsified ones broken."""
+        out = []
+        for row, mask in rows:
+            if row.kind == self.name and row.status == "ok" and mask is not None:
+                source = label(row.attack, json.loads(row.attack_params or "{}"))
+                out.append(Proof(source, ThreatModel(row.norm, row.eps), mask.cpu().bool(), _falsified(row, mask.numel())))
+        return out
+
+    def refresh(
+        self, cells: Sequence[Cell], store: Store, labels: Callable[[], Tensor], proofs: Sequence[Proof] = ()
+    ) -> None:
+        """``union_acc`` and ``verifiers`` of the group's certified rows: the per-point union over
+        all of them on the same points and threat (a row measured before another verifier ran holds
+        only the verifiers before it until now)."""
+        stored = [hit for c in cells if (hit := store.get(c.key)) is not None and hit[0].status == "ok" and hit[1] is not None]
+        fresh = []
+        for row, mask in stored:
+            same = [(r, m) for r, m in stored if r.n == row.n and r.norm == row.norm and r.eps == row.eps and m.shape == mask.shape]
+            union = torch.zeros_like(mask, dtype=torch.bool)
+            for _, m in same:
+                union |= m.bool()
+            names = sorted({label(r.attack, json.loads(r.attack_params or "{}")) for r, _ in same})
+            metrics = json.loads(row.metrics) if row.metrics else {}
+            update = {"union_acc": float(union.float().mean()), "verifiers": "+".join(names)}
+            if any(metrics.get(k) != v for k, v in update.items()):
+                fresh.append((replace(row, metrics=json.dumps({**metrics, **update})), mask))
+        if fresh:
+            store.put_many(fresh)
 
     def wide_columns(self, rows: list[CellResult]) -> dict[tuple, dict[str, Any]]:
+        """The certified rows' flags, and a ``certified`` column (the largest union) for rows whose
+        worst case holds no bracket yet (a store written before brackets existed): the evasion
+        tables take ``certified`` from the worst case's bracket where it has one."""
         out: dict[tuple, dict[str, Any]] = {}
         for r in rows_of_kind(rows, self.name):
             if r.status != "ok" or r.robust_acc is None:
@@ -114,6 +179,39 @@ class Certified(CellKind):
             cols[COLUMN] = max(cols[COLUMN], r.robust_acc, union if union is not None else 0.0)
             cols["flags"].update(f for f in r.flags.split(";") if f)
         return out
+
+
+def counterexamples(row: CellResult) -> tuple[Tensor, Tensor]:
+    """``(index, x_adv)`` of a certified row: the falsified points' indices among its ``n`` points
+    (int64 ``[F]``) and their adversarial examples (``[F, C, H, W]``), re-checked when measured."""
+    text = json.loads(row.metrics).get("_counterexamples") if row.metrics else None
+    if not text:
+        return torch.zeros(0, dtype=torch.int64), torch.zeros(0)
+    from safetensors.torch import load
+
+    tensors = load(zlib.decompress(base64.b64decode(text)))
+    return tensors["index"], tensors["x_adv"]
+
+
+def _pack(outcome: Verification) -> str | None:
+    """The falsified points' adversarial examples as text for the row's metrics (None: none)."""
+    index, x_adv = outcome.adversarial()
+    if index.numel() == 0:
+        return None
+    from safetensors.torch import save
+
+    blob = save({"index": index.to(torch.int64).contiguous(), "x_adv": x_adv.contiguous()})
+    return base64.b64encode(zlib.compress(blob, 6)).decode("ascii")
+
+
+def _falsified(row: CellResult, n: int | None = None) -> Tensor:
+    """A certified row's falsified points as a bool mask of its points."""
+    n = row.n if n is None else n
+    mask = torch.zeros(n, dtype=torch.bool)
+    index = json.loads(row.metrics).get("_falsified") if row.metrics else None
+    if index:
+        mask[torch.as_tensor(index, dtype=torch.long)] = True
+    return mask
 
 
 def label(name: str, params: dict[str, Any]) -> str:

@@ -28,6 +28,7 @@ from torch import Tensor
 from ...core.config import config_hash
 from ...core.models import predict
 from ...eval import flags as checks
+from ...eval.bracket import Proof
 from ...eval.curve import (
     ORDERS,
     area,
@@ -164,7 +165,9 @@ class Curve(CellKind):
             tag = row.attack if score is None else f"{row.attack} (optimality {score:.3f})"
         return f"curve {row.norm} {tag}: {curve}"
 
-    def refresh(self, cells: Sequence[Cell], store: Store, labels: Callable[[], Tensor]) -> None:
+    def refresh(
+        self, cells: Sequence[Cell], store: Store, labels: Callable[[], Tensor], proofs: Sequence[Proof] = ()
+    ) -> None:
         """Optimality and the worst case of finished curves, from the stored distances."""
         from ..run import code_version
 

@@ -5,7 +5,17 @@ All evasion cells of a group that share ``survivors`` go through one
 first, flags, the adaptive rerun).  Each attack row is stored the moment it is measured, then
 again with its flags; then one ``worst_case`` row per threat holds the per-point AND of the
 attacks' robust masks.  Tables: the wide leaderboard per dataset and threat, one row per
-model/defense, one column per attack, sorted by the worst case.
+model/defense, one column per attack, sorted by the worst case.  With ``--save-adv`` each attack's
+adversarial examples go to files (:mod:`~robustbench_lite.harness.advsave`).
+
+Where other kinds proved something about the same points (:meth:`CellKind.proofs`: a verifier's
+certified and falsified points), the worst case is a *bracket* (:mod:`~robustbench_lite.eval.bracket`):
+a point a verifier broke (its counterexample re-checked) is broken, the certified share is the
+per-point union of the verifiers, and the row's metrics and wide-table columns say ``certified``
+(the lower bound), ``undecided`` (the points between the bounds), ``exact`` (nothing undecided) and
+``falsified_by`` (each verifier that broke points the attacks had left robust, with their count).
+The bracket is recomputed by :meth:`Evasion.refresh` once the whole group is stored, so it does
+not depend on the order the kinds or the verifier cells ran in.
 """
 
 from __future__ import annotations
@@ -24,16 +34,19 @@ from torch import Tensor, nn
 
 from ...core.config import config_hash
 from ...core.threat import ThreatModel
+from ...eval import bracket
+from ...eval.bracket import Proof
 from ...eval.escalate import Escalated, Escalation
 from ...eval.evasion import AttackRecord, evaluate, worst_class
 from ...eval.flags import INCOMPLETE, NON_FINITE, clean_acc_mismatch, join
 from ...training.cache import train_or_load
 from ...training.defense import Defense
+from ..advsave import AdvWriter, missing_files
 from ..autotune import BatchTuner, attack_pass
 from ..plan import Cell
 from ..rows import WORST_CASE, CellResult, Row, error_row
 from ..store import Store
-from . import KINDS, CellKind, Group, kind, register_kind, rows_of_kind
+from . import KINDS, CellKind, Group, kind, proofs_of, register_kind, rows_of_kind
 
 log = logging.getLogger(__name__)
 
@@ -108,13 +121,21 @@ class Evasion(CellKind):
                 log.warning("attack %s failed: %s", cells[live[j]].attack.name, rec.error.splitlines()[0])
 
         trained, data = group.trained, group.data
+        evaluated = [cells[i] for i in live]
+        writer = None
+        if group.save_adv is not None:
+            threats = {c.threat for c in evaluated}
+            keys = {t: worst_case_key([c for c in cells if c.threat == t]) for t in threats}
+            writer = AdvWriter(group.save_adv, evaluated, group, min(n, len(data.test)), keys)
         ev = evaluate(
             trained.model, [attacks[i] for i in live], data.test, n=n, policy=group.policy,
             batch_size=_batch_rule(group, n), survivors_only=survivors,
             precomputed={j: precomputed[i] for j, i in enumerate(live) if i in precomputed}, on_record=on_record,
             checkpoint=group.checkpoint(part), surrogate=lambda: surrogate_model(cells[0], group), escalation=ESCALATION,
-            num_classes=data.num_classes,
+            num_classes=data.num_classes, adv_sink=writer,
         )
+        if writer is not None:
+            _warn_unsaved([cells[live[j]] for j, r in enumerate(ev.records) if r.robust is not None], group.save_adv)
         if NON_FINITE in ev.model_flags:
             log.warning(
                 "%s/%s returns NaN or inf outputs on some of the %d points: they count as misclassified (flag %s)",
@@ -140,15 +161,22 @@ class Evasion(CellKind):
             latest[cell.key] = row
         wc_flags = {k: set(v) | ({mismatch} if mismatch and k.startswith(WORST_CASE) else set()) for k, v in ev.flags.items()}
         labels = data.test.head(ev.n).y
-        rows.extend(worst_case_rows(cells, latest, wc_flags, group.version, ev.escalated, labels=labels))
+        proofs = proofs_of(group.latest().values())  # stored by an earlier run (refresh adds this run's)
+        rows.extend(worst_case_rows(cells, latest, wc_flags, group.version, ev.escalated, labels=labels, proofs=proofs))
         group.commit(rows, part)
         return rows
+
+    def check_saved(self, cells: Sequence[Cell], save_dir: str) -> None:
+        _warn_unsaved(list(cells), save_dir)
 
     def summary_line(self, row: CellResult) -> str | None:
         if row.attack != WORST_CASE:
             return None
         flags = f"  [{row.flags}]" if row.flags else ""
-        return f"{row.norm} eps {row.eps:g}: clean {row.clean_acc:.3f}, robust (worst case) {row.robust_acc:.3f}{flags}"
+        m = _metrics(row.metrics)
+        proven = "" if "certified" not in m else (
+            f", certified {m['certified']:.3f}" + (" (exact)" if m.get("exact") else f" (undecided {m['undecided']:.3f})"))
+        return f"{row.norm} eps {row.eps:g}: clean {row.clean_acc:.3f}, robust (worst case) {row.robust_acc:.3f}{proven}{flags}"
 
     def attack_row(
         self, cell: Cell, group: Group, rec: AttackRecord, clean_acc: float, flags: str, n: int | None = None
@@ -160,25 +188,36 @@ class Evasion(CellKind):
             status="error" if rec.error else "ok", error=rec.error, metrics="",
         )
 
-    def refresh(self, cells: Sequence[Cell], store: Store, labels: Callable[[], Tensor]) -> None:
-        """The worst-case rows of a finished group, from the masks the store holds.  A stored
-        worst case is only ever lowered: its own mask (the escalation ladder's finds) and flags
-        are folded in; its worst class comes from the test labels when the row lacks it."""
+    def refresh(
+        self, cells: Sequence[Cell], store: Store, labels: Callable[[], Tensor], proofs: Sequence[Proof] = ()
+    ) -> None:
+        """The worst-case rows of a finished group, from the masks the store holds, bracketed by
+        ``proofs`` (every kind's, over the group's stored rows).  The attacks' part of a stored
+        worst case is only ever lowered: its own mask (the escalation ladder's finds) and flags are
+        folded in; the proofs then remove the points they broke and set the bracket.  Its worst
+        class comes from the test labels when the mask changed or the row lacks it."""
         latest = {c.key: hit for c in cells if (hit := store.get(c.key)) is not None}
         fresh = []
-        for row, mask in worst_case_rows(cells, latest, version=_version()):
+        for row, mask in worst_case_rows(cells, latest, version=_version()):  # the attack cells alone
             old = store.get(row.key)
-            if old is not None and old[1] is not None and old[1].shape == mask.shape and old[0].status == "ok":
-                same = torch.equal(old[1] & mask, old[1]) and set(row.flags.split(";")) <= set(old[0].flags.split(";"))
-                if same and WORST_CLASS in _metrics(old[0].metrics):
-                    continue  # nothing to change: the stored row already holds at least as much
-                mask = mask & old[1]
-                flags = join(set(row.flags.split(";")) | set(old[0].flags.split(";")))
-                row = dataclasses.replace(
-                    old[0], robust_acc=float(mask.float().mean()), flags=flags, code_version=row.code_version
-                )
-            row = replace(row, metrics=_with_worst_class(row.metrics, mask, labels()[: row.n]))
-            fresh.append((row, mask))
+            usable = old is not None and old[1] is not None and old[1].shape == mask.shape and old[0].status == "ok"
+            base, metrics, flags = row, _metrics(row.metrics), _split(row.flags)
+            if usable:
+                old_metrics = _metrics(old[0].metrics)
+                mask = mask & bracket.attacked_part(old[1], old_metrics)
+                base, flags = old[0], flags | _split(old[0].flags)
+                metrics = {k: v for k, v in old_metrics.items() if k not in bracket.KEYS}
+            robust, extra, found = bracket.on_row(mask, ThreatModel(row.norm, row.eps), proofs)
+            metrics.update(extra)
+            flags |= found
+            same_mask = usable and torch.equal(robust, old[1])
+            if not (same_mask and WORST_CLASS in metrics):
+                metrics = _metrics(_with_worst_class(json.dumps(metrics), robust, labels()[: row.n]))
+            if same_mask and join(flags) == old[0].flags and metrics == _metrics(old[0].metrics):
+                continue  # nothing to change: the stored row already holds it
+            new = replace(base, robust_acc=float(robust.float().mean()), flags=join(flags), metrics=json.dumps(metrics),
+                          code_version=row.code_version)
+            fresh.append((new, robust))
         if fresh:
             store.put_many(fresh)
 
@@ -219,6 +258,10 @@ class Evasion(CellKind):
                     else:
                         row[col] = value
                         added.append(col)
+                if wc is not None and wc.status == "ok" and "certified" in wc_metrics:  # the row's bracket
+                    for col, value in bracket.columns(wc_metrics).items():
+                        row[col] = value
+                        added.append(col)
                 row["seconds"] = float(g.loc[g["attack"] != WORST_CASE, "seconds"].sum())
                 row["train_seconds"] = first["train_seconds"]
                 for r in g.itertuples():
@@ -244,6 +287,18 @@ def _extra_columns(rows: Sequence[CellResult]) -> dict[tuple, dict]:
         for key, cols in kind(name).wide_columns(rows).items():
             merged.setdefault(key, {}).update(cols)
     return merged
+
+
+def _warn_unsaved(cells: list[Cell], save_dir: str) -> None:
+    """Warn when evasion cells have no examples file under ``save_dir`` (computed before --save-adv)."""
+    missing = missing_files(save_dir, cells)
+    if missing:
+        names = ", ".join(sorted({f"{c.attack.name}@{c.threat.label}" for c in missing}))
+        log.warning(
+            "%s/%s: %d attack cell(s) (%s) have no adversarial examples in %s: they were computed by a run without "
+            "--save-adv (or writing failed), and finished cells are not recomputed; run them in a fresh --workdir to "
+            "save their examples", missing[0].model.name, missing[0].defense.name, len(missing), names, save_dir,
+        )
 
 
 SURROGATE_RECIPE = "standard"
@@ -289,8 +344,10 @@ def _batch_rule(group: Group, n: int):
 def worst_case_rows(
     cells: Iterable[Cell], latest: Mapping[str, Row], flags: Mapping[str, set[str]] | None = None, version: str = "",
     escalated: Mapping[ThreatModel, Escalated] | None = None, labels: Tensor | None = None,
+    proofs: Sequence[Proof] = (),
 ) -> list[Row]:
-    """One ``worst_case`` row per threat: the per-point AND of its cells' robust masks.
+    """One ``worst_case`` row per threat: the per-point AND of its cells' robust masks, bracketed
+    by the ``proofs`` on its points (their broken points removed; :func:`~robustbench_lite.eval.bracket.on_row`).
 
     ``latest`` maps cell keys to their newest rows (cells absent or not ``ok`` make the worst
     case ``incomplete``); ``flags`` are an evaluation's flags (``worst_case@<threat>`` keys);
@@ -321,7 +378,10 @@ def worst_case_rows(
         steps = esc.steps if esc is not None and esc.robust.shape == mask.shape else []
         if steps:
             mask &= esc.robust
-        metrics = json.dumps({"escalation": [s.as_payload() for s in steps]}) if steps else ""
+        mask, bracketed, proven = bracket.on_row(mask, threat, proofs)
+        found |= proven
+        payload = {**({"escalation": [s.as_payload() for s in steps]} if steps else {}), **bracketed}
+        metrics = json.dumps(payload) if payload else ""
         row = CellResult(
             dataset=ref.dataset, model=ref.model, defense=ref.defense, attack=WORST_CASE, norm=ref.norm, eps=ref.eps,
             kind=ref.kind, n=ref.n, clean_acc=ref.clean_acc, robust_acc=float(mask.float().mean()),
@@ -336,6 +396,10 @@ def worst_case_rows(
         )
         out.append((row, mask))
     return out
+
+
+def _split(flags: str) -> set[str]:
+    return {f for f in flags.split(";") if f}
 
 
 def _metrics(text: str) -> dict:
