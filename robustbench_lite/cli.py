@@ -113,6 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--save-adv", metavar="DIR", help="write each evasion attack's adversarial examples (the points "
                    "it broke) to DIR as safetensors, for `robustbench-lite replay`; cells finished before are not redone")
     r.add_argument("--no-progress", action="store_true")
+    r.add_argument("--trust-pickle", action="store_true", help="let the --config file's models with trust_pickle = true "
+                   "unpickle their checkpoints (a grid file alone cannot). Dangerous: unpickling runs any code the file "
+                   "names, so only for checkpoints from a source you trust")
 
     ls = sub.add_parser("list", help="list attacks, defenses, models, datasets, verifiers, kinds or presets")
     ls.add_argument("what", nargs="?", default="attacks", choices=[*_REGISTRIES, "presets"])
@@ -246,10 +249,10 @@ def _leaderboard_json(workdir: str, out: str) -> int:
     return 0
 
 
-def _config(path: str, data_root: str | None):
+def _config(path: str, data_root: str | None, trust_pickle: bool = False):
     from .harness.gridfile import load_grid
 
-    return load_grid(path, data_root=data_root)
+    return load_grid(path, data_root=data_root, trust_pickle=trust_pickle)
 
 
 def _check_out(out: str) -> None:
@@ -262,7 +265,7 @@ def _check_out(out: str) -> None:
 
 def _run(args: argparse.Namespace) -> int:
     threats = [ThreatModel.parse(t) for t in args.threats] if args.threats is not None else None
-    preset = _config(args.config, args.data_root) if args.config else get_preset(args.preset)
+    preset = _config(args.config, args.data_root, args.trust_pickle) if args.config else get_preset(args.preset)
     plan = preset.plan(
         attacks=args.attacks, threats=threats, n=args.n, defenses=args.defenses, datasets=args.datasets
     )

@@ -135,7 +135,8 @@ def _plan(args: argparse.Namespace):
 
 
 def _execute(args: argparse.Namespace, plan, info: dict) -> int:
-    from .harness.rows import WORST_CASE
+    from .harness.identity import distinguish
+    from .harness.rows import WORST_CASE, model_identity
     from .harness.run import run_plan
     from .harness.store import Store
     from .report import leaderboard
@@ -150,9 +151,9 @@ def _execute(args: argparse.Namespace, plan, info: dict) -> int:
     with Store(f"{args.workdir}/store.sqlite") as store:
         rows = store.rows()
     keys = {c.key for c in plan.cells}
-    first = plan.cells[0]
-    mine = [r for r in rows if r.model_key and (r.key in keys or r.attack == WORST_CASE) and r.dataset == info["data"]
-            and r.model == first.model.name and r.defense == first.defense.name]
+    model_id = model_identity(plan.cells[0])["model_id"]  # this model, not another of the same names
+    mine = [r for r in distinguish(rows) if r.model_key and (r.key in keys or r.attack == WORST_CASE)
+            and r.model_id == model_id]
     print(f"{info['model']} / {info['weights']} on {info['data']} ({info['n']} points): {summary.computed} cells "
           f"computed, {summary.skipped} already done, {summary.errors} errors, {elapsed:.1f} s")
     for line in _summary_lines(mine):

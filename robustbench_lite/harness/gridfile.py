@@ -16,7 +16,8 @@ range each raise a ``ValueError`` naming the file, the key and the fix.  The key
     name = "fashion-mnist"      # path = a folder / .npz of evaluation points (models with weights only)
     [[models]]                  # name = registry name, timm:NAME or file.py:build; kwargs = {...}
     name = "small-cnn"          # weights = "m.safetensors" (+ normalize = {mean, std}, num_classes,
-                                # trust_pickle): evaluated as given, not trained by the defenses
+                                # trust_pickle): evaluated as given, not trained by the defenses;
+                                # trust_pickle = true also needs --trust-pickle on the command line
     [[defenses]]                # name + the defense's settings, flat
     name = "pgd-at"
     epochs = 2
@@ -133,8 +134,12 @@ class GridError(ValueError):
     """A problem in a grid file: ``<file>: <key>: <problem>; <fix>``."""
 
 
-def load_grid(path: str | Path, *, data_root: str | Path | None = None) -> FilePreset:
-    """Read and check a grid file; every problem raises :class:`GridError` before any work."""
+def load_grid(path: str | Path, *, data_root: str | Path | None = None, trust_pickle: bool = False) -> FilePreset:
+    """Read and check a grid file; every problem raises :class:`GridError` before any work.
+
+    A model's ``trust_pickle = true`` (unpickle its checkpoint: that runs any code the file names)
+    takes effect only when the caller passes ``trust_pickle=True`` too (the CLI's
+    ``--trust-pickle``): a grid file someone shared cannot switch it on by itself."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"config file {str(path)!r} not found")
@@ -144,12 +149,12 @@ def load_grid(path: str | Path, *, data_root: str | Path | None = None) -> FileP
         raise GridError(f"{path.name}: not a UTF-8 text file; write the config as TOML text") from None
     except ValueError as exc:  # tomllib.TOMLDecodeError
         raise GridError(f"{path.name}: malformed TOML: {exc}; fix the syntax (https://toml.io)") from None
-    return _Reader(path, data_root).preset(doc)
+    return _Reader(path, data_root, trust_pickle).preset(doc)
 
 
 class _Reader:
-    def __init__(self, path: Path, data_root: str | Path | None) -> None:
-        self.path, self.data_root = path, data_root
+    def __init__(self, path: Path, data_root: str | Path | None, trust_pickle: bool = False) -> None:
+        self.path, self.data_root, self.trust_pickle = path, data_root, trust_pickle
         self._data: dict[int, Any] = {}
 
     def fail(self, where: str, problem: str) -> GridError:
@@ -207,6 +212,9 @@ class _Reader:
     def preset(self, doc: dict) -> FilePreset:
         self.keys(doc, _TOP, "top level")
         name = self.typed(doc.get("name", self.path.stem), str, "name", "a string")
+        if not name.strip() or name.strip(".") == "" or any(c in "/\\" or not c.isprintable() for c in name):
+            raise self.fail("name", f"{name!r} is not a usable grid name (no path separators, control characters, "
+                            "or only dots); name the grid with words, e.g. name = \"my-grid\"")
         description = self.typed(doc.get("description", ""), str, "description", "a string")
         if "n" not in doc:
             raise self.fail("n", "missing; set the number of test points, e.g. n = 1000")
@@ -293,6 +301,11 @@ class _Reader:
                                 else f"registered: {', '.join(MODELS.list())}, or timm:NAME"))
             return ModelSpec(name, dict(kwargs))
         weights = self.typed(t["weights"], str, f"{where}.weights", "a path string")
+        trust = self.typed(t.get("trust_pickle", False), bool, f"{where}.trust_pickle", "true or false")
+        if trust and not self.trust_pickle:
+            raise self.fail(f"{where}.trust_pickle", "a grid file cannot allow unpickling by itself (unpickling runs any "
+                            "code the checkpoint names, and a shared file could ask for it); pass --trust-pickle on the "
+                            "command line as well, only for a checkpoint from a source you trust, or save a state dict")
         wpath = Path(weights) if Path(weights).is_absolute() else self.path.parent / weights
         norm = t.get("normalize")
         if norm is not None:
@@ -310,7 +323,7 @@ class _Reader:
                 if norm is not None:
                     check_normalize(*norm, loaded.input_shape[0])
                 spec, wspec, _ = prepare(loaded, arch=arch, weights=wpath, kwargs=kwargs, normalize=norm,
-                                         num_classes=t.get("num_classes"), trust_pickle=bool(t.get("trust_pickle", False)))
+                                         num_classes=t.get("num_classes"), trust_pickle=trust)
             except (ValueError, TypeError, KeyError, FileNotFoundError) as exc:
                 raise self.fail(where, exc.args[0] if isinstance(exc, KeyError) and exc.args else str(exc)) from None
         return (spec, wspec)

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from ..core.config import config_hash
 from ..core.models import ModelSpec
+from ..core.names import is_plain
 from ..core.registry import ATTACKS, DATASETS, DEFENSES
 from ..core.threat import ThreatModel
 from .plan import Cell, Plan
@@ -164,6 +165,10 @@ class PresetFiles(MutableMapping):
         self._loaded: dict[str, Preset] = {}
 
     def path(self, name: str) -> Path:
+        """The TOML file of the built-in preset ``name``; a name that is not a plain file stem
+        (``../x``, a separator) names none, so a preset name never reads outside ``folder``."""
+        if not isinstance(name, str) or not is_plain(name):
+            raise KeyError(name)
         return self.folder / f"{name}.toml"
 
     def __getitem__(self, name: str) -> Preset:

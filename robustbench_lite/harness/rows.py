@@ -8,10 +8,12 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, fields
+from dataclasses import MISSING, asdict, dataclass, fields
 from typing import TYPE_CHECKING, Any
 
 from torch import Tensor
+
+from ..core.config import config_hash
 
 if TYPE_CHECKING:
     from .plan import Cell
@@ -50,19 +52,93 @@ class CellResult:
     # a kind's own numbers that are not fields here (JSON object; "" for evasion): the fields of the
     # kind's row type (see harness.kinds). Defaulted, so rows stored before it existed still load.
     metrics: str = ""
+    # the measured model's identity (see harness.identity): the hash of its data, architecture and
+    # settings, and defense and settings (or weights hash), and those facts as a JSON object. Rows
+    # stored before they existed load with "" (tables then resolve them from model_key or names).
+    model_id: str = ""
+    identity: str = ""
 
     def as_row(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
     def from_row(cls, row: dict[str, Any]) -> CellResult:
-        names = {f.name for f in fields(cls)}
-        return cls(**{k: v for k, v in row.items() if k in names})
+        """A row read back (from the store): every field checked for its type, accuracies for
+        [0, 1], counts and seconds for >= 0, ``status`` for ok/error, the JSON fields for a JSON
+        object; a row that fails raises ``ValueError``/``TypeError`` naming the field.  Unknown
+        keys are ignored and defaulted fields may be missing (rows of older versions)."""
+        if not isinstance(row, dict):
+            raise TypeError(f"a stored row must be a JSON object, got {type(row).__name__}")
+        values = {}
+        for f in fields(cls):
+            if f.name not in row:
+                if f.default is MISSING:
+                    raise ValueError(f"the stored row lacks the field {f.name!r}")
+                continue
+            values[f.name] = _checked(f.name, str(f.type), row[f.name])
+        return cls(**values)
+
+
+_UNIT = frozenset({"clean_acc", "robust_acc"})  # accuracies: in [0, 1] (NaN: not measured)
+_STATUS = frozenset({"ok", "error"})
+_JSON_OBJECTS = frozenset({"metrics", "identity"})
+
+
+def _checked(name: str, typ: str, value: Any) -> Any:
+    """``value`` of the field ``name`` (annotated ``typ``) as read back, or ``ValueError``/
+    ``TypeError`` naming what is wrong."""
+    if typ.endswith("| None"):
+        if value is None:
+            return None
+        typ = typ.removesuffix("| None").strip()
+    bad = f"the stored row's {name} is {value!r:.60}"
+    if typ == "str":
+        if not isinstance(value, str):
+            raise TypeError(f"{bad}, which must be a string")
+        if name == "status" and value not in _STATUS:
+            raise ValueError(f"{bad}, which must be one of {sorted(_STATUS)}")
+        if name in _JSON_OBJECTS and value:
+            try:
+                parsed = json.loads(value)
+            except json.JSONDecodeError:
+                parsed = None
+            if not isinstance(parsed, dict):
+                raise ValueError(f"{bad}, which must be empty or a JSON object")
+        return value
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{bad}, which must be a number")
+    if typ == "int":
+        if isinstance(value, float) and not (math.isfinite(value) and value.is_integer()):
+            raise ValueError(f"{bad}, which must be a whole number")
+        value = int(value)
+    else:
+        value = float(value)
+    if math.isnan(value):
+        return value  # a float not measured
+    if name in _UNIT and not 0.0 <= value <= 1.0:
+        raise ValueError(f"{bad}, which must be a share in [0, 1]")
+    if value < 0:
+        raise ValueError(f"{bad}, which must be >= 0")
+    return value
+
+
+def model_identity(cell: Cell) -> dict[str, str]:
+    """The ``model_id`` and ``identity`` fields of ``cell``'s rows: everything that makes the model
+    it measures (the data spec, the model spec with its settings, the defense spec with its settings;
+    for a user's checkpoint the weights' SHA-256), hashed, and the same facts as JSON plus where a
+    user's weights file lies (not hashed: the same bytes elsewhere are the same model)."""
+    facts: dict[str, Any] = {"data": cell.data.as_dict(), "model": cell.model.as_dict(), "defense": cell.defense.as_dict()}
+    model_id = config_hash(facts)
+    weights = getattr(cell.defense, "path", "")
+    if weights:
+        facts["weights"] = str(weights)
+    return {"model_id": model_id, "identity": json.dumps(facts, sort_keys=True, default=str)}
 
 
 def cell_row(cell: Cell, *, attack_params: str | None = None, **values: Any) -> CellResult:
-    """A row for ``cell``: its identity (dataset, model, defense, attack, threat, kind, n, key) from
-    the cell, every measurement from ``values`` (the ones not given are empty)."""
+    """A row for ``cell``: its identity (dataset, model, defense, attack, threat, kind, n, key, and
+    :func:`model_identity`) from the cell, every measurement from ``values`` (the ones not given are
+    empty)."""
     row = {
         "dataset": cell.data.name, "model": cell.model.name, "defense": cell.defense.name, "attack": cell.attack.name,
         "norm": cell.threat.norm.value, "eps": cell.threat.eps, "kind": cell.kind, "n": cell.n,
@@ -70,7 +146,7 @@ def cell_row(cell: Cell, *, attack_params: str | None = None, **values: Any) -> 
         "attacked": 0, "scope": "all", "target_hit_rate": None, "success_rate": None, "median_l2": None, "flags": "",
         "status": "ok", "error": "", "train_seconds": None,
         "attack_params": attack_params if attack_params is not None else json.dumps(cell.attack.params, sort_keys=True),
-        "key": cell.key, "model_key": "", "code_version": "",
+        "key": cell.key, "model_key": "", "code_version": "", **model_identity(cell),
     }
     unknown = set(values) - set(row) - {"metrics"}
     if unknown:

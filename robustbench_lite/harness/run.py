@@ -18,6 +18,7 @@ finished (or takes over the lease of a run that died).
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import subprocess
@@ -39,7 +40,7 @@ from . import faults
 from .advsave import check_save_dir
 from .kinds import Group, Sink, Stage, kind, proofs_of
 from .plan import Cell, Plan
-from .rows import WORST_CASE, CellResult, OnRow, Row, error_row
+from .rows import WORST_CASE, CellResult, OnRow, Row, error_row, model_identity
 from .specs import DataSpec
 from .store import Store
 
@@ -188,6 +189,7 @@ def run_plan(
             for task in pending:
                 task = _refreshed(task, store)
                 if len(task.done) == len(task.cells):  # finished (by an earlier run, or the one we waited for)
+                    _store_identities(task, store)
                     summary.skipped += len(task.done)
                     settle(task.cells, store, _labels_of(task.cells[0].data, ctx))
                     if save_dir is not None:
@@ -198,6 +200,7 @@ def run_plan(
                     waiting.append(task)
                     continue
                 task = _refreshed(task, store)  # what the store holds now that the group is ours
+                task = _store_identities(task, store)
                 summary.skipped += len(task.done)
                 claimed.append(task)
                 if not getattr(executor, "parallel", True):
@@ -225,6 +228,19 @@ def _refreshed(task: GroupTask, store: Store) -> GroupTask:
             done[c.key] = hit
     stages = store.stages(group_prefix(task.cells)) if len(done) < len(task.cells) else {}
     return GroupTask(task.cells, done, stages)
+
+
+def _store_identities(task: GroupTask, store: Store) -> GroupTask:
+    """``task`` with its finished rows that were stored before model identities existed given
+    their cell's identity (:func:`~robustbench_lite.harness.rows.model_identity`), in the store too,
+    so the tables tell their model apart from others of the same names (the kinds' derived rows,
+    e.g. worst cases, get theirs when they are refreshed or recomputed)."""
+    stale = {c.key: (dataclasses.replace(hit[0], **model_identity(c)), hit[1])
+             for c in task.cells if (hit := task.done.get(c.key)) is not None and not hit[0].model_id}
+    if not stale:
+        return task
+    store.put_many(list(stale.values()))
+    return GroupTask(task.cells, {**task.done, **stale}, task.stages)
 
 
 def _run_tasks(executor: Executor, tasks: list[GroupTask], ctx: RunContext, store: Store, summary: RunSummary) -> None:

@@ -16,12 +16,16 @@ Two more tables make a group's evaluation resumable as a unit and safe to share:
   not compute the same cells; a lease whose holder died (same host, process gone) or that was
   not renewed within its timeout is taken over.
 
-A damaged or unwritable store raises :class:`StoreError` naming the file and the choices.
+A damaged or unwritable store raises :class:`StoreError` naming the file and the choices.  A
+single row that does not hold what a row must (a field of the wrong type, an accuracy outside
+[0, 1], see :meth:`~robustbench_lite.harness.rows.CellResult.from_row`) is left out with a warning
+and its cell recomputed by the next run, as a damaged model sidecar is retrained.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import socket
 import sqlite3
@@ -39,6 +43,8 @@ from torch import Tensor
 
 from ..training.cache import pid_alive
 from .rows import CellResult
+
+log = logging.getLogger(__name__)
 
 _SCHEMA = (
     """
@@ -109,6 +115,7 @@ class Store:
         self._heartbeat: threading.Thread | None = None
         self._stop = threading.Event()
         self._held: set[str] = set()
+        self._damaged: set[str] = set()  # keys of damaged rows already warned about
         if not create and not self.path.is_file():
             raise FileNotFoundError(
                 f"no results store at {self.path}: check --workdir (the folder a `robustbench-lite run` wrote), "
@@ -195,24 +202,44 @@ class Store:
             if drop_stages:
                 self._db.execute("DELETE FROM stages WHERE substr(key, 1, ?) = ?", (len(drop_stages), drop_stages))
 
+    def _parse(self, key: str, text: Any) -> CellResult | None:
+        """The stored row ``text`` of the cell ``key``, checked field by field
+        (:meth:`CellResult.from_row`); a row that fails is left out with a warning (once), so its
+        cell counts as not done and the next run recomputes it, as a damaged model sidecar is
+        retrained."""
+        try:
+            row = CellResult.from_row(json.loads(text))
+            if row.key != key:
+                raise ValueError(f"it holds the row of cell {row.key!r}")
+            return row
+        except (ValueError, TypeError) as exc:  # json.JSONDecodeError is a ValueError
+            if key not in self._damaged:
+                self._damaged.add(key)
+                log.warning(
+                    "the results store %s holds a damaged row for cell %s (%s); it is left out of the tables, "
+                    "and the next run recomputes that cell", self.path, key, exc,
+                )
+            return None
+
     def get(self, key: str) -> tuple[CellResult, Tensor | None] | None:
         with self._errors("read"):
             hit = self._db.execute("SELECT row, mask FROM cells WHERE key = ?", (key,)).fetchone()
-            if hit is None:
-                return None
-            row = CellResult.from_row(json.loads(hit[0]))
+        if hit is None:
+            return None
+        row = self._parse(key, hit[0])
+        if row is None:
+            return None
         mask = unpack_mask(hit[1], row.n, str(self.path)) if hit[1] is not None else None
         return row, mask
 
     def done(self, key: str) -> bool:
-        with self._errors("read"):
-            hit = self._db.execute("SELECT status FROM cells WHERE key = ?", (key,)).fetchone()
-        return hit is not None and hit[0] == "ok"
+        hit = self.get(key)
+        return hit is not None and hit[0].status == "ok"
 
     def rows(self) -> list[CellResult]:
         with self._errors("read"):
-            cur = self._db.execute("SELECT row FROM cells ORDER BY key")
-            return [CellResult.from_row(json.loads(r[0])) for r in cur.fetchall()]
+            found = self._db.execute("SELECT key, row FROM cells ORDER BY key").fetchall()
+        return [row for key, text in found if (row := self._parse(key, text)) is not None]
 
     def merge_from(self, other: str | Path) -> int:
         """Copy the cells of the store at ``other`` into this one (runs split across machines or

@@ -17,6 +17,7 @@ from collections.abc import Sequence
 import pandas as pd
 import torch
 
+from ..harness.identity import distinguish
 from ..harness.kinds import rows_of_kind
 from ..harness.kinds.certified import label
 from ..harness.rows import WORST_CASE, CellResult
@@ -24,7 +25,9 @@ from ..harness.rows import WORST_CASE, CellResult
 
 def curve_tables(rows: Sequence[CellResult]) -> list[tuple[str, pd.DataFrame]]:
     """``(title, table)`` per (dataset, model, defense, norm, grid): one row per attack (worst case
-    last), columns ``optimality``, ``area`` and the robust accuracy at each eps (``eps 0`` = clean)."""
+    last), columns ``optimality``, ``area`` and the robust accuracy at each eps (``eps 0`` = clean).
+    Models sharing display names are told apart by their labels (they are grouped by them)."""
+    rows = distinguish(rows)
     groups: dict[tuple, list[dict]] = {}
     for r in rows_of_kind(rows, "curve"):
         if r.status != "ok" or not r.metrics:
@@ -89,7 +92,7 @@ def _own_grid(rows: Sequence[CellResult], key: tuple) -> list[float]:
 
 def curve_plots(rows: Sequence[CellResult]):
     """One PNG per report with a panel per curve table (robust accuracy vs eps, one line per attack)."""
-    from .html import Plot, _png
+    from .html import Plot, _png, plot_text
 
     tables = curve_tables(rows)
     if not tables:
@@ -106,12 +109,12 @@ def curve_plots(rows: Sequence[CellResult]):
         for _, r in t.iterrows():
             wc = r["attack"] == WORST_CASE
             if str(r["attack"]).startswith(CERTIFIED):
-                ax.plot(xs, [r[c] for c in eps_cols], ls="--", lw=2.2, color="tab:green", label=r["attack"], zorder=3)
+                ax.plot(xs, [r[c] for c in eps_cols], ls="--", lw=2.2, color="tab:green", label=plot_text(r["attack"]), zorder=3)
                 continue
             label = r["attack"] if wc or pd.isna(r["optimality"]) else f"{r['attack']} ({r['optimality']:.2f})"
             ax.plot(xs, [r[c] for c in eps_cols], marker="" if wc else "o", ms=3, lw=2.6 if wc else 1.2,
-                    color="black" if wc else None, label=label, zorder=3 if wc else 2)
-        ax.set_title(title, fontsize=9)
+                    color="black" if wc else None, label=plot_text(label), zorder=3 if wc else 2)
+        ax.set_title(plot_text(title), fontsize=9)
         ax.set_xlabel("eps")
         ax.set_ylabel("robust (attacked) / certified accuracy")
         ax.set_ylim(-0.02, 1.02)

@@ -20,6 +20,7 @@ import base64
 import html
 import io
 import math
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +28,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from ..core.names import safe_stem
 from ..eval import flags as checks
+from ..harness.identity import distinguish
 from ..harness.kinds import rows_of_kind
 from ..harness.rows import WORST_CASE, CellResult
 from .leaderboard import long_table, wide_tables
@@ -61,6 +64,11 @@ def row_label(model: str, defense: str) -> str:
     return f"{model} / {defense}"
 
 
+def plot_text(text: str) -> str:
+    """``text`` for a matplotlib label: ``$`` escaped, so a name is never parsed as math text."""
+    return str(text).replace("$", r"\$")
+
+
 def _fmt(v: object) -> str:
     if isinstance(v, float):
         return "—" if math.isnan(v) else f"{v:.3f}"
@@ -75,6 +83,7 @@ def make_plots(rows: Sequence[CellResult]) -> list[Plot]:
     matplotlib.use("Agg", force=True)
     import matplotlib.pyplot as plt
 
+    rows = distinguish(rows)
     df = long_table([r for r in rows_of_kind(rows, "evasion") if r.status == "ok" and r.robust_acc is not None])
     if df.empty:
         return []
@@ -90,8 +99,8 @@ def make_plots(rows: Sequence[CellResult]) -> list[Plot]:
             g = g.sort_values("eps")
             xs = [0.0, *g["eps"].tolist()]
             ys = [float(g["clean_acc"].iloc[0]), *g["robust_acc"].tolist()]
-            ax.plot(xs, ys, marker="o", label=row_label(model, defense))
-        ax.set_title(f"{dataset}, {norm}")
+            ax.plot(xs, ys, marker="o", label=plot_text(row_label(model, defense)))
+        ax.set_title(plot_text(f"{dataset}, {norm}"))
         ax.set_xlabel("eps (0 = clean)")
         ax.set_ylabel("worst-case robust accuracy")
         ax.set_ylim(-0.02, 1.02)
@@ -110,7 +119,7 @@ def make_plots(rows: Sequence[CellResult]) -> list[Plot]:
     a1.invert_yaxis()
     a2.barh(stats.index, stats["seconds"], color="#dd8452")
     a2.set_xlabel("mean seconds per cell")
-    a2.set_xscale("log")
+    seconds_axis(a2, stats["seconds"].tolist())
     a2.invert_yaxis()
     for ax in (a1, a2):
         ax.grid(alpha=0.3, axis="x")
@@ -129,7 +138,7 @@ def make_plots(rows: Sequence[CellResult]) -> list[Plot]:
         color = colors[k % len(colors)]
         for r in g.itertuples():
             ax.scatter(r.clean_acc, r.robust_acc, color=color, marker=markers[f"{r.norm} {r.eps:g}"], s=45, alpha=0.85)
-        handles.append(Line2D([], [], color=color, marker="o", ls="", label=row_label(model, defense)))
+        handles.append(Line2D([], [], color=color, marker="o", ls="", label=plot_text(row_label(model, defense))))
     handles += [Line2D([], [], color="#555", marker=markers[t], ls="", label=t) for t in threats]
     ax.legend(handles=handles, fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
     ax.plot([0, 1], [0, 1], color="#999", lw=0.8, ls="--")
@@ -141,6 +150,31 @@ def make_plots(rows: Sequence[CellResult]) -> list[Plot]:
     ax.set_title("Clean vs robust accuracy (worst case per threat)")
     plots.append(Plot("clean_vs_robust", "Clean vs robust accuracy", _png(fig, plt)))
     return plots
+
+
+def seconds_axis(ax, seconds: Sequence[float]) -> None:
+    """A log-scale x axis for ``seconds`` with readable ticks: whole decades only, at most
+    :data:`MAX_TICKS` of them, labelled as plain numbers (``0.01``, ``1``, ``100``), no labels on
+    minor ticks (matplotlib labels those when the data span less than a decade, and the long
+    ``2×10⁻¹``-style labels then run into each other); the limits cover whole decades, so at least
+    two ticks are labelled.  Linear when no value is positive."""
+    from matplotlib.ticker import FixedLocator, FuncFormatter, LogLocator, NullFormatter
+
+    positive = [v for v in seconds if v > 0 and math.isfinite(v)]
+    if not positive:
+        return
+    low, high = math.floor(math.log10(min(positive))), math.ceil(math.log10(max(positive)))
+    high = max(high, low + 1)
+    ax.set_xscale("log")
+    ax.set_xlim(10.0**low, 10.0**high)
+    step = max(1, math.ceil((high - low) / (MAX_TICKS - 1)))
+    ax.xaxis.set_major_locator(FixedLocator([10.0**e for e in range(low, high + 1, step)]))
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.xaxis.set_minor_locator(LogLocator(base=10, subs=tuple(range(2, 10)), numticks=100))
+    ax.xaxis.set_minor_formatter(NullFormatter())
+
+
+MAX_TICKS = 6  # labelled decades on the seconds axis
 
 
 def _png(fig, plt) -> bytes:
@@ -267,12 +301,20 @@ def _html(rows: Sequence[CellResult], tables: dict[str, pd.DataFrame], plots: li
     return "\n".join(out)
 
 
-def _md_table(header: list[str], body: list[list[str]]) -> str:
-    def esc(s: str) -> str:
-        return s.replace("|", "\\|")
+_MD_SPECIAL = re.compile(r"([\\`*_\[\]|!#~])")
 
-    lines = ["| " + " | ".join(esc(h) for h in header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(esc(c) for c in row) + " |" for row in body]
+
+def md_text(text: object) -> str:
+    """``text`` as literal Markdown: HTML markup escaped (a name like ``<img onerror=...>`` shows
+    as text, never as a tag), Markdown punctuation backslash-escaped (no links, images, emphasis,
+    code or table cells from a name) and line breaks as spaces."""
+    flat = " ".join(str(text).splitlines())
+    return _MD_SPECIAL.sub(r"\\\1", html.escape(flat, quote=False))
+
+
+def _md_table(header: list[str], body: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(md_text(h) for h in header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(md_text(c) for c in row) + " |" for row in body]
     return "\n".join(lines)
 
 
@@ -284,7 +326,7 @@ def _markdown(rows: Sequence[CellResult], tables: dict[str, pd.DataFrame], plots
     for table in tables.values():
         cols = _table_columns(table)
         first = table.iloc[0]
-        out += [f"### {first['dataset']} — {first['norm']} eps {first['eps']:g}", ""]
+        out += [f"### {md_text(first['dataset'])} — {md_text(first['norm'])} eps {first['eps']:g}", ""]
         bars = "certified" in table.columns
         body = []
         for _, r in table.iterrows():
@@ -297,9 +339,9 @@ def _markdown(rows: Sequence[CellResult], tables: dict[str, pd.DataFrame], plots
     out += _curves_md(rows)
     out += ["## Flags explained", ""]
     present = _flag_codes(tables)
-    out += [f"- `{c}`: {checks.explain(c)}" for c in present] or ["No flag was raised in this store."]
+    out += [f"- `{c.replace('`', '')}`: {md_text(checks.explain(c))}" for c in present] or ["No flag was raised in this store."]
     out += ["", "## Plots", ""]
-    out += [f"### {p.title}\n\n![{p.title}](plots/{p.name}.png)\n" for p in plots]
+    out += [f"### {md_text(p.title)}\n\n![{md_text(p.title)}](plots/{safe_stem(p.name)}.png)\n" for p in plots]
     return "\n".join(out)
 
 
@@ -330,7 +372,7 @@ def _curves_md(rows: Sequence[CellResult]) -> list[str]:
 
     out = []
     for title, t in curve_tables(rows):
-        out += [f"### Robustness curve: {title}", "",
+        out += [f"### Robustness curve: {md_text(title)}", "",
                 _md_table(list(t.columns), [[_fmt(r[c]) for c in t.columns] for _, r in t.iterrows()]), ""]
     return (["## Robustness curves", "", *out] if out else [])
 
@@ -338,7 +380,7 @@ def _curves_md(rows: Sequence[CellResult]) -> list[str]:
 def write_report(rows: Sequence[CellResult], out_dir: str | Path) -> tuple[Path, Path]:
     """Write ``report.html`` (self-contained) and ``report.md`` (+ ``plots/*.png``) under
     ``out_dir``; return their paths."""
-    rows = list(rows)
+    rows = distinguish(rows)  # a row is one model: shared display names get distinguishing labels
     if not rows:
         raise ValueError("the store has no results yet; run `robustbench-lite run` first")
     out_dir = Path(out_dir)
@@ -348,7 +390,7 @@ def write_report(rows: Sequence[CellResult], out_dir: str | Path) -> tuple[Path,
 
     plots = make_plots(rows) + curve_plots(rows)
     for p in plots:
-        (out_dir / "plots" / f"{p.name}.png").write_bytes(p.png)
+        (out_dir / "plots" / f"{safe_stem(p.name)}.png").write_bytes(p.png)
     html_path, md_path = out_dir / "report.html", out_dir / "report.md"
     html_path.write_text(_html(rows, tables, plots), encoding="utf-8")
     md_path.write_text(_markdown(rows, tables, plots), encoding="utf-8")

@@ -217,4 +217,4 @@ def test_the_report_draws_the_bracket_bar_and_marks_exact_rows_with_names_escape
     assert text.count("class='bracket'") == 2  # one bar per row with a verifier (two threats)
     assert "class='proven'" in text and "class='undecided'" in text and "<span class='exact'>exact</span>" in text
     assert "<b>evil</b>" not in text and "&lt;b&gt;evil&lt;/b&gt;" in text
-    assert "bracket [certified, attacked]" in md_path.read_text()
+    assert "bracket \\[certified, attacked\\]" in md_path.read_text()  # Markdown-escaped brackets: the same text rendered

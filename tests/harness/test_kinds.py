@@ -172,3 +172,14 @@ def test_a_kind_table_is_sorted_by_its_declared_order():
     assert list(zip(table["attack"], table["poison_rate"], strict=True)) == [
         ("badnets", 0.01), ("badnets", 0.05), ("label-flip", 0.1)
     ]
+
+
+@pytest.mark.parametrize("name", list_kinds())
+def test_every_kind_says_what_it_measures_in_list_kinds(name, capsys):
+    from robustbench_lite.harness.kinds import KINDS
+
+    doc = (KINDS.get(name).__doc__ or "").strip()
+    assert doc and doc.splitlines()[0].strip()
+    assert main(["list", "kinds", name]) == 0
+    line = capsys.readouterr().out.strip()
+    assert line.startswith(name) and len(line.split(None, 1)) == 2, line

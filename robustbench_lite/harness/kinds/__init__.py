@@ -38,6 +38,7 @@ from ...core.registry import ATTACKS, Registry, create_attack
 from ...eval.bracket import Proof
 from ...training.cache import ModelCache, TrainedModel
 from .. import faults
+from ..identity import distinguish
 from ..rows import CellResult, OnRow, Row, cell_row, error_row, split_metrics
 
 if TYPE_CHECKING:
@@ -218,12 +219,13 @@ class CellKind:
         """This kind's tables from all stored ``rows``: by default one per dataset
         (``<dataset>_<kind>``) with model, defense, attack and the fields of :attr:`row`, then the
         status and the first line of any error, sorted by :attr:`sort`.  Fields whose name starts
-        with ``_`` are private (stored, e.g. per-point values, but not in the tables)."""
+        with ``_`` are private (stored, e.g. per-point values, but not in the tables).  Models that
+        share display names get distinguishing labels (:func:`~robustbench_lite.harness.identity.distinguish`)."""
         if self.row is None:
             return {}
         columns = [f.name for f in dataclasses.fields(self.row) if not f.name.startswith("_")]  # "_": private
         by_dataset: dict[str, list[dict[str, Any]]] = {}
-        for r in rows_of_kind(rows, self.name):
+        for r in rows_of_kind(distinguish(rows), self.name):
             metrics = json.loads(r.metrics) if r.metrics else {}
             values = r.as_row()
             out = {"dataset": r.dataset, "model": r.model, "defense": r.defense, "attack": r.attack}
@@ -244,9 +246,16 @@ class CellKind:
 
     def wide_columns(self, rows: Sequence[CellResult]) -> dict[tuple, dict[str, Any]]:
         """Columns this kind adds, from all stored ``rows``, to the evasion tables, keyed by
-        (dataset, model, defense, n, norm, eps): e.g. the certified share beside the attacked worst
+        :func:`wide_key` of its rows (after :func:`~robustbench_lite.harness.identity.distinguish`:
+        one model, not one display name): e.g. the certified share beside the attacked worst
         case.  A ``flags`` entry (a set) joins the row's flags."""
         return {}
+
+
+def wide_key(row: CellResult) -> tuple:
+    """Where a row's numbers go in the evasion tables: (dataset, model_id, n, norm, eps), the
+    model by its identity (its ``model_id``, filled in by :func:`~robustbench_lite.harness.identity.distinguish`)."""
+    return (row.dataset, row.model_id, row.n, row.norm, row.eps)
 
 
 def kind(name: str) -> CellKind:

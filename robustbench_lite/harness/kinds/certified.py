@@ -44,9 +44,10 @@ from ...core.attack import eval_mode
 from ...core.threat import ThreatModel
 from ...eval.bracket import Proof
 from ...eval.flags import CERTIFIED_BROKEN, COUNTEREXAMPLE_REJECTED, join
+from ..identity import distinguish
 from ..plan import Cell
 from ..rows import WORST_CASE, CellResult, Row
-from . import CellKind, Group, register_kind, rows_of_kind
+from . import CellKind, Group, register_kind, rows_of_kind, wide_key
 
 if TYPE_CHECKING:
     from ..store import Store
@@ -79,6 +80,8 @@ class CertifiedRow:
 
 @register_kind("certified")
 class Certified(CellKind):
+    """Verified robustness: the share of points a verifier proves robust, beside the attacked worst case."""
+
     row: ClassVar[type] = CertifiedRow
     order: ClassVar[int] = 2  # after the evasion worst cases it is compared with
     sort: ClassVar[tuple[tuple[str, bool], ...]] = (
@@ -171,10 +174,10 @@ class Certified(CellKind):
         worst case holds no bracket yet (a store written before brackets existed): the evasion
         tables take ``certified`` from the worst case's bracket where it has one."""
         out: dict[tuple, dict[str, Any]] = {}
-        for r in rows_of_kind(rows, self.name):
+        for r in rows_of_kind(distinguish(rows), self.name):
             if r.status != "ok" or r.robust_acc is None:
                 continue
-            cols = out.setdefault((r.dataset, r.model, r.defense, r.n, r.norm, r.eps), {COLUMN: 0.0, "flags": set()})
+            cols = out.setdefault(wide_key(r), {COLUMN: 0.0, "flags": set()})
             union = json.loads(r.metrics).get("union_acc") if r.metrics else None
             cols[COLUMN] = max(cols[COLUMN], r.robust_acc, union if union is not None else 0.0)
             cols["flags"].update(f for f in r.flags.split(";") if f)

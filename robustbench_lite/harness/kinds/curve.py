@@ -40,8 +40,9 @@ from ...eval.curve import (
     robust_at,
     robust_curve,
 )
+from ..identity import distinguish
 from ..plan import Cell
-from ..rows import WORST_CASE, CellResult, Row, error_row
+from ..rows import WORST_CASE, CellResult, Row, error_row, model_identity
 from ..store import Store
 from . import CellKind, Group, register_kind, rows_of_kind
 
@@ -183,7 +184,7 @@ class Curve(CellKind):
     def tables(self, rows: Sequence[CellResult]) -> dict[str, pd.DataFrame]:
         """``<dataset>_curve``: one row per model, defense, attack and eps (0 = clean)."""
         by_dataset: dict[str, list[dict[str, Any]]] = {}
-        for r in rows_of_kind(rows, self.name):
+        for r in rows_of_kind(distinguish(rows), self.name):
             m = json.loads(r.metrics) if r.metrics else {}
             base = {"dataset": r.dataset, "model": r.model, "defense": r.defense, "attack": r.attack, "norm": r.norm}
             tail = {"n": r.n, "optimality": m.get("optimality"), "area": m.get("area"), "flags": r.flags,
@@ -265,6 +266,7 @@ def finish(cells: Sequence[Cell], latest: Mapping[str, Row], model_flags: set[st
         scope="all", target_hit_rate=None, success_rate=None, median_l2=None, flags=checks.join(found), status="ok",
         error="", train_seconds=ref.train_seconds, attack_params=json.dumps(sorted(c.attack.name for c, _ in ok)),
         key=config_hash({"curve_worst_case": sorted(c.key for c in cells)}), model_key=ref.model_key,
+        **model_identity(cells[0]),
         code_version=version,
         metrics=json.dumps({"points": len(grid), "area": area(best, eps_max) / eps_max, "optimality": None}),
     )

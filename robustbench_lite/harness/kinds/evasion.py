@@ -43,8 +43,9 @@ from ...training.cache import train_or_load
 from ...training.defense import Defense
 from ..advsave import AdvWriter, missing_files
 from ..autotune import BatchTuner, attack_pass
+from ..identity import distinguish
 from ..plan import Cell
-from ..rows import WORST_CASE, CellResult, Row, error_row
+from ..rows import WORST_CASE, CellResult, Row, error_row, model_identity
 from ..store import Store
 from . import KINDS, CellKind, Group, kind, proofs_of, register_kind, rows_of_kind
 
@@ -52,6 +53,7 @@ log = logging.getLogger(__name__)
 
 ID_COLUMNS = ["dataset", "model", "defense", "norm", "eps", "n"]
 WORST_CLASS = "worst_class"  # the lowest per-class robust accuracy of the worst case
+ACC_DECIMALS = 3  # the wide tables' accuracies are shares of n <= 1000 points: 3 decimals are exact
 # the escalation ladder the harness runs when a masking check fires (read at each evaluation, so a
 # plugin file can swap it, e.g. for a cheaper one in tests; None turns it off)
 ESCALATION: Escalation | None = Escalation()
@@ -213,32 +215,38 @@ class Evasion(CellKind):
             same_mask = usable and torch.equal(robust, old[1])
             if not (same_mask and WORST_CLASS in metrics):
                 metrics = _metrics(_with_worst_class(json.dumps(metrics), robust, labels()[: row.n]))
-            if same_mask and join(flags) == old[0].flags and metrics == _metrics(old[0].metrics):
+            if same_mask and join(flags) == old[0].flags and metrics == _metrics(old[0].metrics) \
+                    and old[0].model_id == row.model_id:
                 continue  # nothing to change: the stored row already holds it
             new = replace(base, robust_acc=float(robust.float().mean()), flags=join(flags), metrics=json.dumps(metrics),
-                          code_version=row.code_version)
+                          code_version=row.code_version, model_id=row.model_id, identity=row.identity)
             fresh.append((new, robust))
         if fresh:
             store.put_many(fresh)
 
     # -- tables ---------------------------------------------------------------------------------
     def tables(self, rows: Sequence[CellResult]) -> dict[str, pd.DataFrame]:
-        """One wide table per ``<dataset>_<norm>_<eps>``: a row per model/defense with
-        ``clean_acc``, one robust-accuracy column per attack, ``worst_case``, columns other kinds
-        add (e.g. ``certified``, right after the worst case), ``seconds`` of all attacks,
-        ``train_seconds`` and ``flags``; sorted by the worst case."""
+        """One wide table per ``<dataset>_<norm>_<eps>``: a row per model (its ``model_id``: models
+        sharing display names are separate rows with distinguishing labels, see
+        :mod:`~robustbench_lite.harness.identity`) and ``n``, with ``clean_acc``, one robust-accuracy
+        column per attack (in name order, the same in every table), ``worst_case``, its
+        ``worst_class`` (3 decimals, like every accuracy), columns other kinds add (e.g.
+        ``certified``, right after the worst class), ``seconds`` of all attacks, ``train_seconds``
+        and ``flags``; sorted by the worst case."""
         from ...report.leaderboard import long_table
 
+        rows = distinguish(rows)
         df = long_table(rows_of_kind(rows, self.name))
         out: dict[str, pd.DataFrame] = {}
         if df.empty:
             return out
         extra = _extra_columns(rows)
         for (dataset, norm, eps), part in df.groupby(["dataset", "norm", "eps"], sort=True):
-            attacks = [a for a in dict.fromkeys(part["attack"]) if a != WORST_CASE]
+            attacks = sorted(a for a in set(part["attack"]) if a != WORST_CASE)
             added: list[str] = []
             table_rows = []
-            for (model, defense, n), g in part.groupby(["model", "defense", "n"], sort=True):
+            models = part.groupby(["model_id", "n"], sort=False)
+            for (model_id, n), g in sorted(models, key=lambda m: (m[1]["model"].iloc[0], m[1]["defense"].iloc[0], m[0][1])):
                 by_attack = {r.attack: r for r in g.itertuples()}
                 first = g.iloc[0]
                 ok = g[g["status"] == "ok"]
@@ -250,9 +258,10 @@ class Evasion(CellKind):
                 wc = by_attack.get(WORST_CASE)
                 row[WORST_CASE] = wc.robust_acc if wc is not None else float("nan")
                 wc_metrics = json.loads(wc.metrics) if wc is not None and wc.metrics else {}
-                row[WORST_CLASS] = wc_metrics.get(WORST_CLASS, float("nan"))
+                worst = wc_metrics.get(WORST_CLASS)
+                row[WORST_CLASS] = round(worst, ACC_DECIMALS) if isinstance(worst, (int, float)) else float("nan")
                 flags: set[str] = set()
-                for col, value in extra.get((dataset, model, defense, n, norm, eps), {}).items():
+                for col, value in extra.get((dataset, model_id, n, norm, eps), {}).items():
                     if col == "flags":
                         flags.update(value)
                     else:
@@ -281,7 +290,7 @@ class Evasion(CellKind):
 
 
 def _extra_columns(rows: Sequence[CellResult]) -> dict[tuple, dict]:
-    """The columns the other kinds add to the wide tables, by (dataset, model, defense, n, norm, eps)."""
+    """The columns the other kinds add to the wide tables, by :func:`~robustbench_lite.harness.kinds.wide_key`."""
     merged: dict[tuple, dict] = {}
     for name in KINDS.list():
         for key, cols in kind(name).wide_columns(rows).items():
@@ -392,6 +401,7 @@ def worst_case_rows(
             scope="all", target_hit_rate=None, success_rate=None, median_l2=None, flags=join(found), status="ok", error="",
             train_seconds=ref.train_seconds, attack_params=json.dumps(sorted(r.attack for r, _ in ok)),
             key=worst_case_key(tcells), model_key=ref.model_key, code_version=version,
+            **model_identity(tcells[0]),
             metrics=_with_worst_class(metrics, mask, labels) if labels is not None else metrics,
         )
         out.append((row, mask))
