@@ -38,8 +38,8 @@ from torch import Tensor
 from ..core.config import config_hash
 from ..core.registry import create_attack
 from ..eval.flags import ADAPTED, FLAGS
-from ..harness.advsave import safe_name
 from ..harness import attack_sets
+from ..harness.advsave import safe_name
 from ..harness.rows import WORST_CASE, CellResult
 from ..harness.store import Store
 from .leaderboard import _public, long_table, wide_tables
