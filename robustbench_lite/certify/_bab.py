@@ -11,7 +11,8 @@ Each round takes the subdomains with the lowest bounds, splits each on its chose
   counterexample check (:mod:`._falsify`) falsifies the point;
 * a child with every unstable neuron split is a leaf, solved exactly as a linear program
   (:mod:`._leaf`); one the program can neither verify nor falsify is a stuck leaf;
-* the others get their next neuron by BaBSR and return to the pool.
+* the others get their next neuron (FSB over BaBSR and relaxation-gap candidates, or BaBSR
+  alone; :mod:`._beta`) and return to the pool.
 
 The point is verified when the pool empties with no stuck leaf, falsified at the first checked
 counterexample, and undecided when the time limit or the subdomain cap is reached first (or a
@@ -48,8 +49,7 @@ class Settings:
     lp_leaves: bool
     attack_steps: int
     attack_points: int
-    candidates: int  # FSB's candidates per subdomain (0: BaBSR alone)
-    heuristic: str
+    candidates: int  # FSB's candidates per filter and subdomain (0: BaBSR alone)
     dtype: torch.dtype  # of the α, β iterations
     clock: Callable[[], float]  # process CPU time on CPU, wall time on an accelerator
 
@@ -172,10 +172,9 @@ class Search:
         spec, signs, alpha, beta, lower = spec[keep], signs[keep], alpha[keep], beta[keep], lower[keep]
         record = {k: v[keep] for k, v in record.items()}
         scores = babsr(self.layout, record, signs, self.bias, self.lo_u, self.hi_u)
-        if self.cfg.heuristic == "gap":
-            scores = gap_scores(self.layout, record, signs, alpha, worst[keep])
-        if self.cfg.candidates > 1:
-            branch = fsb(self.layout, self.eye[self.y][None] - self.eye[spec], signs, alpha, beta, scores,
+        if self.cfg.candidates > 0:
+            gaps = gap_scores(self.layout, record, signs, alpha, worst[keep])
+            branch = fsb(self.layout, self.eye[self.y][None] - self.eye[spec], signs, alpha, beta, [scores, gaps],
                          self.cfg.candidates, self.cfg.use_beta, self.cfg.dtype)
         else:
             free = (signs == 0).any(1)

@@ -1,4 +1,5 @@
-"""β-CROWN bounds of a batch of subdomains of one point, and the BaBSR branching scores.
+"""β-CROWN bounds of a batch of subdomains of one point, and the branching heuristics (BaBSR
+scores, relaxation-gap scores, FSB).
 
 A subdomain fixes some of the point's unstable ReLUs (unstable under the root's intermediate
 bounds) active (``z ≥ 0``) or inactive (``z ≤ 0``).  Its bound (Wang et al., "Beta-CROWN:
@@ -240,30 +241,32 @@ def gap_scores(layout: Layout, record: dict, signs: Tensor, alpha: Tensor, worst
     return torch.where(signs == 0, score, torch.full_like(score, float("-inf")))
 
 
-def fsb(layout: Layout, spec: Tensor, signs: Tensor, alpha: Tensor, beta: Tensor, scores: Tensor, k: int,
+def fsb(layout: Layout, spec: Tensor, signs: Tensor, alpha: Tensor, beta: Tensor, scores: list[Tensor], k: int,
         use_beta: bool = True, dtype: torch.dtype = torch.float64) -> Tensor:
     """Filtered smart branching (De Palma, Bunel, Desmaison, Dvijotham, Kohli, Torr & Kumar,
     "Improved branch and bound for neural network verification via Lagrangian decomposition",
-    2021): of the ``k`` best neurons by ``scores`` (BaBSR) per subdomain, the one whose two
-    children have the best worse bound, each child bounded by one pass with the parent's α and
-    β (no optimisation).  Returns ``[N]`` (``-1``: nothing left to split)."""
+    2021): the ``k`` best neurons of each subdomain by each of the filter ``scores`` (``[N, U]``,
+    ``-inf`` where split), then the one whose two children have the best worse bound, each child
+    bounded by one pass with the parent's α and β (no optimisation).  Returns ``[N]`` (``-1``:
+    nothing left to split)."""
     n = signs.shape[0]
     free = signs == 0
     k = min(k, signs.shape[1])
     if k == 0:
         return torch.full((n,), -1, dtype=torch.long, device=signs.device)
-    cand = scores.masked_fill(~free, float("-inf")).topk(k, dim=1).indices  # [N, k]
+    cand = torch.cat([s.masked_fill(~free, float("-inf")).topk(k, dim=1).indices for s in scores], 1)  # [N, k·F]
+    m = cand.shape[1]
     valid = free.gather(1, cand)
-    rows = torch.arange(n, device=signs.device).repeat_interleave(2 * k)
+    rows = torch.arange(n, device=signs.device).repeat_interleave(2 * m)
     pick = cand.repeat_interleave(2, dim=1).reshape(-1)
     child = signs[rows].clone()
-    phase = torch.tensor([1, -1], dtype=signs.dtype, device=signs.device).repeat(n * k)
+    phase = torch.tensor([1, -1], dtype=signs.dtype, device=signs.device).repeat(n * m)
     child[torch.arange(rows.numel(), device=signs.device), pick] = phase
     work = layout.cast(dtype)
     with torch.no_grad():
         bound, _ = domain_bounds(work, spec[rows].to(dtype), child, alpha[rows].to(dtype),
                                  beta[rows].to(dtype) if use_beta else None)
-    worse = bound.reshape(n, k, 2).amin(2).masked_fill(~valid, float("-inf"))
+    worse = bound.reshape(n, m, 2).amin(2).masked_fill(~valid, float("-inf"))
     choice = cand.gather(1, worse.argmax(1, keepdim=True))[:, 0]
     return torch.where(free.any(1), choice, torch.full_like(choice, -1))
 
@@ -281,35 +284,3 @@ def babsr(layout: Layout, record: dict, signs: Tensor, bias: Tensor, lo: Tensor,
     score = (torch.maximum(bias * lam * (s - 1), bias * lam * s) + lam.clamp(max=0) * t).abs()
     return torch.where(signs == 0, score, torch.full_like(score, float("-inf"))).expand(signs.shape[0], -1)
 
-
-def refine_intermediate(net: Network, inset: InputSet, bounds: dict, steps: int, lr: float,
-                        dtype: torch.dtype = torch.float64) -> dict:
-    """Tighter intermediate bounds of one point (batch 1) by α-CROWN: node by node, the unstable
-    neurons' lower and upper bounds are specifications of their own, with lower slopes of the
-    earlier ReLUs optimised per specification (Xu et al., ICLR 2021, optimise the intermediate
-    layers too); each new bound is intersected with the old, so both stay sound."""
-    out = dict(bounds)
-    for k in sorted(bounds):
-        if not isinstance(net.nodes[k].op, ReLUOp):
-            continue
-        p = net.nodes[k].inputs[0]
-        lo, hi = out[k]
-        idx = ((lo < 0) & (hi > 0)).flatten().nonzero()[:, 0]
-        _, frontier = affine_region(net, p)
-        if idx.numel() == 0 or frontier == [0]:  # nothing unstable, or an affine map of the input box: exact
-            continue
-        layout = Layout.make(net, inset, {j: b for j, b in out.items() if j < k})
-        u = idx.numel()
-        rows = lo.new_zeros(2 * u, lo[0].numel())
-        rows[torch.arange(u), idx] = 1.0
-        rows[torch.arange(u, 2 * u), idx] = -1.0
-        alpha = layout.root_alpha().expand(2 * u, -1)
-        zeros = torch.zeros(2 * u, layout.size, dtype=torch.int8, device=lo.device)
-        bound = optimize(layout, rows.reshape(2 * u, *lo.shape[1:]), zeros, alpha, torch.zeros_like(alpha), steps,
-                         lr, lr, False, dtype, node=p)[0]
-        lo_f, hi_f = lo.flatten(1).clone(), hi.flatten(1).clone()
-        lo_f[0, idx] = torch.maximum(lo_f[0, idx], bound[:u])
-        hi_f[0, idx] = torch.minimum(hi_f[0, idx], -bound[u:])
-        lo_f = torch.minimum(lo_f, hi_f)
-        out[k] = (lo_f.reshape(lo.shape), hi_f.reshape(hi.shape))
-    return out

@@ -2,27 +2,35 @@
 Hsieh & Kolter, "Beta-CROWN: efficient bound propagation with per-neuron split constraints for
 neural network robustness verification", NeurIPS 2021; the method of the α,β-CROWN verifier).
 
-Per point, in order (every stage batched over the points it concerns):
+:meth:`~robustbench_lite.certify.Verifier.verify` returns per point ``verified``, ``falsified``
+(with the adversarial example) or ``undecided``, the subdomains bounded and the seconds spent;
+:meth:`BaB.decide` returns the same with the search's margin lower bounds.  Per point, in order
+(every stage batched over the points it concerns):
 
-1. the clean point, and the ``starts`` given to :meth:`~robustbench_lite.certify.Verifier.decide`
-   (an evasion attack's examples), are checked as counterexamples;
+1. the clean point, and the ``starts`` (candidate examples: the harness hands over the evasion
+   cells' adversarial examples where the run saves them), are checked as counterexamples;
 2. CROWN bounds every margin ``f_y − f_c`` (intermediate bounds: ``intermediate``); a point
    whose margins are all positive is verified;
 3. targeted PGD (``attack_restarts`` runs of ``attack_steps``, towards the classes with the lowest
    bounds) looks for counterexamples on the rest;
 4. branch and bound (:mod:`._bab`) on each remaining point: α-CROWN on its undecided margins
-   (``root_iterations``), then rounds that split ``batch / 2`` subdomains on the ReLU chosen by
-   BaBSR (Bunel et al., JMLR 2020) and bound the children together with optimised ``α`` and the
-   split constraints' multipliers ``β`` (``iterations`` steps; :mod:`._beta`); leaves (every
-   unstable ReLU split) are linear programs solved exactly (:mod:`._leaf`); the bound minimisers
-   and PGD from the lowest subdomains search for counterexamples.
+   (``root_iterations``), then rounds that split ``batch / 2`` subdomains and bound the children
+   together with optimised ``α`` and the split constraints' multipliers ``β`` (``iterations``
+   steps; :mod:`._beta`).  The neuron to split is chosen by FSB (filtered smart branching, De
+   Palma et al. 2021: of the ``candidates`` best neurons by the BaBSR score of Bunel et al.,
+   JMLR 2020, and the ``candidates`` best by the relaxation gap at the bound's minimiser, the one
+   whose children have the best worse bound); ``branching="babsr"`` takes the BaBSR score alone.  Leaves (every unstable ReLU split) are linear programs solved exactly
+   (:mod:`._leaf`); the bound minimisers and PGD from the lowest subdomains
+   (``search_attack_steps``) search for counterexamples.
 
 A point is ``falsified`` only with an example checked on the model in float32 and float64
 inside the ball ∩ [0, 1] (:mod:`._falsify`), ``verified`` when every subdomain is closed, and
-``undecided`` when ``timeout`` seconds or ``max_subdomains`` subdomains are spent first.  For a
-ReLU network (max-pooling is relaxed, not split) the procedure is complete: without a budget
-it decides every point.  Bounds and programs run in float64; ``beta=False`` and
-``lp_leaves=False`` are the ablations (no split multipliers; leaves left to their bound).
+``undecided`` when ``timeout`` seconds (CPU time on a CPU, wall time on an accelerator) or
+``max_subdomains`` subdomains are spent first.  For a ReLU network (max-pooling is relaxed, not
+split) the procedure is complete: without a budget it decides every point.  Bounds and programs
+are computed in float64 (the α, β iterations in ``precision``, their best iterate bounded again
+in float64); ``beta=False`` and ``lp_leaves=False`` are the ablations (no split multipliers;
+leaves left to their bound).
 
 :meth:`margin_bounds` returns the search's lower bounds (per margin, the minimum over its final
 subdomains); the radius bisection (:meth:`radius`) uses CROWN's bounds, since every bisection
@@ -88,9 +96,8 @@ class BaB(BoundVerifier):
     search_attack_steps: int = setting(10, low=0)  # PGD inside the search, each round
     attack_points: int = setting(2, low=0)  # subdomains that PGD starts from, each round
     branching: str = setting("fsb", choices=("fsb", "babsr"))
-    heuristic: str = setting("babsr", choices=("babsr", "gap"))
-    candidates: int = setting(3, low=2)  # FSB: the BaBSR candidates each subdomain's split is chosen from
-    precision: str = setting("float32", choices=("float32", "float64"))  # of the α, β iterations
+    candidates: int = setting(4, low=1)  # FSB: the best neurons by each filter score, the split chosen among them
+    precision: str = setting("float64", choices=("float32", "float64"))  # of the α, β iterations
     seed: int = setting(0, low=0)
 
     def decide(self, model, x: Tensor, y: Tensor, threat: ThreatModel, starts: Tensor | None = None) -> Decision:
@@ -142,7 +149,7 @@ class BaB(BoundVerifier):
         subdomains = torch.zeros(n, dtype=torch.long)
         settings = Settings(self.timeout, self.max_subdomains, self.batch, self.iterations, self.root_iterations,
                             self.lr_alpha, self.lr_beta, self.beta, self.lp_leaves, self.search_attack_steps,
-                            self.attack_points, self.candidates if self.branching == "fsb" else 0, self.heuristic,
+                            self.attack_points, self.candidates if self.branching == "fsb" else 0,
                             getattr(torch, self.precision), _clock(x.device))
         for i in rest:
             if falsified[i]:

@@ -114,9 +114,9 @@ def test_skipping_the_lp_leaves_leaves_instances_undecided(instances):
 
 
 def test_a_budget_leaves_a_hard_point_undecided_never_guessed(instances):
-    name, model, x, y, eps = _pick(instances, "random-residual-mlp-24", 0.3714)  # robust, ~100 subdomains
-    d = create_verifier("bab", max_subdomains=20, batch=8).decide(model, x, y, ThreatModel("linf", eps))
-    assert d.verification.status() == [Status.UNDECIDED] and 0 < int(d.verification.subdomains[0]) <= 20 + 8
+    name, model, x, y, eps = _pick(instances, "random-mlp-30", 0.2699)  # robust, 13 subdomains without a budget
+    d = create_verifier("bab", max_subdomains=4, batch=2).decide(model, x, y, ThreatModel("linf", eps))
+    assert d.verification.status() == [Status.UNDECIDED] and 0 < int(d.verification.subdomains[0]) <= 4 + 2
     assert bool((d.lower[0] <= 0).any())
     v = create_verifier("bab", timeout=1e-6).verify(model, x, y, ThreatModel("linf", eps))
     assert v.status() == [Status.UNDECIDED]
