@@ -39,7 +39,7 @@ def bounded_ce_grad(model, x: Tensor, delta: Tensor, y: Tensor, beta: float) -> 
 class SGA(UniversalAttack):
     """Universal perturbation by stochastic gradient aggregation (Linf as in the paper, or L2)."""
 
-    epochs: int = setting(20, low=1)
+    epochs: int = setting(20, low=1, high=10_000)
     batch_size: int = setting(250, low=1)
     minibatch: int = setting(10, low=1)
     step: float = setting(0.0, low=0.0)  # 0 means 0.1 * eps

@@ -235,7 +235,7 @@ class ConvexDefense(Defense):
     omega: float = setting(100.0, low=0.0, low_open=True)
     certify_eps: float = setting(0.0, low=0.0, high=1.0)
     certify_points: int = setting(1000, low=0)
-    epochs: int = setting(5, low=1)
+    epochs: int = setting(5, low=1, high=10_000)
 
     uses_autocast: ClassVar[bool] = False  # the solver runs in the data's precision
 

@@ -20,6 +20,7 @@ from .certify import VERIFIERS
 from .cli_eval import add_eval_parser, run_eval
 from .cli_replay import add_replay_parser, run_replay
 from .core.device import AUTOCAST_CHOICES
+from .core.progress import Progress, show_lines
 from .core.registry import ATTACKS, DATASETS, DEFENSES, MODELS, PluginError, load_plugin_file
 from .core.threat import ThreatModel
 from .harness import faults
@@ -112,7 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--ray-cpus", type=_positive_int, default=2, help="CPUs of a local Ray instance (default 2)")
     r.add_argument("--save-adv", metavar="DIR", help="write each evasion attack's adversarial examples (the points "
                    "it broke) to DIR as safetensors, for `robustbench-lite replay`; cells finished before are not redone")
-    r.add_argument("--no-progress", action="store_true")
+    r.add_argument("--no-progress", action="store_true", help="no progress bars (on a terminal) nor progress lines "
+                   "(elsewhere, one per finished attack)")
     r.add_argument("--trust-pickle", action="store_true", help="let the --config file's models with trust_pickle = true "
                    "unpickle their checkpoints (a grid file alone cannot). Dangerous: unpickling runs any code the file "
                    "names, so only for checkpoints from a source you trust")
@@ -145,7 +147,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     exit code from :data:`EXIT_CODES` (``-v``: with the traceback)."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    show_lines(not getattr(args, "no_progress", True))
     try:
+        _check_folders(args)
         for path in args.plugin:
             load_plugin_file(path)
         if args.command == "list":
@@ -165,6 +169,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         if isinstance(exc, SystemExit):
             raise
         return _fail(exc, args.verbose)
+
+
+_FOLDERS = ("workdir", "out", "report")
+
+
+def _check_folders(args: argparse.Namespace) -> None:
+    """An empty folder option (``--workdir ''``) is refused before any work: it would mean the
+    current folder, where nobody looks for a store."""
+    for name in _FOLDERS:
+        value = getattr(args, name, None)
+        if isinstance(value, str) and not value.strip():
+            raise ValueError(f"--{name} is empty; give a folder, or leave the option out for its default")
 
 
 def _fail(exc: BaseException, verbose: bool) -> int:
@@ -278,8 +294,8 @@ def _run(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     summary = run_plan(
         plan, workdir=args.workdir, device=args.device, data_root=args.data_root, batch_size=args.batch_size,
-        progress=not args.no_progress, autocast=args.autocast, autocast_eval=args.autocast_eval, executor=executor,
-        plugins=args.plugin, save_adv=args.save_adv,
+        progress=Progress.of(not args.no_progress), autocast=args.autocast, autocast_eval=args.autocast_eval,
+        executor=executor, plugins=args.plugin, save_adv=args.save_adv,
     )
     elapsed = time.perf_counter() - start
     print(

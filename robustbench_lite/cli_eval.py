@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 from .core.device import AUTOCAST_CHOICES, make_policy
+from .core.userdata import MAX_CLASSES
 from .core.usermodel import parse_normalize
 from .harness.attack_sets import SETS
 
@@ -53,7 +54,7 @@ def add_eval_parser(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--n", default="1000", help="test points (the first n; default 1000)")
     e.add_argument("--eps-curve", help="robust accuracy over NORM:START:STOP:COUNT evenly spaced eps (comma-separate "
                    "several), e.g. linf:0:0.2:11; eps 0 is the clean accuracy")
-    e.add_argument("--curve-order", default="up", help="up: attack each eps on the points not broken yet (every "
+    e.add_argument("--curve-order", help="with --eps-curve: up (default): attack each eps on the points not broken yet (every "
                    "robust point is attacked at its eps); down: AttackBench's search from the largest eps, stopping at "
                    "a point's first failure (cheaper; assumes failing in a ball means failing in smaller ones)")
     e.add_argument("--autocast", default="auto", choices=AUTOCAST_CHOICES)
@@ -63,10 +64,11 @@ def add_eval_parser(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--report", default="report", help="folder for report.html and report.md (default report)")
     e.add_argument("--save-adv", metavar="DIR", help="write each attack's adversarial examples (the points it broke) "
                    "to DIR as safetensors, for `robustbench-lite replay`")
-    e.add_argument("--no-progress", action="store_true")
+    e.add_argument("--no-progress", action="store_true", help="no progress bars (on a terminal) nor progress lines "
+                   "(elsewhere, one per finished attack)")
 
 
-def _int(text: str | None, flag: str, low: int) -> int | None:
+def _int(text: str | None, flag: str, low: int, high: int | None = None) -> int | None:
     if text is None:
         return None
     try:
@@ -75,6 +77,8 @@ def _int(text: str | None, flag: str, low: int) -> int | None:
         raise ValueError(f"{flag} takes a whole number, got {text!r}") from None
     if value < low:
         raise ValueError(f"{flag} must be >= {low}, got {value}")
+    if high is not None and value > high:
+        raise ValueError(f"{flag} must be <= {high:,}, got {value}")
     return value
 
 
@@ -98,7 +102,7 @@ def load_model(args: argparse.Namespace, data: str | None = None):
     if not args.weights or not source:
         raise ValueError(f"{args.command} needs --weights FILE and --data DATASET|FOLDER|FILE.npz (and --model ARCH for a "
                          "state dict)")
-    num_classes = _int(args.num_classes, "--num-classes", 2)
+    num_classes = _int(args.num_classes, "--num-classes", 2, MAX_CLASSES)
     channels = _int(args.channels, "--channels", 1)
     if channels not in (None, 1, 3):
         raise ValueError(f"--channels takes 1 (grey) or 3 (RGB), got {channels}")
@@ -120,15 +124,18 @@ def _plan(args: argparse.Namespace):
     if not threats and not curves:
         raise ValueError("give --threats NORM:EPS (e.g. linf:0.1 or linf:8/255) and/or --eps-curve linf:0:0.2:11")
     n = _int(args.n, "--n", 1)
-    if args.curve_order not in ("up", "down"):
+    if args.curve_order is not None and args.curve_order not in ("up", "down"):
         raise ValueError(f"--curve-order takes up or down, got {args.curve_order!r}")
+    if args.curve_order is not None and not curves:
+        raise ValueError(f"--curve-order {args.curve_order} orders the eps of a curve, and there is none: add --eps-curve "
+                         "NORM:START:STOP:COUNT (e.g. linf:0:0.2:11), or drop --curve-order")
     batch = args.batch_size.strip().lower()
     info_batch: int | str = "auto" if batch == "auto" else _int(batch, "--batch-size", 1)
     make_policy(args.device, args.autocast)  # a bad device fails here
     data_spec, data, model_spec, weights_spec, model, k = load_model(args)
     n_eval = min(n, len(data.test))
     cells = user_cells(data_spec, model_spec, weights_spec, threats=threats, attacks=args.attacks, n=n_eval,
-                       num_classes=k, curves=curves, curve_order=args.curve_order)
+                       num_classes=k, curves=curves, curve_order=args.curve_order or "up")
     info = {"n": n_eval, "asked": n, "model": model_spec.name, "weights": weights_spec.name, "data": data_spec.name,
             "batch_size": info_batch}
     return Plan("eval", tuple(cells)), info

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Set up a fresh machine: Debian's Fashion-MNIST package and a virtual environment in .venv
-# with robustbench_lite and its test dependencies. Safe to run again (it skips what is done).
+# with robustbench_lite, its test dependencies and what the documentation site needs.
+# Safe to run again (it skips what is done).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -16,4 +17,4 @@ if [ ! -x .venv/bin/python ]; then
     "$PYTHON" -m venv .venv
 fi
 .venv/bin/python -m pip install -q --upgrade pip setuptools wheel
-.venv/bin/python -m pip install -q -e ".[test]"
+.venv/bin/python -m pip install -q -e ".[test,docs]"

@@ -66,3 +66,15 @@ def user_checkpoint(digits, tmp_path_factory):
     torch.save(model.state_dict(), folder / "digits_cnn.pt")
     torch.save(model, folder / "digits_module.pt")
     return model, folder
+
+
+@pytest.fixture(autouse=True)
+def _shared_models_kept(request):
+    """The session's trained models are shared by many tests: one that comes back from a test in
+    another memory layout (e.g. channels_last left behind by an evaluation) fails that test here,
+    not some later test that happens to check the layout."""
+    yield
+    for name in ("digits_model", "fmnist_model"):
+        if name in request.fixturenames:
+            changed = [n for n, p in request.getfixturevalue(name).named_parameters() if not p.is_contiguous()]
+            assert not changed, f"{request.node.nodeid} left {name}'s {changed[0]} in another memory layout"

@@ -127,10 +127,11 @@ class Verifier(Plugin):
     def verify(self, model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel,
                starts: Tensor | None = None) -> Verification:
         """Per point ``verified``, ``falsified`` or ``undecided``; every counterexample the plugin
-        returns is re-checked by a forward pass (:meth:`Verification.recheck`: one outside the
-        ball or classified correctly leaves its point undecided and ``rejected``).  ``starts``:
-        candidate adversarial examples ``[B, *x]`` (NaN rows where there is none, e.g. an evasion
-        attack's), handed to ``_verify`` by verifiers with :attr:`takes_starts`."""
+        returns is re-checked by a forward pass (:meth:`Verification.recheck
+        <robustbench_lite.certify.outcome.Verification.recheck>`: one outside the ball or classified
+        correctly leaves its point undecided and ``rejected``).  ``starts``: candidate adversarial
+        examples ``[B, *x]`` (NaN rows where there is none, e.g. an evasion attack's), handed to
+        ``_verify`` by verifiers with ``takes_starts``."""
         threat = self._check_threat(threat)
         model, x, y = self._check(model, x, y)
         starts = self._check_starts(starts, x)
@@ -231,11 +232,16 @@ class Verifier(Plugin):
             raise ValueError(f"verifier {self.name} bounds {allowed} balls, not {norm.value}; pick one of those norms")
         return threat
 
-    @staticmethod
-    def _check(model: object, x: object, y: object) -> tuple[nn.Module, Tensor, Tensor]:
+    def _check(self, model: object, x: object, y: object) -> tuple[nn.Module, Tensor, Tensor]:
         model = check_model(model)
         x = check_images(x)
-        return model, x, check_labels(y, x.shape[0]).to(x.device)
+        y = check_labels(y, x.shape[0]).to(x.device)
+        self._check_network(model, x)
+        return model, x, y
+
+    def _check_network(self, model: nn.Module, x: Tensor) -> None:
+        """Refuse a network this verifier cannot handle before any point is skipped (a batch
+        the model misclassifies entirely must not pass an unsupported layer silently)."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -250,6 +256,11 @@ class BoundVerifier(Verifier):
         """Sound lower bounds ``[B, K]`` of ``f_y − f_c`` over ``inset`` (float64; any value at
         ``c = y``)."""
         raise NotImplementedError
+
+    def _check_network(self, model: nn.Module, x: Tensor) -> None:
+        if x.shape[0]:
+            with eval_mode(model), torch.no_grad():
+                parse_network(model, x[:1])  # a ValueError naming an unsupported layer
 
     def _bounds(self, model: nn.Module, x: Tensor, y: Tensor, norm: Norm, eps: Tensor) -> Tensor:
         net = parse_network(model, x[:1])

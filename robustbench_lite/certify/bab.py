@@ -47,7 +47,7 @@ import torch
 from torch import Tensor
 
 from ..core.attack import eval_mode
-from ..core.config import setting
+from ..core.config import MAX_SEED, setting
 from ..core.threat import Norm, ThreatModel
 from . import (
     BoundVerifier,
@@ -82,7 +82,7 @@ class BaB(BoundVerifier):
     norms = (Norm.LINF,)
     takes_starts = True
     timeout: float = setting(30.0, low=0.0, low_open=True)  # seconds of branch and bound per point
-    max_subdomains: int = setting(200_000, low=1)  # subdomains bounded per point
+    max_subdomains: int = setting(200_000, low=1, high=10**9)  # subdomains bounded per point
     batch: int = setting(64, low=2)  # subdomains bounded together
     iterations: int = setting(10, low=0)  # α, β steps per batch
     root_iterations: int = setting(30, low=0)  # α-CROWN steps at the root
@@ -98,7 +98,7 @@ class BaB(BoundVerifier):
     branching: str = setting("fsb", choices=("fsb", "babsr"))
     candidates: int = setting(4, low=1)  # FSB: the best neurons by each filter score, the split chosen among them
     precision: str = setting("float64", choices=("float32", "float64"))  # of the α, β iterations
-    seed: int = setting(0, low=0)
+    seed: int = setting(0, low=0, high=MAX_SEED)
 
     def decide(self, model, x: Tensor, y: Tensor, threat: ThreatModel, starts: Tensor | None = None) -> Decision:
         """:meth:`verify` (same checks, same re-check of every counterexample) with the search's

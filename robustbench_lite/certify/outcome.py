@@ -144,7 +144,7 @@ class Verification:
     def recheck(self, model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel, chunk: int = 1000) -> Verification:
         """This outcome with every counterexample checked by a forward pass of ``model`` (in eval
         mode, the caller's job) at the point itself: finite, inside ``[0, 1]`` (within
-        :data:`BOX_TOL`, then clamped), inside the threat ball around ``x`` (the norm's float
+        ``BOX_TOL``, then clamped), inside the threat ball around ``x`` (the norm's float
         slack, as for attacks) and misclassified (argmax ≠ ``y``, or a non-finite output, as the
         evaluation counts it).  A point that fails is moved to undecided and marked ``rejected``;
         the kept counterexamples are the clamped points that were judged."""

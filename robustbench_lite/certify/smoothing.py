@@ -34,7 +34,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
-from ..core.config import Plugin, setting
+from ..core.config import MAX_SEED, Plugin, setting
 from ..core.threat import Norm
 from .binomial import binom_test_half, clopper_pearson_lower, normal_quantile
 
@@ -51,10 +51,10 @@ class Smoothing(Plugin):
 
     sigma: float = setting(0.25, low=0.0, low_open=True)
     n0: int = setting(100, low=1)
-    n: int = setting(100_000, low=1)
+    n: int = setting(100_000, low=1, high=10**9)
     alpha: float = setting(0.001, low=0.0, low_open=True)
     batch_size: int = setting(1000, low=1)
-    seed: int = setting(0, low=0)  # the noise generator's seed where the harness runs it
+    seed: int = setting(0, low=0, high=MAX_SEED)  # the noise generator's seed where the harness runs it
 
     registry_name = "smoothing"
     norms: ClassVar[tuple[Norm, ...]] = (Norm.L2,)  # the certified radius is an L2 distance

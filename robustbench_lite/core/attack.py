@@ -29,7 +29,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from .config import Plugin, setting
+from .config import MAX_SEED, Plugin, setting
 from .models import check_logits
 from .threat import Geometry, Norm, ThreatModel, check_eps
 
@@ -50,11 +50,11 @@ class AttackOutput:
     """What one call of an evasion attack returns."""
 
     x_adv: Tensor
-    forward_evals: int  # number of images pushed through the model (forward passes x batch)
-    grad_evals: int  # number of images whose input gradient was computed
+    forward_evals: int  #: number of images pushed through the model (forward passes x batch)
+    grad_evals: int  #: number of images whose input gradient was computed
     seconds: float
-    target: Tensor | None = None  # the class a targeted attack aimed for, per point
-    distances: Tensor | None = None  # min-norm attacks: smallest adversarial distance per point (inf: none)
+    target: Tensor | None = None  #: the class a targeted attack aimed for, per point
+    distances: Tensor | None = None  #: min-norm attacks: smallest adversarial distance per point (inf: none)
 
 
 def network_of(model: nn.Module) -> nn.Module:
@@ -120,7 +120,7 @@ class Attack(Plugin):
 
     norm: Norm = Norm.LINF
     eps: float = 0.1
-    seed: int = setting(0, low=0)
+    seed: int = setting(0, low=0, high=MAX_SEED)
 
     #: the cell kind (harness registry name) that evaluates this attack's cells
     cell_kind: ClassVar[str] = "evasion"
@@ -266,6 +266,9 @@ class EvasionAttack(Attack):
     def run(
         self, model: nn.Module, x: Tensor, y: Tensor, gen: torch.Generator | None = None
     ) -> AttackOutput:
+        """Adversarial examples for ``(x, y)`` with what they cost (:class:`~robustbench_lite.AttackOutput`):
+        forward and input-gradient evaluations per image, seconds, and the targets or distances
+        where the attack has them.  Inputs are checked first, the output after."""
         x, y, gen, counted = self._prepare(model, x, y, gen)
         start = time.perf_counter()
         with eval_mode(model), torch.no_grad():
@@ -293,7 +296,7 @@ class EvasionAttack(Attack):
 
         Minimum-norm attacks (``min_norm = True``) may return ``(x_adv, distances)``: the
         per-point smallest adversarial distance found (``inf`` where none), passed through as
-        :attr:`AttackOutput.distances`.
+        :attr:`AttackOutput.distances <robustbench_lite.AttackOutput.distances>`.
         """
         raise NotImplementedError
 
@@ -340,7 +343,7 @@ class EvasionAttack(Attack):
 class UniversalOutput:
     """What one call of a universal attack returns: one perturbation for every input."""
 
-    delta: Tensor  # [1, C, H, W]; applied as clip(x + delta, 0, 1)
+    delta: Tensor  #: [1, C, H, W]; applied as clip(x + delta, 0, 1)
     forward_evals: int
     grad_evals: int
     seconds: float
@@ -373,7 +376,7 @@ class UniversalAttack(Attack):
     """One perturbation for all inputs: ``fit(model, data) -> delta`` with ``||delta|| <= eps``.
 
     ``data`` is the attacker's set (a DataSplit, an ``(x, y)`` pair or a loader of batches); the
-    perturbation is evaluated on held-out points (:mod:`robustbench_lite.eval.other`).
+    perturbation is evaluated on held-out points (:mod:`robustbench_lite.eval.universal`).
     Plugins implement :meth:`_fit` on the concatenated images and labels.
     """
 
@@ -384,6 +387,7 @@ class UniversalAttack(Attack):
         return self.run(model, data, gen).delta
 
     def run(self, model: nn.Module, data: object, gen: torch.Generator | None = None) -> UniversalOutput:
+        """The universal perturbation with what it cost (:class:`~robustbench_lite.UniversalOutput`)."""
         x, y, gen, counted = self._prepare(model, *_as_split(data), gen)
         start = time.perf_counter()
         with eval_mode(model), torch.no_grad():

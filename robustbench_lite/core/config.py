@@ -17,6 +17,13 @@ from typing import Any, ClassVar
 
 _TYPES = {"int": int, "float": float, "bool": bool, "str": str}
 
+#: the largest value of an int setting that declares no ``high`` of its own: a count of steps,
+#: epochs, queries or samples beyond a million is a typo (such a run would not finish), so it is
+#: refused while the settings are read rather than discovered hours into a run
+MAX_INT = 1_000_000
+#: the largest seed (torch and numpy generators take 64-bit seeds)
+MAX_SEED = 2**63 - 1
+
 
 def setting(
     default: Any,
@@ -29,7 +36,9 @@ def setting(
     """A dataclass field whose type and bounds are checked when the object is built.
 
     ``low``/``high`` are inclusive (``low_open=True`` makes ``low`` exclusive); ``choices``
-    lists the allowed values.  The field's annotation (int, float, bool, str) is enforced.
+    lists the allowed values.  The field's annotation (int, float, bool, str) is enforced.  An
+    int setting without ``high`` is at most ``MAX_INT``; one that needs more (seeds, Monte
+    Carlo samples) says so with its own ``high``.
     """
     meta = {"low": low, "high": high, "low_open": low_open, "choices": choices}
     return field(default=default, metadata={"rbl": meta})
@@ -61,6 +70,8 @@ def _check(owner: str, name: str, typ: Any, value: Any, meta: dict) -> None:
     if meta["choices"] is not None and value not in meta["choices"]:
         raise ValueError(f"{owner}: {name} must be one of {list(meta['choices'])}, got {value!r}")
     low, high = meta["low"], meta["high"]
+    if high is None and typ is int:
+        high = MAX_INT
     if low is not None and (value < low or (meta["low_open"] and value == low)):
         raise ValueError(f"{owner}: {name} must be {'>' if meta['low_open'] else '>='} {low}, got {value!r}")
     if high is not None and value > high:
@@ -91,7 +102,7 @@ def config_hash(payload: Any, length: int = 16) -> str:
 @dataclass(frozen=True, kw_only=True)
 class Plugin:
     """The base of every registered settings class (attacks, defenses, verifiers): a frozen
-    dataclass whose :func:`setting` fields are checked at construction, named after its registry
+    dataclass whose :func:`~robustbench_lite.setting` fields are checked at construction, named after its registry
     entry, with its settings visible as plain values (:meth:`get_params`)."""
 
     registry_name: ClassVar[str] = ""

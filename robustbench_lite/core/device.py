@@ -66,17 +66,18 @@ def resolve_device(spec: str | torch.device = "auto") -> torch.device:
 
 @dataclass(frozen=True)
 class DevicePolicy:
-    """Where and how tensors run.  Build it with :func:`make_policy` (or :func:`decide_policy`)."""
+    """Where and how tensors run.  Build it with :func:`~robustbench_lite.make_policy`
+    (or :func:`~robustbench_lite.core.device.decide_policy`)."""
 
     device: torch.device
-    train_dtype: torch.dtype | None = None  # autocast dtype for training (None: float32)
-    attack_dtype: torch.dtype | None = None  # autocast dtype inside attacks
-    eval_dtype: torch.dtype | None = None  # autocast dtype for clean/adversarial predictions
-    channels_last: bool = False  # layout for evaluation: attacks, clean and adversarial predictions
-    train_channels_last: bool = False  # layout while training
+    train_dtype: torch.dtype | None = None  #: autocast dtype for training (None: float32)
+    attack_dtype: torch.dtype | None = None  #: autocast dtype inside attacks
+    eval_dtype: torch.dtype | None = None  #: autocast dtype for clean/adversarial predictions
+    channels_last: bool = False  #: layout for evaluation: attacks, clean and adversarial predictions
+    train_channels_last: bool = False  #: layout while training
     pin_memory: bool = False
     cudnn_benchmark: bool = False
-    chunk_bytes: int | None = None  # run attack passes in chunks of about this much activation (None: whole)
+    chunk_bytes: int | None = None  #: run attack passes in chunks of about this much activation (None: whole)
 
     @property
     def is_cuda(self) -> bool:
@@ -118,7 +119,8 @@ class DevicePolicy:
         return out
 
     def chunked(self, model: nn.Module) -> nn.Module:
-        """``model`` as attacks should call it: in :class:`Chunked` passes when the policy says so."""
+        """``model`` as attacks should call it: in :class:`~robustbench_lite.core.device.Chunked`
+        passes when the policy says so."""
         return model if self.chunk_bytes is None else Chunked(model, self.chunk_bytes)
 
     @contextlib.contextmanager
@@ -182,7 +184,8 @@ def decide_policy(
 
 
 def make_policy(device: str | torch.device = "auto", autocast: str = "auto", autocast_eval: bool = False) -> DevicePolicy:
-    """:func:`decide_policy` for a device that exists here (see :func:`resolve_device`)."""
+    """:func:`~robustbench_lite.core.device.decide_policy` for a device that exists here (see
+    :func:`~robustbench_lite.core.device.resolve_device`)."""
     dev = resolve_device(device)
     bf16 = dev.type == "cuda" and torch.cuda.is_bf16_supported()
     return decide_policy(dev, autocast, autocast_eval, bf16_supported=bf16)

@@ -198,6 +198,26 @@ class ModelSpec:
     def build(self, data: Data) -> nn.Module:
         return create_model(self.name, data.input_shape, data.num_classes, **self.kwargs)
 
+    def check(self, data: Data) -> None:
+        """Build the model for ``data`` once, before any work, so that bad kwargs (``width = -4``)
+        fail at once with a ``ValueError`` naming the model and its kwargs.  It is built on the
+        meta device (no memory, no weights); a model that cannot be built there is built on the
+        CPU before it counts as broken."""
+        try:
+            with torch.device("meta"):
+                self.build(data)
+            return
+        except Exception:  # noqa: BLE001 - some layers cannot be built on the meta device: try the CPU
+            pass
+        try:
+            self.build(data)
+        except Exception as exc:
+            first = (str(exc).strip().splitlines() or [""])[0][:200]
+            raise ValueError(
+                f"model {self.name!r} with kwargs {dict(self.kwargs)} cannot be built for the {data.name} images (shape "
+                f"{data.input_shape}, {data.num_classes} classes): {type(exc).__name__}: {first}; fix the model's kwargs"
+            ) from None
+
     def as_dict(self) -> dict[str, Any]:
         return {"name": self.name, "kwargs": dict(self.kwargs)}
 

@@ -173,7 +173,7 @@ def load_plugin_file(path: str | Path) -> None:
     """Import a Python file so that its ``@register_*`` decorators run (the CLI's ``--plugin``).
 
     A file that does not import (a syntax error, an exception at import, a registration of
-    something that is not a plugin) raises :class:`PluginError` naming the file, the line and
+    something that is not a plugin) raises :class:`~robustbench_lite.core.registry.PluginError` naming the file, the line and
     the cause; the partly imported module is forgotten, and so is whatever it registered before
     it failed."""
     path = Path(path)
@@ -204,15 +204,39 @@ def load_plugin_file(path: str | Path) -> None:
 
 def _where(exc: BaseException, path: Path) -> str:
     """``line N: `` of the plugin file where ``exc`` arose (syntax errors carry their own line)."""
-    if isinstance(exc, SyntaxError) and exc.lineno:
-        return f"line {exc.lineno}: "
+    line = line_in(exc, path)
+    return f"line {line}: " if line else ""
+
+
+def line_in(exc: BaseException, path: str | Path) -> int | None:
+    """The last line of ``path`` in ``exc``'s traceback (a syntax error's own line), or ``None``
+    when the exception did not pass through that file."""
+    path = Path(path).resolve()
+    if isinstance(exc, SyntaxError) and exc.lineno and exc.filename and Path(exc.filename).resolve() == path:
+        return exc.lineno
     tb = exc.__traceback__
     line = None
     while tb is not None:
-        if Path(tb.tb_frame.f_code.co_filename).resolve() == path.resolve():
+        if Path(tb.tb_frame.f_code.co_filename).resolve() == path:
             line = tb.tb_lineno
         tb = tb.tb_next
-    return f"line {line}: " if line else ""
+    return line
+
+
+def user_code_error(what: str, path: str | Path, exc: BaseException) -> PluginError:
+    """A :class:`PluginError` for ``exc`` raised by the user's own code in ``path`` while doing
+    ``what``: the file, the line and its text, and the cause (the CLI exits 3, ``-v`` adds the
+    traceback)."""
+    path = Path(path)
+    line = line_in(exc, path)
+    where = ""
+    if line:
+        import linecache
+
+        text = linecache.getline(str(path.resolve()), line).strip()
+        where = f", line {line}" + (f" ({text[:80]})" if text else "")
+    return PluginError(f"{what} failed in {path.name}{where}: {type(exc).__name__}: {_first_line(exc)}; this is an error "
+                       "in that code (rerun with -v for the traceback)")
 
 
 def _first_line(exc: BaseException) -> str:

@@ -317,6 +317,11 @@ class L1Geometry(Geometry):
         return float(d)
 
 
+#: the smallest eps of any threat: float32 pixels near 1 move in steps of about 6e-8, so a smaller
+#: ball measures rounding, not robustness (and 1e-300 is 0 in float32)
+MIN_EPS = 1e-6
+
+
 def check_eps(eps: object, norm: Norm) -> float:
     """Return ``eps`` as a float or raise a ``ValueError``/``TypeError`` that says what is allowed."""
     if isinstance(eps, bool) or not isinstance(eps, (int, float)):
@@ -324,6 +329,11 @@ def check_eps(eps: object, norm: Norm) -> float:
     eps = float(eps)
     if not math.isfinite(eps) or eps <= 0:
         raise ValueError(f"eps must be a finite number > 0, got {eps}")
+    if eps < MIN_EPS:
+        raise ValueError(
+            f"eps {eps:g} is below {MIN_EPS:g}: float32 pixels move in steps of about 6e-8, so such a ball measures "
+            "rounding, not robustness; give eps for pixels in [0, 1], e.g. 0.1 or 8/255"
+        )
     norm.geometry.check_eps(eps)
     return eps
 

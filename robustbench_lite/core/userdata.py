@@ -15,6 +15,8 @@ message names the fix:
 from __future__ import annotations
 
 import hashlib
+import zipfile
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +24,8 @@ import torch
 from torch import Tensor
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp")
+#: the most classes a user's labels may index (ImageNet-21k has 21,843): a larger label is an id, not a class index
+MAX_CLASSES = 100_000
 # grey = 0.299 R + 0.587 G + 0.114 B (ITU-R BT.601 luma, what PIL's convert("L") uses)
 _LUMA = (0.299, 0.587, 0.114)
 
@@ -88,6 +92,14 @@ def _as_tensor(x: object, what: str) -> Tensor:
     if isinstance(x, np.ndarray):
         if x.dtype == object:
             raise TypeError(f"{what} is an object array; store plain numeric images")
+        if x.dtype.kind in "USV":  # strings, bytes, raw records
+            label = what.rsplit(":", 1)[-1].strip()
+            fix = ("class indices 0..K-1: y = np.unique(y, return_inverse=True)[1]" if label == "y" else
+                   "uint8 pixels (0-255) or floats in [0, 1]: np.savez(path, x=images, y=labels)")
+            raise TypeError(f"{what} holds {'strings' if x.dtype.kind in 'US' else 'raw records'} (dtype {x.dtype.str}); "
+                            f"store {fix}")
+        if x.dtype.kind not in "biuf":
+            raise TypeError(f"{what} has dtype {x.dtype}; store uint8 pixels or floats in [0, 1], and integer labels")
         return torch.from_numpy(np.ascontiguousarray(x))
     raise TypeError(f"{what} must be a torch.Tensor or numpy array, got {type(x).__name__}")
 
@@ -108,6 +120,11 @@ def as_labels(y: object, n: int, *, what: str = "y") -> Tensor:
     arr = arr.long()
     if n and int(arr.min()) < 0:
         raise ValueError(f"{what} holds negative class indices (min {int(arr.min())}); labels are 0..K-1")
+    if n and int(arr.max()) >= MAX_CLASSES:
+        raise ValueError(
+            f"{what} holds the label {int(arr.max())}, but labels are class indices 0..K-1 (at most {MAX_CLASSES:,} "
+            "classes); relabel them, e.g. y = np.unique(y, return_inverse=True)[1]"
+        )
     return arr
 
 
@@ -126,6 +143,11 @@ def convert_channels(x: Tensor, channels: int | None) -> Tensor:
 def read_npz(path: str | Path, *, channels_hint: int | None = None) -> tuple[Tensor, Tensor]:
     """``x`` and ``y`` from an ``.npz`` file (no pickled objects are loaded)."""
     path = Path(path)
+    with open(path, "rb") as head:
+        magic = head.read(4)
+    if magic[:2] != b"PK":  # an .npz is a zip archive of .npy files
+        raise ValueError(f"{path.name} is not an .npz file (it is not a zip archive: damaged, or another format); "
+                         "save it with np.savez(path, x=images, y=labels)")
     try:
         with np.load(path, allow_pickle=False) as f:
             keys = set(f.files)
@@ -142,10 +164,16 @@ def read_npz(path: str | Path, *, channels_hint: int | None = None) -> tuple[Ten
         if path.name in str(exc):
             raise
         raise ValueError(f"{path.name} is not a readable .npz file ({exc}); save it with np.savez") from None
-    except (OSError, EOFError) as exc:
-        raise ValueError(f"{path.name} is not a readable .npz file ({exc}); save it with np.savez") from None
+    except (OSError, EOFError, zipfile.BadZipFile, zlib.error, KeyError) as exc:
+        raise ValueError(f"{path.name} is damaged (truncated or garbled: {type(exc).__name__}: {_first(exc)}); "
+                         "save it again with np.savez(path, x=images, y=labels)") from None
     xs = as_unit_nchw(x, what=f"{path.name}: x", channels_hint=channels_hint)
     return xs, as_labels(y, xs.shape[0], what=f"{path.name}: y")
+
+
+def _first(exc: BaseException) -> str:
+    text = str(exc.args[0] if isinstance(exc, KeyError) and exc.args else exc).strip()
+    return text.splitlines()[0][:120] if text else "no message"
 
 
 def read_image_folder(path: str | Path, *, seed: int = 0) -> tuple[Tensor, Tensor, list[str]]:
@@ -161,10 +189,20 @@ def read_image_folder(path: str | Path, *, seed: int = 0) -> tuple[Tensor, Tenso
     if not classes:
         raise ValueError(f"{root} has no class sub-folders; lay it out as {root.name}/<class>/<image>.png (ImageFolder)")
     files: list[tuple[Path, int]] = []
+    empty = []
     for k, name in enumerate(classes):
-        files += [(f, k) for f in sorted((root / name).iterdir()) if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES]
+        found = [(f, k) for f in sorted((root / name).iterdir()) if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES]
+        files += found
+        if not found:
+            empty.append(name)
     if not files:
         raise ValueError(f"{root} has class folders but no images ({', '.join(IMAGE_SUFFIXES)}); add PNG or JPEG files")
+    if empty:  # it would still take a class index (the folders' sorted order), shifting the classes after it
+        raise ValueError(
+            f"{root}: class folder{'s' if len(empty) > 1 else ''} {', '.join(repr(e) for e in empty[:5])} "
+            f"{'hold' if len(empty) > 1 else 'holds'} no images ({', '.join(IMAGE_SUFFIXES)}); remove "
+            f"{'them' if len(empty) > 1 else 'it'} or add images, since class indices follow the folders' order"
+        )
     images: list[np.ndarray] = []
     for f, _ in files:
         try:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import math
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -22,6 +23,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from .models import InputShape, Normalize, create_model
+from .registry import line_in, user_code_error
 
 
 class NormalizedModel(nn.Module):
@@ -70,7 +72,7 @@ def import_builder(arch: str) -> Callable[..., Any]:
             spec.loader.exec_module(module)
         except Exception as exc:
             del sys.modules[name]
-            raise ValueError(f"importing {path.name} failed: {type(exc).__name__}: {exc}") from None
+            raise user_code_error(f"importing {path.name}", path, exc) from exc
     builder = getattr(module, fn, None)
     if not callable(builder):
         found = sorted(k for k, v in vars(module).items() if callable(v) and not k.startswith("_"))
@@ -85,11 +87,14 @@ def build_architecture(arch: str, input_shape: InputShape, num_classes: int, kwa
     kwargs = dict(kwargs or {})
     if is_file_arch(arch):
         builder = import_builder(arch)
+        path, fn = split_file_arch(arch)
         try:
             model = builder(tuple(input_shape), int(num_classes), **kwargs)
-        except TypeError as exc:
-            raise TypeError(f"{arch}: calling it as build(input_shape, num_classes) failed ({exc}); "
-                            "give it the signature build(input_shape, num_classes)") from None
+        except Exception as exc:
+            if isinstance(exc, TypeError) and line_in(exc, path) is None:  # the call itself: the signature
+                raise TypeError(f"{arch}: calling it as build(input_shape, num_classes) failed ({exc}); "
+                                "give it the signature build(input_shape, num_classes)") from None
+            raise user_code_error(f"{path.name}:{fn}{(tuple(input_shape), int(num_classes))}", path, exc) from exc
         if not isinstance(model, nn.Module):
             raise TypeError(f"{arch} returned {type(model).__name__}, not an nn.Module")
     else:
@@ -106,6 +111,8 @@ def parse_normalize(text: str, channels: int | None = None) -> tuple[tuple[float
         values = [float(v) for v in text.replace(" ", "").split(",") if v]
     except ValueError:
         raise ValueError(f"--normalize takes numbers MEAN,STD (or 3 means then 3 stds), got {text!r}") from None
+    if not all(math.isfinite(v) for v in values):
+        raise ValueError(f"--normalize takes finite numbers MEAN,STD (e.g. 0.5,0.25), got {text!r}")
     if len(values) < 2 or len(values) % 2:
         raise ValueError(f"--normalize takes MEAN,STD or one mean and one std per channel, got {text!r}")
     half = len(values) // 2
@@ -117,6 +124,19 @@ def parse_normalize(text: str, channels: int | None = None) -> tuple[tuple[float
 def check_normalize(mean: Sequence[float], std: Sequence[float], channels: int | None = None) -> None:
     if len(mean) != len(std) or not mean:
         raise ValueError(f"normalize needs as many means as stds, got {list(mean)} and {list(std)}")
+    try:
+        values = [float(v) for v in (*mean, *std)]
+    except (TypeError, ValueError):
+        raise ValueError(f"normalize takes numbers, got mean {list(mean)} and std {list(std)}") from None
+    if not all(math.isfinite(v) for v in values):
+        raise ValueError(f"normalize mean and std must be finite numbers, got mean {list(mean)} and std {list(std)}")
+    if channels is not None and len(mean) not in (1, channels):
+        if channels == 1:
+            fix = "give one mean and one std (MEAN,STD)"
+        else:
+            fix = f"give one mean and one std for all channels, or {channels} of each ({2 * channels} values)"
+        raise ValueError(f"normalize has {len(mean)} means and {len(std)} stds, but the images have {channels} "
+                         f"channel{'s' if channels != 1 else ''}; {fix}")
     if any(s <= 0 for s in std):
         raise ValueError(f"normalize stds must be > 0, got {list(std)}")
     if any(not 0.0 <= m <= 1.0 for m in mean) or any(s > 1.0 for s in std):
@@ -124,5 +144,3 @@ def check_normalize(mean: Sequence[float], std: Sequence[float], channels: int |
             f"normalize mean {list(mean)} / std {list(std)} look like 0-255 values; give them for pixels in [0, 1] "
             "(divide by 255, e.g. 0.4914 rather than 125.3)"
         )
-    if channels is not None and len(mean) not in (1, channels):
-        raise ValueError(f"normalize has {len(mean)} means but the images have {channels} channels; give 1 or {channels}")

@@ -40,6 +40,7 @@ from torch import Tensor, nn
 from ..core.attack import EvasionAttack
 from ..core.data import DataSplit
 from ..core.device import DevicePolicy, halving_on_oom
+from ..core.progress import Progress, Task
 
 INF = float("inf")
 
@@ -81,6 +82,8 @@ def attack_curve(
     policy: DevicePolicy,
     batch_size: int = 500,
     order: str = "up",
+    progress: Progress | None = None,
+    label: str = "",
 ) -> CurveRecord:
     """The curve of the attack ``attack_at(eps)`` over the positive eps of ``grid`` on ``split``
     (``correct``: the clean-correct points, the only ones attacked).
@@ -93,7 +96,11 @@ def attack_curve(
     it there (it assumes an attack that fails in a ball fails in every smaller one).  A point then
     costs one failing run instead of one per eps below its distance; and before attacking a point
     at eps, its smallest example so far is projected onto the eps ball: when that still fools the
-    model it is the point's example at eps, for one forward pass."""
+    model it is the point's example at eps, for one forward pass.
+
+    ``progress`` shows the points left over the whole grid (``label``, default the attack's name
+    and norm): each eps counts every clean-correct point, those it does not attack (broken
+    already, or given up on) as soon as the eps is done."""
     if order not in ORDERS:
         raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
     steps = sorted({float(e) for e in grid if e > 0})
@@ -106,32 +113,41 @@ def attack_curve(
     if largest.min_norm:  # one run gives every point's distance
         steps = steps[-1:]
     seconds, grads, fwds, attacked = 0.0, 0, 0, 0
-    for eps in steps if order == "up" else steps[::-1]:
-        attack = largest if eps == steps[-1] else attack_at(eps)
-        todo = (torch.isinf(d) if order == "up" else searching & (d > eps)).nonzero().flatten()
-        if examples is not None and todo.numel():
-            # an example found at a larger eps, projected onto this ball, may still fool the model:
-            # then it is this eps's example, for one forward pass instead of an attack
-            t0 = time.perf_counter()
-            kept, size, shrunk = _shrink(model, examples, split, todo[torch.isfinite(d[todo])], attack, eps, policy)
-            d[kept], examples[kept] = size, shrunk
-            seconds, fwds = seconds + time.perf_counter() - t0, fwds + int(torch.isfinite(d[todo]).sum())
-            todo = todo[d[todo] > eps]
-        if todo.numel() == 0:
-            if order == "up":
-                break
-            continue
-        (found, adv, stats), _ = halving_on_oom(
-            lambda b, attack=attack, todo=todo: _distances(model, attack, split, todo, policy, b), batch_size
-        )
-        hit = torch.isfinite(found)
-        better = hit & (found < d[todo])
-        d[todo] = torch.where(better, found.clamp(max=eps), d[todo])
-        if examples is not None:
-            examples[todo[better]] = adv[better]
-        searching[todo[~hit]] = False
-        seconds, grads, fwds = seconds + stats[0], grads + stats[1], fwds + stats[2]
-        attacked += int(todo.numel())
+    per_eps = int(correct.sum())
+    label = label or f"curve {largest.name} {largest.threat.norm.value}"
+    with (progress or Progress.off()).task(label, per_eps * len(steps)) as task:
+        for k, eps in enumerate(steps if order == "up" else steps[::-1]):
+            task.advance_to(k * per_eps)
+            attack = largest if eps == steps[-1] else attack_at(eps)
+            todo = (torch.isinf(d) if order == "up" else searching & (d > eps)).nonzero().flatten()
+            if examples is not None and todo.numel():
+                # an example found at a larger eps, projected onto this ball, may still fool the model:
+                # then it is this eps's example, for one forward pass instead of an attack
+                t0 = time.perf_counter()
+                kept, size, shrunk = _shrink(model, examples, split, todo[torch.isfinite(d[todo])], attack, eps, policy)
+                d[kept], examples[kept] = size, shrunk
+                seconds, fwds = seconds + time.perf_counter() - t0, fwds + int(torch.isfinite(d[todo]).sum())
+                todo = todo[d[todo] > eps]
+            if todo.numel() == 0:
+                if order == "up":
+                    break
+                continue
+
+            def measure(b: int, attack: EvasionAttack = attack, todo: Tensor = todo, base: int = task.done):
+                task.rewind(base)  # a rerun with a smaller batch starts this eps over
+                return _distances(model, attack, split, todo, policy, b, task)
+
+            (found, adv, stats), _ = halving_on_oom(measure, batch_size)
+            hit = torch.isfinite(found)
+            better = hit & (found < d[todo])
+            d[todo] = torch.where(better, found.clamp(max=eps), d[todo])
+            if examples is not None:
+                examples[todo[better]] = adv[better]
+            searching[todo[~hit]] = False
+            seconds, grads, fwds = seconds + stats[0], grads + stats[1], fwds + stats[2]
+            attacked += int(todo.numel())
+        task.advance_to(task.total)
+        task.close(f"{attacked} points attacked over {len(steps)} eps")
     return CurveRecord(d, seconds, grads, fwds, attacked)
 
 
@@ -156,10 +172,12 @@ def _shrink(model: nn.Module, examples: Tensor, split: DataSplit, idx: Tensor, a
 
 
 def _distances(
-    model: nn.Module, attack: EvasionAttack, split: DataSplit, idx: Tensor, policy: DevicePolicy, batch_size: int
+    model: nn.Module, attack: EvasionAttack, split: DataSplit, idx: Tensor, policy: DevicePolicy, batch_size: int,
+    task: Task | None = None,
 ) -> tuple[Tensor, Tensor, tuple[float, int, int]]:
     """Size of each example ``attack`` finds on the points ``idx`` (``inf`` where the model still
-    classifies it correctly), judged on ``model``; the examples; and (seconds, gradients, forwards)."""
+    classifies it correctly), judged on ``model``; the examples; and (seconds, gradients, forwards).
+    ``task`` counts the points as each batch is done."""
     gen = torch.Generator(device=policy.device).manual_seed(attack.seed)
     out_d = torch.full((idx.numel(),), INF)
     out_x = torch.empty((idx.numel(), *split.x.shape[1:]), dtype=split.x.dtype)
@@ -179,6 +197,8 @@ def _distances(
         seconds += out.seconds + time.perf_counter() - t0
         grads += out.grad_evals
         fwds += out.forward_evals + sel.numel()
+        if task is not None:
+            task.update(sel.numel())
     return out_d, out_x, (seconds, grads, fwds)
 
 

@@ -1,6 +1,6 @@
 """The escalation ladder: stronger and stronger evaluations for a model whose gradients lie.
 
-When a masking check fires (:data:`~robustbench_lite.eval.evasion.MASKING`) and the adaptive rerun
+When a masking check fires (``robustbench_lite.eval.evasion.MASKING``) and the adaptive rerun
 through wrappers (:mod:`~robustbench_lite.eval.adaptive`) is done, each threat's worst case goes
 through these steps in order, each only on the points no earlier attack or step broke, while
 there are such points and the per-point budget lasts (a masking flag is never cleared: the checks
@@ -16,6 +16,8 @@ have margins of several points, so smoothed gradients that pass them again can s
    the same data, supplied by the caller) is attacked with fixed-step PGD-CE without early
    stopping (high-loss points transfer better; Papernot et al. 2016, Tramèr et al. 2018), every
    iterate judged on the model; a point counts as broken by the first iterate that fools it.
+   Training the surrogate is bounded by the evaluation it serves (:meth:`Escalation.surrogate_limit`,
+   ``surrogate_schedule``): a 40-point check does not pay for a full training run.
 3. ``square``: Square Attack (Andriushchenko et al. 2020) with AutoAttack's budget (5000
    queries; Croce & Hein 2020's standard version runs one restart): it queries only scores, so
    no gradient can mislead it.
@@ -57,6 +59,9 @@ class Escalation:
     square_restarts: int = setting(1, low=1)
     square_p_init: float = setting(0.3, low=0.0, high=1.0, low_open=True)
     budget: float = setting(6000.0, low=0.0)  # gradient-evaluation equivalents per attacked point, all steps
+    # the surrogate's training (images seen, counting each pass over an image as one gradient evaluation) may cost at
+    # most this share of the ladder's budget over the evaluated points: see surrogate_limit
+    surrogate_share: float = setting(0.1, low=0.0)
     steps: tuple[str, ...] = STEPS
 
     def __post_init__(self) -> None:
@@ -65,6 +70,15 @@ class Escalation:
         if unknown:
             raise ValueError(f"escalation steps must be among {list(STEPS)}, got {unknown}")
 
+    def surrogate_limit(self, points: int) -> int:
+        """How many training images (summed over epochs) the transfer surrogate may see for an
+        evaluation of ``points`` points: ``surrogate_share · budget · points``.  One image seen once
+        costs about one gradient evaluation (a forward and a backward pass), so by default the
+        surrogate costs at most a tenth of what the ladder may spend on those points: 24,000 images
+        for 40 points (one epoch on 24,000 Fashion-MNIST images), the full ``standard`` recipe
+        (5 epochs on 60,000) from 500 points on."""
+        return int(self.surrogate_share * self.budget * max(0, int(points)) + 1e-6)  # no float rounding down
+
     def cost(self, step: str) -> float:
         """Gradient-evaluation equivalents per attacked point (a forward query counts a third)."""
         if step == "noise-eot":
@@ -72,6 +86,25 @@ class Escalation:
         if step == "transfer":
             return self.transfer_steps + self.transfer_steps / self.transfer_check_every / 3.0
         return self.square_queries * self.square_restarts / 3.0
+
+
+#: fewer training images per class than this make no useful surrogate: the transfer step is skipped
+SURROGATE_MIN_PER_CLASS = 10
+
+
+def surrogate_schedule(epochs: int, train_points: int, limit: int) -> tuple[int, int]:
+    """``(epochs, images)`` for a surrogate whose recipe asks for ``epochs`` over ``train_points``
+    images, within ``limit`` images seen in all: the recipe when it fits; else fewer epochs over
+    every image; else one epoch over the first ``limit`` images.  ``epochs · images <= limit``
+    whenever ``limit >= 1``."""
+    if epochs < 1 or train_points < 0 or limit < 0:
+        raise ValueError(f"surrogate_schedule needs epochs >= 1, train_points >= 0, limit >= 0; got {epochs}, "
+                         f"{train_points}, {limit}")
+    if epochs * train_points <= limit:
+        return epochs, train_points
+    if train_points <= limit:
+        return max(1, limit // train_points), train_points
+    return 1, limit
 
 
 @dataclass(frozen=True)

@@ -23,6 +23,7 @@ from ..core.data import DataSplit
 from ..core.device import DevicePolicy, as_policy, halving_on_oom, keeps_layout
 from ..core.models import check_logits
 from ..core.ops import ce
+from ..core.progress import Progress, Task
 from ..core.registry import ATTACKS, create_attack
 from ..core.threat import Norm, ThreatModel
 from . import adaptive as wrappers
@@ -45,7 +46,7 @@ class AttackRecord:
     """One attack's outcome on the evaluated points."""
 
     attack: EvasionAttack
-    robust: Tensor | None  # bool [n]; None when the attack failed
+    robust: Tensor | None  #: bool [n]; None when the attack failed
     seconds: float
     grad_evals: int
     forward_evals: int
@@ -53,9 +54,9 @@ class AttackRecord:
     scope: str
     target_hit_rate: float | None = None
     error: str = ""
-    success_rate: float | None = None  # min-norm attacks: share of attacked points with any adversarial
-    median_l2: float | None = None  # min-norm attacks: median distance of the adversarials found
-    examples: AdvExamples | None = None  # the broken points' adversarial images (only when asked to keep them)
+    success_rate: float | None = None  #: min-norm attacks: share of attacked points with any adversarial
+    median_l2: float | None = None  #: min-norm attacks: median distance of the adversarials found
+    examples: AdvExamples | None = None  #: the broken points' adversarial images (only when asked to keep them)
 
     @property
     def robust_acc(self) -> float | None:
@@ -64,16 +65,16 @@ class AttackRecord:
 
 @dataclass(frozen=True)
 class Evaluation:
-    """Everything :func:`evaluate` measured."""
+    """Everything :func:`~robustbench_lite.evaluate` measured."""
 
     n: int
-    correct: Tensor  # bool [n]: clean prediction is right
-    records: list[AttackRecord]  # in the order of the attacks passed in
-    worst_case: dict[ThreatModel, Tensor]  # bool [n] per threat
-    flags: dict[str, set[str]]  # attack name or "worst_case:<threat>" -> flags
-    plain_records: list[AttackRecord] | None = None  # before an adaptive rerun (None: no rerun)
-    model_flags: frozenset[str] = frozenset()  # codes of the model-level checks that fired
-    escalated: dict[ThreatModel, Escalated] = dataclasses.field(default_factory=dict)  # the ladder, per threat
+    correct: Tensor  #: bool [n]: clean prediction is right
+    records: list[AttackRecord]  #: in the order of the attacks passed in
+    worst_case: dict[ThreatModel, Tensor]  #: bool [n] per threat
+    flags: dict[str, set[str]]  #: attack name or "worst_case:<threat>" -> flags
+    plain_records: list[AttackRecord] | None = None  #: before an adaptive rerun (None: no rerun)
+    model_flags: frozenset[str] = frozenset()  #: codes of the model-level checks that fired
+    escalated: dict[ThreatModel, Escalated] = dataclasses.field(default_factory=dict)  #: the ladder, per threat
 
     @property
     def clean_acc(self) -> float:
@@ -159,7 +160,7 @@ def iterations_probe(
     *, points: int = 64, short: int = 10, factor: int = 10,
 ) -> str | None:
     """The more-iterations check on (up to) ``points`` clean-correct points of ``split``: PGD-CE
-    (or the first of :data:`PROBE_ATTACKS` that supports the threat's norm; none: no check) with
+    (or the first of ``PROBE_ATTACKS`` that supports the threat's norm; none: no check) with
     ``short`` and ``factor x short`` steps, against ``reference`` (the per-point robust mask of
     every attack of the threat, e.g. Square included) on the same points."""
     k = min(points, len(split))
@@ -187,6 +188,7 @@ def run_attack(
     attack_model: nn.Module | None = None,
     policy: DevicePolicy | None = None,
     keep_adv: bool = False,
+    task: Task | None = None,
 ) -> AttackRecord:
     """Run ``attack`` on the points where ``attack_mask`` is set; others count as not robust.
 
@@ -195,7 +197,8 @@ def run_attack(
     ``device``) moves the batches, sets the attack's and the judging's autocast, and says whether
     both see the model in chunked passes (:class:`~robustbench_lite.core.device.Chunked`).
     With ``keep_adv`` the record's ``examples`` hold the adversarial images of the attacked
-    points the judge misclassified (on the CPU)."""
+    points the judge misclassified (on the CPU).  ``task`` (a
+    :class:`~robustbench_lite.core.progress.Task`) counts the points as each batch is done."""
     policy = policy if policy is not None else as_policy(device)
     judge = policy.chunked(model)
     seen = judge if attack_model is None else policy.chunked(attack_model)
@@ -205,6 +208,8 @@ def run_attack(
     seconds, grads, fwds, hits = 0.0, 0, 0, 0
     dists: list[Tensor] = []
     kept: list[AdvExamples] = []
+    if task is not None:
+        task.restart(len(idx))
     for i in range(0, len(idx), batch_size):
         sel = idx[i : i + batch_size]
         x, y = policy.batch_to(split.x[sel]), policy.batch_to(split.y[sel])
@@ -225,6 +230,8 @@ def run_attack(
             hits += int((pred == out.target).sum())
         if out.distances is not None:
             dists.append(out.distances.cpu())
+        if task is not None:
+            task.update(len(sel))
     target_rate = hits / len(idx) if attack.targeted and len(idx) else None
     success, median = min_norm_summary(torch.cat(dists)) if attack.min_norm and dists else (None, None)
     examples = (AdvExamples.concat(kept) if kept else AdvExamples.empty(split.x)) if keep_adv else None
@@ -272,6 +279,7 @@ def evaluate(
     surrogate: Callable[[], nn.Module | None] | None = None,
     num_classes: int | None = None,
     adv_sink: AdvSink | None = None,
+    progress: Progress | bool | None = None,
 ) -> Evaluation:
     """Evaluate ``attacks`` on the first ``n`` points of ``split``.
 
@@ -290,10 +298,10 @@ def evaluate(
     ``num_classes`` of them when given); points with NaN or inf outputs count as misclassified
     and raise ``non-finite-outputs``.  Images that are float16 or float64 are evaluated as float32.
 
-    Every cell gets the checks of :mod:`checks` (flags per attack and per worst case).  With
+    Every cell gets the checks of :mod:`~robustbench_lite.eval.flags` (flags per attack and per worst case).  With
     ``adaptive`` (default), when a masking check fires (zero gradients, probability outputs,
     randomized outputs, large eps not reaching 0, black-box beating white-box, more iterations
-    not helping) each gradient attack is rerun through :func:`wrappers.adapt` (BPDA for marked
+    not helping) each gradient attack is rerun through :func:`~robustbench_lite.eval.adaptive.adapt` (BPDA for marked
     layers, EOT with ``eot_samples`` passes, log-probabilities, logit rescaling) on the points it
     left unbroken; its record becomes the per-point worst of both runs and carries an
     ``adapted:...`` flag.  Then each threat's worst case escalates through ``escalation``'s ladder
@@ -303,7 +311,7 @@ def evaluate(
     ``Evaluation.escalated`` holds each step's per-point outcome, and the worst case
     (``worst_case`` and its ``adapted:...`` flag) includes them.  With ``probe_iterations``
     (default) each threat with an iterative gradient attack also gets the more-iterations check
-    (:func:`iterations_probe`, 110 PGD steps on 64 points).
+    (:func:`~robustbench_lite.eval.evasion.iterations_probe`, 110 PGD steps on 64 points).
 
     ``adv_sink`` gets the adversarial examples of every point an attack (its plain run, its
     adaptive rerun) or an escalation step broke, as soon as it is judged and before its stage is
@@ -311,9 +319,14 @@ def evaluate(
 
     ``batch_size`` is a number or a function of the attack (an autotuned choice per attack kind);
     an attack that runs out of CUDA memory is rerun with half the batch (see
-    :func:`autotune.halving_on_oom`).  ``policy`` (default: float32 on ``device``) says where and
-    in which precision the model runs (:class:`device.DevicePolicy`).
+    :func:`~robustbench_lite.core.device.halving_on_oom`).  ``policy`` (default: float32 on ``device``) says where and
+    in which precision the model runs (:class:`~robustbench_lite.DevicePolicy`).
+
+    ``progress`` (a :class:`~robustbench_lite.core.progress.Progress`, or ``True`` for the automatic
+    one) shows each attack's points as its batches finish, and says when and why the adaptive
+    rerun and the ladder start.
     """
+    reporter = Progress.of(progress)
     policy = policy if policy is not None else as_policy(device)
     device = policy.device
     ck: Checkpoint = checkpoint if checkpoint is not None else MemoryCheckpoint()
@@ -331,14 +344,18 @@ def evaluate(
     split = _as_float32(split.head(n))
     model = policy.model_to(model).eval()
 
-    def run(attack: EvasionAttack, mask: Tensor, scope: str, attack_model: nn.Module | None = None) -> AttackRecord:
-        rec, _ = halving_on_oom(
-            lambda b: run_attack(
-                model, attack, split, mask, device=device, batch_size=b, scope=scope, attack_model=attack_model, policy=policy,
-                keep_adv=adv_sink is not None,
-            ),
-            attack_batch(attack),
-        )
+    def run(
+        attack: EvasionAttack, mask: Tensor, scope: str, attack_model: nn.Module | None = None, label: str = ""
+    ) -> AttackRecord:
+        with reporter.task(label or f"{attack.name} {threat_text(attack.threat)}", int(mask.sum())) as task:
+            rec, _ = halving_on_oom(
+                lambda b: run_attack(
+                    model, attack, split, mask, device=device, batch_size=b, scope=scope, attack_model=attack_model,
+                    policy=policy, keep_adv=adv_sink is not None, task=task,
+                ),
+                attack_batch(attack),
+            )
+            task.close(f"{rec.attacked} points attacked, {int(rec.robust.sum())} still robust")
         return rec
 
     # -- clean predictions and the model-level checks ------------------------------------------
@@ -346,15 +363,18 @@ def evaluate(
     if hit is not None and hit[1] is not None:
         correct, found, classes = hit[1], set(hit[0]["flags"]), int(hit[0]["classes"])
     else:
-        correct, finite, classes = clean_predictions(model, split, policy, num_classes=num_classes)
-        correct_split = split.subset(correct.nonzero().flatten())
-        found = model_checks(model, correct_split, device)
-        grad_flag = checks.zero_gradients(input_grad_norms(model, correct_split, device))
-        if grad_flag:
-            found.add(grad_flag)
-        if not finite.all():
-            found.add(checks.NON_FINITE)
-        ck.put("checks", {"flags": sorted(found), "classes": classes}, correct)
+        with reporter.task("clean accuracy and model checks", len(split)) as task:
+            correct, finite, classes = clean_predictions(model, split, policy, num_classes=num_classes)
+            correct_split = split.subset(correct.nonzero().flatten())
+            found = model_checks(model, correct_split, device)
+            grad_flag = checks.zero_gradients(input_grad_norms(model, correct_split, device))
+            if grad_flag:
+                found.add(grad_flag)
+            if not finite.all():
+                found.add(checks.NON_FINITE)
+            ck.put("checks", {"flags": sorted(found), "classes": classes}, correct)
+            task.update(len(split))
+            task.close(f"clean accuracy {float(correct.float().mean()):.3f}, flags: {', '.join(sorted(found)) or 'none'}")
     correct_split = split.subset(correct.nonzero().flatten())
     clean_acc = float(correct.float().mean())
 
@@ -391,10 +411,11 @@ def evaluate(
     done = [r for r in records if r is not None]
     flags = cell_flags(done, found)
     if probe_iterations:
-        _probe_iterations(model, done, correct, correct_split, worst, flags, device, ck)
+        _probe_iterations(model, done, correct, correct_split, worst, flags, device, ck, reporter)
     fired = set(found) | {f for fs in flags.values() for f in fs}
     if not adaptive or not fired & set(MASKING):
         return Evaluation(len(split), correct, done, worst, flags, model_flags=frozenset(found))
+    masking = sorted(fired & set(MASKING))
 
     # -- the adaptive rerun of each gradient attack through wrappers ------------------------------
     wrapped, names = wrappers.adapt(
@@ -407,6 +428,9 @@ def evaluate(
     merged = list(done)
     tag = checks.adapted(names)
     rerun: set[ThreatModel] = set()
+    if names:
+        reporter.note(f"checks fired ({', '.join(masking)}): the gradients may be masked, so the gradient attacks run "
+                      f"again through {', '.join(names)} on the points they left")
     for i in order if names else ():
         rec = merged[i]
         if i in precomputed or rec.robust is None or not rec.attack.needs_grad or not rec.robust.any():
@@ -416,7 +440,8 @@ def evaluate(
         hit = ck.get(stage)
         if hit is None:
             try:
-                again = run(rec.attack, rec.robust, rec.scope, wrapped)
+                again = run(rec.attack, rec.robust, rec.scope, wrapped,
+                            f"adaptive rerun: {rec.attack.name} {threat_text(rec.attack.threat)}")
                 if adv_sink is not None and again.examples is not None:
                     adv_sink.attack(i, rec.attack, again.examples, adaptive=True)
                 hit = ({"error": "", "seconds": again.seconds, "grad_evals": again.grad_evals,
@@ -447,7 +472,9 @@ def evaluate(
             own = set(found) | {f for key, fs in flags.items() if key.endswith(f"@{threat.label}") for f in fs}
             if not own & set(MASKING):
                 continue  # this threat's own checks are quiet (the rerun was for another threat's flags)
-            esc = _escalate(threat, worst[threat], escalation, ck, run, inner, model, lazy, split, classes, adv_sink)
+            why = ", ".join(sorted(own & set(MASKING)))
+            esc = _escalate(threat, worst[threat], escalation, ck, run, inner, model, lazy, split, classes, adv_sink,
+                            reporter, why)
             escalated[threat] = esc
             worst[threat] = worst[threat] & esc.robust
     for threat in worst:
@@ -460,30 +487,58 @@ def evaluate(
 
 
 class _Lazy:
-    """The surrogate, built on first use (training it can take a while) and moved to the device."""
+    """The surrogate, built on first use (training it can take a while) and moved to the device;
+    a failure to build it is kept and raised again at each use (each threat's transfer step
+    records it)."""
 
     def __init__(self, make: Callable[[], nn.Module | None] | None, policy: DevicePolicy) -> None:
         self.make, self.policy, self.built, self.model = make, policy, False, None
+        self.error: Exception | None = None
 
     def get(self) -> nn.Module | None:
         if not self.built:
             self.built = True
-            made = self.make() if self.make is not None else None
+            try:
+                made = self.make() if self.make is not None else None
+            except Exception as exc:
+                self.error = exc
+                raise
             self.model = self.policy.model_to(made).eval() if made is not None else None
+        if self.error is not None:
+            raise self.error
         return self.model
+
+
+def threat_text(threat: ThreatModel) -> str:
+    """A threat as progress lines show it: ``linf 0.1``."""
+    return f"{threat.norm.value} {threat.eps:g}"
 
 
 def _escalate(
     threat: ThreatModel, alive: Tensor, cfg: Escalation, ck: Checkpoint, run: Callable[..., AttackRecord],
     wrapped: nn.Module, model: nn.Module, surrogate: _Lazy, split: DataSplit, num_classes: int,
-    adv_sink: AdvSink | None = None,
+    adv_sink: AdvSink | None = None, reporter: Progress | None = None, why: str = "",
 ) -> Escalated:
     """The ladder on one threat: each step on the points still unbroken, while budget lasts; a
-    step's finds go to ``adv_sink`` (when given) before its stage is checkpointed."""
+    step's finds go to ``adv_sink`` (when given) before its stage is checkpointed; ``reporter``
+    hears what it does and why (``why``: the masking checks that fired)."""
+    reporter = reporter if reporter is not None else Progress.off()
+    where = threat_text(threat)
     steps: list[StepRecord] = []
     robust, spent = alive.clone(), 0.0
+    if robust.any():
+        reporter.note(
+            f"{where}: checks fired ({why}), so the worst case may overstate robustness: escalating on the "
+            f"{int(robust.sum())} unbroken points ({', '.join(cfg.steps)}, up to {cfg.budget:g} gradient evaluations "
+            "per point)"
+        )
     for step in cfg.steps:
-        if not robust.any() or spent + cfg.cost(step) > cfg.budget:
+        if not robust.any():
+            reporter.note(f"{where}: escalation stops: no unbroken point left")
+            break
+        if spent + cfg.cost(step) > cfg.budget:
+            reporter.note(f"{where}: escalation stops before {step}: its {cfg.cost(step):g} gradient evaluations per "
+                          f"point would pass the budget of {cfg.budget:g} ({spent:g} spent)")
             break
         spent += cfg.cost(step)
         stage = f"escalate:{threat.label}:{step}"
@@ -493,8 +548,9 @@ def _escalate(
         else:
             found: list[AttackRecord] = []
 
-            def run_one(a: EvasionAttack, m: Tensor, am: nn.Module | None, found: list = found) -> AttackRecord:
-                one = run(a, m, "survivors", am)
+            def run_one(a: EvasionAttack, m: Tensor, am: nn.Module | None, found: list = found,
+                        step: str = step) -> AttackRecord:
+                one = run(a, m, "survivors", am, f"escalation {step}: {a.name} {where}")
                 found.append(one)
                 return one
 
@@ -509,6 +565,8 @@ def _escalate(
             if adv_sink is not None and kept and not rec.error:
                 adv_sink.escalation(threat, step, [r.attack for r in found], AdvExamples.concat(kept))
             ck.put(stage, rec.as_payload(), rec.robust)
+        outcome = f"skipped ({rec.error.splitlines()[0]})" if rec.error else f"broke {rec.broke} of {rec.attacked} points"
+        reporter.note(f"{where}: escalation {step}: {outcome}")
         steps.append(rec)
         robust = robust & rec.robust
     return Escalated(robust, steps)
@@ -525,6 +583,7 @@ def _as_float32(split: DataSplit) -> DataSplit:
 def _probe_iterations(
     model: nn.Module, records: Sequence[AttackRecord], correct: Tensor, correct_split: DataSplit,
     worst: Mapping[ThreatModel, Tensor], flags: dict[str, set[str]], device: torch.device, ck: Checkpoint,
+    reporter: Progress | None = None,
 ) -> None:
     """Run :func:`iterations_probe` per threat (its outcome is a stage); a flag goes on the
     threat's iterative gradient attacks and its worst case."""
@@ -535,7 +594,10 @@ def _probe_iterations(
         stage = f"probe:{threat.label}"
         hit = ck.get(stage)
         if hit is None:
-            hit = ({"code": iterations_probe(model, correct_split, threat, mask[correct], device)}, None)
+            points = min(64, len(correct_split))
+            with (reporter or Progress.off()).task(f"more-iterations probe {threat_text(threat)}", points) as task:
+                hit = ({"code": iterations_probe(model, correct_split, threat, mask[correct], device)}, None)
+                task.update(points)
             ck.put(stage, *hit)
         code = hit[0]["code"]
         if code is None:

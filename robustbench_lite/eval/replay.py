@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from ..core.data import DataSplit
-from ..core.device import DevicePolicy, as_policy
+from ..core.device import DevicePolicy, as_policy, layout_kept
 from .adversarial import SavedExamples
 
 RANGE_TOL = 1e-5  # the attacks' output check: pixels in [-tol, 1 + tol]
@@ -76,14 +76,21 @@ def replay(
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     policy = policy if policy is not None else as_policy("cpu")
-    ex, threat = saved.examples, saved.threat
+    ex = saved.examples
     if len(ex) and int(ex.index.max()) >= len(points):
         raise ValueError(f"{saved.path.name} refers to test point {int(ex.index.max())} but the data has {len(points)}; "
                          "pass the data the examples were made from")
     if len(ex) and tuple(ex.x_adv.shape[1:]) != tuple(points.x.shape[1:]):
         raise ValueError(f"{saved.path.name} holds images of shape {tuple(ex.x_adv.shape[1:])} but the data's are "
                          f"{tuple(points.x.shape[1:])}; pass the data the examples were made from")
-    model = policy.model_to(model).eval()
+    with layout_kept(model):  # the caller's model comes back in its layout (still savable)
+        return _judge(saved, policy.model_to(model).eval(), points, policy, same_model=same_model, batch_size=batch_size)
+
+
+def _judge(
+    saved: SavedExamples, model: nn.Module, points: DataSplit, policy: DevicePolicy, *, same_model: bool, batch_size: int,
+) -> ReplayResult:
+    ex, threat = saved.examples, saved.threat
     outside_ball = outside_range = wrong_label = wrong = clean_ok = fooled_ok = 0
     bad: list[Tensor] = []
     for i in range(0, len(ex), batch_size):

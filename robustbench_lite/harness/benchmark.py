@@ -22,6 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..core.progress import Progress
 from ..core.threat import Norm, ThreatModel
 from .kinds.evasion import worst_case_key
 from .plan import Plan
@@ -53,7 +54,7 @@ def benchmark(
     normalize: tuple[Sequence[float], Sequence[float]] | None = None,
     workdir: str | Path | None = None,
     autocast: str = "auto",
-    progress: bool = False,
+    progress: bool | Progress = True,
     save_adv: str | Path | None = None,
 ) -> tuple[float, float]:
     """Clean accuracy and worst-case robust accuracy of ``model`` on the first ``n_examples``
@@ -64,7 +65,9 @@ def benchmark(
     ``normalize=(mean, std)`` puts the model's input normalization in front of it; ``model_name``
     names the row (default ``user-weights``); ``workdir`` keeps the rows and resumes; ``save_adv``
     names a folder for each attack's adversarial examples (safetensors with the points' indices,
-    the threat and the attack's settings: ``robustbench-lite replay`` re-judges them)."""
+    the threat and the attack's settings: ``robustbench-lite replay`` re-judges them).  ``progress``
+    shows bars on a terminal and INFO lines on the ``robustbench_lite.progress`` logger elsewhere
+    (``False``: neither; or a :class:`~robustbench_lite.core.progress.Progress`)."""
     if isinstance(n_examples, bool) or not isinstance(n_examples, int) or n_examples < 1:
         raise ValueError(f"n_examples must be a positive int, got {n_examples!r}")
     if isinstance(threat_model, str) and threat_model.strip().lower() == "corruptions":

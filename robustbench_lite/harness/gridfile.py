@@ -144,7 +144,7 @@ def load_grid(path: str | Path, *, data_root: str | Path | None = None, trust_pi
     if not path.is_file():
         raise FileNotFoundError(f"config file {str(path)!r} not found")
     try:
-        doc = toml_loads(path.read_text(encoding="utf-8"))
+        doc = toml_loads(path.read_text(encoding="utf-8-sig"))  # a byte-order mark (Windows editors) is not TOML: drop it
     except UnicodeDecodeError:
         raise GridError(f"{path.name}: not a UTF-8 text file; write the config as TOML text") from None
     except ValueError as exc:  # tomllib.TOMLDecodeError
@@ -375,7 +375,8 @@ class _Reader:
             except KeyError as exc:
                 raise self.fail(at, str(exc.args[0] if exc.args else exc)) from None
             except (ValueError, TypeError) as exc:
-                raise self.fail(at, f"{spec.name}: {exc}") from None
+                text = str(exc)  # the settings checks name their owner already
+                raise self.fail(at, text if text.startswith(f"{spec.name}:") else f"{spec.name}: {text}") from None
             out.append(spec)
         if not out:
             raise self.fail(where, 'is empty; list attacks, e.g. ["fgsm", "pgd"]')

@@ -18,6 +18,8 @@ Rows stored before identities were recorded have empty fields.  They take the id
 row of the same trained model (same ``model_key``), else of the only model stored under their
 names, else (an old store that mixed models under one name) their trained model's cache key
 (labelled ``small-cnn#0fc617ac``), else one identity per display names, as every row had before.
+An old row without a cache key records a model whose training failed: it is kept apart from the
+trained model of its names (``small-cnn#untrained``), whose row must not take its error flags.
 A rerun of their grid on the workdir stores their full identity
 (:func:`~robustbench_lite.harness.run.run_plan`).
 """
@@ -36,6 +38,7 @@ from .rows import CellResult
 
 LEGACY = "names:"  # prefix of the model_id of an old row known only by its display names
 KEYED = "key:"  # prefix of the model_id of old rows known by their trained model's cache key
+UNTRAINED = "untrained:"  # prefix of the model_id of old rows of a model whose training failed
 _DATA_DEFAULTS = {"train_limit": None, "val_fraction": 0.0}  # not shown at these values
 _ABSENT = "\0absent"
 _HEX = re.compile(r"([0-9a-f]{8})[0-9a-f]{8,}")
@@ -81,6 +84,8 @@ def _resolved(rows: list[CellResult]) -> list[CellResult]:
         if not r.model_id:
             names = (r.dataset, r.model, r.defense)
             hit = by_key.get((r.dataset, r.model_key)) if r.model_key else None
+            if hit is None and not r.model_key:  # no model was trained: never another model's row
+                hit = (UNTRAINED + config_hash(list(names)), "")
             if hit is None:
                 shared = {KEYED + k: "" for k, n in old_keys.get(names, {}).items() if n > 1}
                 candidates = {**known.get(names, {}), **shared}
@@ -161,6 +166,8 @@ def _bucket_labels(model: str, defense: str, facts: dict[str, _Facts | None]) ->
 def _short_id(model_id: str) -> str:
     if model_id.startswith(LEGACY):
         return "legacy"
+    if model_id.startswith(UNTRAINED):
+        return "untrained"
     return model_id.removeprefix(KEYED)[:8]
 
 

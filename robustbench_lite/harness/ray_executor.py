@@ -55,10 +55,11 @@ class RayExecutor:
         return {"num_cpus": 1}
 
     def run(
-        self, tasks: Sequence[GroupTask], ctx: RunContext, on_row: OnRow | None = None, sink: Sink | None = None
+        self, tasks: Sequence[GroupTask], ctx: RunContext, on_row: OnRow | None = None, sink: Sink | None = None,
+        progress: Any = None,
     ) -> Iterator[tuple[GroupTask, list[Row]]]:
-        """Submit every group, then yield each one's rows as it finishes (``on_row`` and ``sink``
-        are not used: rows arrive per group)."""
+        """Submit every group, then yield each one's rows as it finishes (``on_row``, ``sink`` and
+        ``progress`` are not used: rows arrive per group, and the driver counts their cells)."""
         if not tasks:
             return
         ray = _import_ray()

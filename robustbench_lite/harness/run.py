@@ -12,8 +12,12 @@ SQLite store, so resume works the same under every executor: finished cells (sta
 skipped, a cell that raises is stored as an error and the run goes on.
 
 The driver claims each group in the store (a lease) before running it, so two runs on one
-workdir never compute the same group: the second one waits for the first and then skips what it
-finished (or takes over the lease of a run that died).
+workdir never compute the same group: the second one says once that it waits for the first, shows
+how far the first has got with those groups, and then skips what it finished (or takes over the
+lease of a run that died).
+
+Progress (:mod:`~robustbench_lite.core.progress`): a bar over the plan's pending cells, and the
+kinds' own tasks (each attack's points, curves, verification, training) labelled with their group.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ from torch import Tensor
 from .. import __version__
 from ..core.data import Data
 from ..core.device import make_policy
+from ..core.progress import Progress, Task
 from ..core.registry import load_plugin_file
 from ..training.cache import ModelCache, train_or_load
 from . import faults
@@ -53,7 +58,7 @@ class RunSummary:
     skipped: int = 0  # attack cells found finished in the store (by an earlier run, or a concurrent one)
     errors: int = 0  # attack cells that raised in this run
     computed_keys: list[str] = field(default_factory=list)
-    waited: int = 0  # groups this run found claimed by another live run and waited for
+    waited: int = 0  # groups this run found claimed by another live run and waited for (each counted once)
 
 
 @dataclass(frozen=True)
@@ -92,10 +97,13 @@ def group_prefix(cells: Sequence[Cell]) -> str:
 
 class Executor(Protocol):
     """Runs groups and yields ``(task, rows)`` as each finishes (in any order).  ``sink``, when
-    the executor can use it, stores rows and stages as they are measured."""
+    the executor can use it, stores rows and stages as they are measured; ``progress``, when it
+    runs groups in this process, is where their kinds report (else the driver counts the cells of
+    each group as its rows arrive)."""
 
     def run(
-        self, tasks: Sequence[GroupTask], ctx: RunContext, on_row: OnRow | None = None, sink: Sink | None = None
+        self, tasks: Sequence[GroupTask], ctx: RunContext, on_row: OnRow | None = None, sink: Sink | None = None,
+        progress: Progress | None = None,
     ) -> Iterator[tuple[GroupTask, list[Row]]]:
         ...
 
@@ -123,14 +131,16 @@ class LocalExecutor:
     parallel = False  # one group at a time: the driver claims each just before it runs
 
     def __init__(self) -> None:
-        self._datasets: dict[DataSpec, Data] = {}
+        self.datasets: dict[DataSpec, Data] = {}  # loaded once per run (the driver's model checks fill it)
 
     def run(
-        self, tasks: Sequence[GroupTask], ctx: RunContext, on_row: OnRow | None = None, sink: Sink | None = None
+        self, tasks: Sequence[GroupTask], ctx: RunContext, on_row: OnRow | None = None, sink: Sink | None = None,
+        progress: Progress | None = None,
     ) -> Iterator[tuple[GroupTask, list[Row]]]:
         for task in tasks:
             yield task, run_group(
-                task.cells, ctx, task.done, on_row=on_row, datasets=self._datasets, stages=task.stages, sink=sink
+                task.cells, ctx, task.done, on_row=on_row, datasets=self.datasets, stages=task.stages, sink=sink,
+                progress=progress,
             )
 
 
@@ -154,7 +164,7 @@ def run_plan(
     device: str = "auto",
     data_root: str | Path | None = None,
     batch_size: int | str = 500,
-    progress: bool = True,
+    progress: bool | Progress = True,
     autocast: str = "auto",
     autocast_eval: bool = False,
     executor: Executor | None = None,
@@ -162,7 +172,8 @@ def run_plan(
     save_adv: str | Path | None = None,
 ) -> RunSummary:
     """Run every pending cell of ``plan`` with ``executor`` (default :class:`LocalExecutor`);
-    results go to ``workdir/store.sqlite``, written here only.
+    results go to ``workdir/store.sqlite``, written here only.  ``progress``: ``True`` (bars on a
+    terminal, log lines elsewhere), ``False``, or a :class:`~robustbench_lite.core.progress.Progress`.
 
     ``save_adv`` names a folder for the adversarial examples of the evasion cells computed in this
     run (:mod:`~robustbench_lite.harness.advsave`; a Ray worker writes there too, so on a cluster
@@ -171,52 +182,133 @@ def run_plan(
     if not (batch_size == "auto" or (isinstance(batch_size, int) and batch_size >= 1)):
         raise ValueError(f"batch_size must be a positive int or 'auto', got {batch_size!r}")
     make_policy(device, autocast, autocast_eval)  # bad flags fail here, before any work
+    if not str(workdir).strip():
+        raise ValueError("the workdir is empty; give a folder for the store and the model cache (default .rbl)")
+    reporter = Progress.of(progress)
     workdir = Path(workdir).resolve()
     save_dir = None if save_adv is None else str(check_save_dir(save_adv))
     ctx = RunContext(
         workdir=str(workdir), device=str(device), autocast=autocast, autocast_eval=autocast_eval,
         data_root=None if data_root is None else str(Path(data_root).resolve()), batch_size=batch_size,
-        progress=progress, plugins=tuple(str(Path(p).resolve()) for p in plugins), threads=torch.get_num_threads(),
+        progress=bool(reporter), plugins=tuple(str(Path(p).resolve()) for p in plugins), threads=torch.get_num_threads(),
         save_adv=save_dir,
     )
     executor = executor if executor is not None else LocalExecutor()
     summary = RunSummary()
     ModelCache(workdir / "models").clean_stale()
     with Store(workdir / "store.sqlite") as store:
-        pending = [GroupTask(tuple(cells), {}) for cells in plan.groups().values()]
-        while pending:
-            waiting, claimed = [], []
-            for task in pending:
-                task = _refreshed(task, store)
-                if len(task.done) == len(task.cells):  # finished (by an earlier run, or the one we waited for)
-                    _store_identities(task, store)
+        pending = [_refreshed(GroupTask(tuple(cells), {}), store) for cells in plan.groups().values()]
+        cells = reporter.cells(c.key for t in pending for c in t.cells if c.key not in t.done)
+        wait = _Wait(reporter, store)
+        _check_models([t for t in pending if len(t.done) < len(t.cells)], ctx, getattr(executor, "datasets", {}))
+        try:
+            while pending:
+                waiting, claimed = [], []
+                for task in pending:
+                    task = _refreshed(task, store)
+                    if len(task.done) == len(task.cells):  # finished (by an earlier run, or the one we waited for)
+                        _store_identities(task, store)
+                        wait.resolved(task)
+                        summary.skipped += len(task.done)
+                        for c in task.cells:
+                            reporter.cell_done(c.key)
+                        settle(task.cells, store, _labels_of(task.cells[0].data, ctx))
+                        if save_dir is not None:
+                            for name, part in _by_kind(task.cells):
+                                kind(name).check_saved(part, save_dir)
+                        continue
+                    if not store.claim(group_prefix(task.cells)):
+                        waiting.append(task)
+                        continue
+                    task = _refreshed(task, store)  # what the store holds now that the group is ours
+                    task = _store_identities(task, store)
+                    wait.resolved(task)
                     summary.skipped += len(task.done)
-                    settle(task.cells, store, _labels_of(task.cells[0].data, ctx))
-                    if save_dir is not None:
-                        for name, part in _by_kind(task.cells):
-                            kind(name).check_saved(part, save_dir)
-                    continue
-                if not store.claim(group_prefix(task.cells)):
-                    waiting.append(task)
-                    continue
-                task = _refreshed(task, store)  # what the store holds now that the group is ours
-                task = _store_identities(task, store)
-                summary.skipped += len(task.done)
-                claimed.append(task)
-                if not getattr(executor, "parallel", True):
-                    _run_tasks(executor, [task], ctx, store, summary)
-                    claimed = []
-            if claimed:
-                _run_tasks(executor, claimed, ctx, store, summary)
-            if waiting:
-                summary.waited += len(waiting)
-                log.warning(
-                    "%d group(s) are being computed by another run on this workdir (%s); waiting for it",
-                    len(waiting), store.holder_of(group_prefix(waiting[0].cells)) or "finishing",
-                )
-                time.sleep(WAIT_POLL_SECONDS)
-            pending = waiting
+                    for key in task.done:
+                        reporter.cell_done(key)
+                    claimed.append(task)
+                    if not getattr(executor, "parallel", True):
+                        _run_tasks(executor, [task], ctx, store, summary, reporter)
+                        claimed = []
+                if claimed:
+                    _run_tasks(executor, claimed, ctx, store, summary, reporter)
+                wait.update(waiting, summary)
+                if waiting:
+                    time.sleep(WAIT_POLL_SECONDS)
+                pending = waiting
+        finally:
+            wait.close()
+            cells.close()
     return summary
+
+
+def _check_models(tasks: Sequence[GroupTask], ctx: RunContext, datasets: dict[DataSpec, Data]) -> None:
+    """Build each pending group's model for its data once (on the meta device where it can be),
+    so bad model kwargs fail before any training (:meth:`ModelSpec.check`).  Data that does not
+    load is left to its groups, which record why."""
+    seen: set[tuple] = set()
+    for task in tasks:
+        first = task.cells[0]
+        key = (first.data, first.model.name, repr(sorted(first.model.kwargs.items())))
+        if key in seen:
+            continue
+        seen.add(key)
+        if first.data not in datasets:
+            try:
+                datasets[first.data] = first.data.load(ctx.data_root)
+            except Exception:  # noqa: BLE001 - the group records the failure with its cells
+                continue
+        check = getattr(first.model, "check", None)
+        if check is not None:
+            check(datasets[first.data])
+
+
+class _Wait:
+    """Groups another run holds: said once (who holds them), then a task over their cells that
+    advances as the other run stores them, ended (with how many it stored) when no group is
+    waited for any more."""
+
+    def __init__(self, reporter: Progress, store: Store) -> None:
+        self.reporter, self.store = reporter, store
+        self.groups: dict[str, tuple[int, int]] = {}  # prefix -> (cells, of them stored by the other run)
+        self.task: Task | None = None
+        self.said = False
+        self.ever: set[str] = set()  # every group waited for in this run (the summary counts each once)
+
+    def resolved(self, task: GroupTask) -> None:
+        """A group no longer waited for (finished by the other run, or now ours): what it stored."""
+        prefix = group_prefix(task.cells)
+        if prefix in self.groups:
+            self.groups[prefix] = (len(task.cells), len(task.done))
+
+    def update(self, waiting: Sequence[GroupTask], summary: RunSummary) -> None:
+        now = {group_prefix(t.cells): (len(t.cells), len(t.done)) for t in waiting}
+        new = [p for p in now if p not in self.groups]
+        summary.waited += len(set(new) - self.ever)
+        self.ever.update(new)
+        self.groups.update(now)
+        if new and not self.said:
+            self.said = True
+            holder = self.store.holder_of(new[0]) or "a run that is finishing"
+            log.warning(
+                "%d group(s) of this plan are being computed by another run on this workdir (%s); waiting for it, "
+                "then skipping what it finished", len(new), holder,
+            )
+        if new and self.task is None:
+            self.task = self.reporter.task("waiting for another run on this workdir", 0, unit="cell")
+        if self.task is not None:
+            if new:
+                self.task.restart(sum(t for t, _ in self.groups.values()))
+            self.task.advance_to(sum(d for _, d in self.groups.values()))
+            if not waiting:
+                self.close()
+
+    def close(self) -> None:
+        if self.task is not None:
+            total = sum(t for t, _ in self.groups.values())
+            self.task.close(f"{self.task.done} of {total} cells stored by the other run")
+            self.task = None
+            self.groups = {}
 
 
 def _refreshed(task: GroupTask, store: Store) -> GroupTask:
@@ -243,11 +335,15 @@ def _store_identities(task: GroupTask, store: Store) -> GroupTask:
     return GroupTask(task.cells, {**task.done, **stale}, task.stages)
 
 
-def _run_tasks(executor: Executor, tasks: list[GroupTask], ctx: RunContext, store: Store, summary: RunSummary) -> None:
+def _run_tasks(
+    executor: Executor, tasks: list[GroupTask], ctx: RunContext, store: Store, summary: RunSummary, reporter: Progress,
+) -> None:
     """Run claimed groups, store their rows (one transaction per group) and release them."""
     sink = StoreSink(store)
     try:
-        for task, rows in executor.run(tasks, ctx, on_row=sink.row, sink=sink):
+        for task, rows in executor.run(tasks, ctx, on_row=sink.row, sink=sink, progress=reporter):
+            for row, _ in rows:
+                reporter.cell_done(row.key)
             complete = _complete(task, rows)
             store.put_many(rows, drop_stages=group_prefix(task.cells) if complete else None)
             faults.point("group-stored")
@@ -298,6 +394,7 @@ def run_group(
     datasets: dict[DataSpec, Data] | None = None,
     stages: Mapping[str, Stage] | None = None,
     sink: Sink | None = None,
+    progress: Progress | None = None,
 ) -> list[Row]:
     """The one per-group function every executor calls: train or load the group's model once
     (through the model cache under ``ctx.workdir``), then let each cell kind run its cells (in the
@@ -306,8 +403,12 @@ def run_group(
     ``done`` maps finished cells' keys to their stored rows (a kind reuses them instead of
     rerunning, e.g. the evasion worst case folds in their masks); ``stages`` holds what a killed
     evaluation of the group stored; ``sink`` (else ``on_row`` for rows only) sees each row and
-    stage as it is measured.  Does not open the store."""
+    stage as it is measured; ``progress`` (default: from ``ctx.progress``) hears the kinds' work,
+    labelled with the group's model and defense.  Does not open the store."""
     done = dict(done or {})
+    reporter = (progress if progress is not None else Progress.of(ctx.progress)).child(
+        f"{cells[0].model.name}/{cells[0].defense.name}"
+    )
     emit: OnRow = sink.row if sink is not None else on_row if on_row is not None else (lambda row, mask: None)
     first = cells[0]
     if ctx.threads is not None and torch.get_num_threads() != ctx.threads:
@@ -324,14 +425,14 @@ def run_group(
         data = datasets[first.data]
         _warn_short_test(cells, data)
         cache = ModelCache(Path(ctx.workdir) / "models")
-        trained = train_or_load(first.model, first.defense.build(), data, cache, policy=policy, progress=ctx.progress)
+        trained = train_or_load(first.model, first.defense.build(), data, cache, policy=policy, progress=reporter)
     except Exception as exc:  # no model: every pending cell of the group records why
         log.error("training %s/%s failed: %s: %s", first.model.name, first.defense.name, type(exc).__name__, _first_line(exc))
         log.debug("the traceback", exc_info=True)
         return [(error_row(c, f"training failed: {type(exc).__name__}: {exc}", code_version()), None) for c in cells if c.key not in done]
     group = Group(
         trained, data, policy, cache, ctx.workdir, ctx.batch_size, code_version(), done, emit,
-        stages=dict(stages or {}), sink=sink, prefix=group_prefix(cells), save_adv=ctx.save_adv,
+        stages=dict(stages or {}), sink=sink, prefix=group_prefix(cells), save_adv=ctx.save_adv, progress=reporter,
     )
     rows: list[Row] = []
     for name, part in sorted(_by_kind(cells), key=lambda item: kind(item[0]).order):

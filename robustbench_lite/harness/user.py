@@ -17,7 +17,9 @@ model cannot take, labels outside its classes), so a bad input fails at once wit
 from __future__ import annotations
 
 import copy
+import logging
 import re
+import warnings
 from dataclasses import dataclass, field
 from fractions import Fraction
 from pathlib import Path
@@ -43,6 +45,8 @@ from ..training.weights import UserWeights, file_sha256, read_checkpoint, state_
 from .attack_sets import attack_specs
 from .plan import Cell
 from .specs import AttackSpec, DataSpec, DefenseSpec
+
+log = logging.getLogger(__name__)
 
 
 # -- specs ------------------------------------------------------------------------------------------
@@ -86,6 +90,9 @@ class UserModelSpec(ModelSpec):
                                       self.kwargs, self.normalize)
         model = model.cpu().float()
         return NormalizedModel(model, *self.normalize) if self.normalize is not None else model
+
+    def check(self, data: Data) -> None:
+        """Nothing: :func:`prepare` built, loaded and checked the model already."""
 
     def as_dict(self) -> dict[str, Any]:
         return {"name": self.name, "kwargs": dict(self.kwargs), "num_classes": self.num_classes,
@@ -137,6 +144,12 @@ def parse_curve(text: str) -> tuple[Norm, tuple[float, ...]]:
         raise ValueError(f"--eps-curve COUNT must be a whole number, got {parts[3]!r}") from None
     if count < 2 or not 0 <= start < stop:
         raise ValueError(f"--eps-curve {text!r}: need 0 <= START < STOP and COUNT >= 2")
+    from .kinds.curve import MAX_POINTS
+
+    most = MAX_POINTS + (1 if start == 0 else 0)  # eps 0 is the clean accuracy, not an attacked eps
+    if count > most:
+        raise ValueError(f"--eps-curve {text!r}: COUNT is at most {most} ({MAX_POINTS} attacked eps"
+                         f"{' plus eps 0' if start == 0 else ''}), got {count}; space the eps wider")
     grid = tuple(float(v) for v in torch.linspace(start, stop, count, dtype=torch.float64).tolist())
     positive = tuple(e for e in grid if e > 0)
     for e in positive:
@@ -212,6 +225,10 @@ def prepare(data: Data, *, arch: str | None = None, weights: str | Path | None =
     if module is not None:
         if not isinstance(module, nn.Module):
             raise TypeError(f"model must be a torch.nn.Module returning logits, got {type(module).__name__}")
+        empty = [k for k, t in [*module.named_parameters(), *module.named_buffers()] if t.is_meta]
+        if empty:
+            raise ValueError(f"the model's tensors are on the meta device (shapes without values, e.g. {empty[0]}); load "
+                             "its weights first: model.to_empty(device='cpu') then model.load_state_dict(...)")
         digest = state_fingerprint(module)
         spec = UserModelSpec(type(module).__name__, num_classes=k, normalize=norm, source=f"module:{digest}", module=module)
         wspec = UserWeightsSpec(name or "user-weights", {"sha256": digest})
@@ -219,6 +236,11 @@ def prepare(data: Data, *, arch: str | None = None, weights: str | Path | None =
         if weights is None:
             raise ValueError("a user model needs its weights: pass --weights model.safetensors (or .pt)")
         wpath = Path(weights)
+        if wpath.is_dir():
+            inside = sorted(p.name for p in wpath.iterdir() if p.suffix.lower() in (".safetensors", ".pt", ".pth"))
+            hint = f" (it holds {', '.join(inside[:3])})" if inside else ""
+            raise ValueError(f"weights {str(wpath)!r} is a folder; pass the checkpoint file inside it{hint}: "
+                             ".safetensors, or a .pt/.pth state dict")
         if not wpath.is_file():
             raise FileNotFoundError(f"weights file {str(wpath)!r} not found")
         sha = file_sha256(wpath)
@@ -238,9 +260,13 @@ def prepare(data: Data, *, arch: str | None = None, weights: str | Path | None =
                                  source=file_digest(path), arch=f"{path.resolve()}:{fn}")
         else:
             spec = UserModelSpec(arch, dict(kwargs or {}), num_classes=k, normalize=norm, source="registry")
-    model = spec.build(data)
-    wspec.build().fit(model, data)
-    check_on_data(model, data)
+    with warnings.catch_warnings(record=True) as caught:  # e.g. torch on a layer that came out empty: the
+        warnings.simplefilter("always")                   # error below names the cause, the warning would leak
+        model = spec.build(data)
+        wspec.build().fit(model, data)
+        check_on_data(model, data)
+    for w in caught:
+        log.debug("while preparing the model: %s", w.message)
     return spec, wspec, model
 
 

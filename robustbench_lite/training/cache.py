@@ -32,6 +32,7 @@ from ..core.config import config_hash
 from ..core.data import Data
 from ..core.device import DevicePolicy, as_policy
 from ..core.models import ModelSpec, accuracy, check_logits
+from ..core.progress import Progress
 from .defense import Defense
 
 log = logging.getLogger(__name__)
@@ -141,7 +142,7 @@ class ModelCache:
 
     def clean_stale(self) -> list[Path]:
         """Remove temporary files that a killed save left (``.KEY.PID.safetensors/.json``): their
-        process is gone, or they are older than :data:`STALE_SECONDS`.  Returns what it removed."""
+        process is gone, or they are older than ``STALE_SECONDS`` (6 hours).  Returns what it removed."""
         if self.root is None or not self.root.is_dir():
             return []
         removed = []
@@ -226,7 +227,7 @@ def train_or_load(
     cache: ModelCache,
     *,
     device: torch.device | str = "cpu",
-    progress: bool = True,
+    progress: bool | Progress = True,
     policy: DevicePolicy | None = None,
 ) -> TrainedModel:
     """Return the model trained by ``defense`` on ``data``, from the cache when it is there.

@@ -15,12 +15,12 @@ from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
-from ..core.config import Plugin, setting
+from ..core.config import MAX_SEED, Plugin, setting
 from ..core.data import Data
 from ..core.device import DevicePolicy, as_policy
 from ..core.models import accuracy
+from ..core.progress import Progress
 
 
 @dataclass
@@ -30,8 +30,8 @@ class TrainState:
     epoch: int = 0
     step: int = 0
     extra: dict[str, Any] = field(default_factory=dict)
-    gen: torch.Generator | None = None  # seeded; the randomness of a loss (random starts, ELLE's samples)
-    metrics: dict[str, float] = field(default_factory=dict)  # set by a loss; merged into the epoch record
+    gen: torch.Generator | None = None  #: seeded; the randomness of a loss (random starts, ELLE's samples)
+    metrics: dict[str, float] = field(default_factory=dict)  #: set by a loss; merged into the epoch record
 
 
 @dataclass(frozen=True)
@@ -64,7 +64,7 @@ class TrainLog:
 class Defense(Plugin):
     """Training settings shared by every defense."""
 
-    epochs: int = setting(5, low=1)
+    epochs: int = setting(5, low=1, high=10_000)
     batch_size: int = setting(128, low=1)
     optimizer: str = setting("adam", choices=("adam", "sgd"))
     lr: float = setting(1e-3, low=0.0, low_open=True)
@@ -72,8 +72,8 @@ class Defense(Plugin):
     weight_decay: float = setting(0.0, low=0.0)
     schedule: str = setting("cosine", choices=("constant", "cosine", "cyclic"))
     grad_clip: float = setting(0.0, low=0.0)
-    seed: int = setting(0, low=0)
-    monitor_eps: float = setting(0.0, low=0.0, high=1.0)  # > 0: PGD accuracy on held-out points per epoch
+    seed: int = setting(0, low=0, high=MAX_SEED)
+    monitor_eps: float = setting(0.0, low=0.0, high=1.0)  #: > 0: PGD accuracy on held-out points per epoch
     monitor_points: int = setting(500, low=1)
     monitor_steps: int = setting(10, low=1)
 
@@ -118,10 +118,11 @@ class Defense(Plugin):
 
     # -- the loop -------------------------------------------------------------------------------
     def fit(
-        self, model: nn.Module, data: Data, *, device: torch.device | str = "cpu", progress: bool = True,
+        self, model: nn.Module, data: Data, *, device: torch.device | str = "cpu", progress: bool | Progress = True,
         policy: DevicePolicy | None = None,
     ) -> TrainLog:
-        """Train ``model`` in place on ``data.train``; return the per-epoch log.
+        """Train ``model`` in place on ``data.train``; return the per-epoch log.  ``progress``
+        (``True``, ``False`` or a :class:`~robustbench_lite.core.progress.Progress`) shows the steps.
 
         ``policy`` (default: float32 on ``device``) says where the model and batches go and how:
         autocast for the losses, a loss scaler for fp16, cudnn.benchmark, pinned copies."""
@@ -144,7 +145,9 @@ class Defense(Plugin):
         state = TrainState(gen=torch.Generator().manual_seed(self.seed + 1))
         records: list[EpochRecord] = []
         start = time.perf_counter()
-        bar = tqdm(total=total_steps, desc=f"train {self.name}", disable=not progress, leave=False)
+        bar = Progress.of(progress).task(
+            f"train {self.name} ({self.epochs} epochs on {n} images)", total_steps, unit="step"
+        )
         scaler = policy.grad_scaler()
         try:
             with policy.training():
@@ -181,9 +184,11 @@ class Defense(Plugin):
                     metrics = {**state.metrics, **self.epoch_metrics(model, data, device)}
                     state.metrics.clear()
                     records.append(EpochRecord(epoch, total / max(count, 1), val_acc, time.perf_counter() - t0, metrics))
-                    bar.set_postfix(loss=f"{total / max(count, 1):.3f}", val=f"{val_acc:.3f}" if val_acc is not None else "-")
-        finally:
-            bar.close()
+                    bar.describe(f"loss {total / max(count, 1):.3f}" + (f", val {val_acc:.3f}" if val_acc is not None else ""))
+        except BaseException:
+            bar.close(ok=False)
+            raise
+        bar.close(f"{self.epochs} epochs, loss {records[-1].train_loss:.3f}" if records else None)
         model.eval()
         return TrainLog(records, time.perf_counter() - start)
 

@@ -130,8 +130,9 @@ def _short(items: list[str], limit: int = 5) -> str:
 
 
 def fit_state(model: nn.Module, state: dict[str, Tensor], *, what: str, num_classes: int | None = None,
-              channels: int | None = None) -> None:
-    """Load ``state`` into ``model`` (strict); a mismatch raises :class:`WeightsMismatch`."""
+              channels: int | None = None, input_shape: tuple[int, int, int] | None = None) -> None:
+    """Load ``state`` into ``model`` (strict); a mismatch raises :class:`WeightsMismatch` (naming
+    the images the model was built for, when ``input_shape`` is given)."""
     own = model.state_dict()
     missing = [k for k in own if k not in state]
     unexpected = [k for k in state if k not in own]
@@ -144,11 +145,29 @@ def fit_state(model: nn.Module, state: dict[str, Tensor], *, what: str, num_clas
             parts.append(f"unexpected keys {_short(unexpected)}")
         if shaped:
             parts.append("mis-shaped keys " + _short([f"{k}: file {a} vs model {b}" for k, a, b in shaped]))
-        hint = _hint(shaped, num_classes, channels) or (
+        hint = _size_hint(shaped, input_shape) or _hint(shaped, num_classes, channels) or (
             "check --model (the architecture and its settings) against the network that saved the weights"
         )
-        raise WeightsMismatch(f"{what} does not fit the model: {'; '.join(parts)}. Fix: {hint}")
+        built = ""
+        if input_shape is not None:
+            c, h, w = input_shape
+            built = f" (built for {h}x{w}-pixel images with {c} channel{'s' if c != 1 else ''}" + (
+                f" and {num_classes} classes)" if num_classes is not None else ")")
+        raise WeightsMismatch(f"{what} does not fit the model{built}: {'; '.join(parts)}. Fix: {hint}")
     model.load_state_dict(state, strict=True)
+
+
+def _size_hint(shaped: list[tuple[str, tuple, tuple]], input_shape: tuple[int, int, int] | None) -> str:
+    """A layer with no elements in the model but some in the file: the images are too small for
+    the architecture (its flattened features shrank to nothing)."""
+    if input_shape is None:
+        return ""
+    for _, file_shape, model_shape in shaped:
+        if 0 in model_shape and 0 not in file_shape:
+            _, h, w = input_shape
+            return (f"the data's {h}x{w}-pixel images are too small for this architecture (a layer came out empty); "
+                    "use the image size the model was trained on")
+    return ""
 
 
 def _hint(shaped: list[tuple[str, tuple, tuple]], num_classes: int | None, channels: int | None) -> str:
@@ -170,12 +189,13 @@ def inner_model(model: nn.Module) -> nn.Module:
 
 
 def load_weights(model: nn.Module, path: str | Path, *, trust_pickle: bool = False, num_classes: int | None = None,
-                 channels: int | None = None) -> None:
+                 channels: int | None = None, input_shape: tuple[int, int, int] | None = None) -> None:
     """Read ``path`` and load it into ``model`` (into the network inside a normalizing wrapper)."""
     path = Path(path)
     loaded = read_checkpoint(path, trust_pickle=trust_pickle)
     state = loaded.state_dict() if isinstance(loaded, nn.Module) else loaded
-    fit_state(inner_model(model), state, what=f"weights {path.name}", num_classes=num_classes, channels=channels)
+    fit_state(inner_model(model), state, what=f"weights {path.name}", num_classes=num_classes, channels=channels,
+              input_shape=input_shape)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -206,6 +226,6 @@ class UserWeights(Defense):
             if self.sha256 and file_sha256(self.path) != self.sha256:
                 raise ValueError(f"weights {self.path} changed since the run was planned; rerun the command")
             load_weights(model, self.path, trust_pickle=self.trust_pickle, num_classes=data.num_classes,
-                         channels=data.input_shape[0])
+                         channels=data.input_shape[0], input_shape=data.input_shape)
         model.eval()
         return TrainLog([], time.perf_counter() - start)

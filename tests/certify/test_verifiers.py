@@ -229,14 +229,18 @@ def test_crown_is_tighter_than_ibp_and_alpha_crown_than_crown_on_a_natural_netwo
 
 
 def test_an_unsupported_layer_is_refused_naming_it_and_what_is_supported():
-    torch.manual_seed(0)  # a model that classifies a point right: certify bounds only those
+    torch.manual_seed(0)
     x = torch.rand(2, 1, 4, 4)
     for layer in (nn.Tanh(), nn.LayerNorm(8)):
         model = nn.Sequential(nn.Flatten(), nn.Linear(16, 8), layer, nn.Linear(8, 3))
-        for name in VERIFIERS:
-            with pytest.raises(ValueError, match=type(layer).__name__) as info:
-                create_verifier(name).certify(model, x, torch.tensor([0, 1]), ThreatModel("linf", 0.1))
-            assert "Linear, Conv2d" in str(info.value) and "small-cnn" in str(info.value)
+        pred = model(x).argmax(1)
+        # refused whether some points are classified correctly or none (none: no bounds to compute)
+        for y in (pred, (pred + 1) % 3):
+            for name in VERIFIERS:
+                for call in ("certify", "verify", "margin_bounds"):
+                    with pytest.raises(ValueError, match=type(layer).__name__) as info:
+                        getattr(create_verifier(name), call)(model, x, y, ThreatModel("linf", 0.1))
+                    assert "Linear, Conv2d" in str(info.value) and "small-cnn" in str(info.value)
 
 
 def test_nested_sequentials_pooling_and_normalization_are_parsed():

@@ -16,6 +16,7 @@ import pandas as pd
 import pytest
 import torch
 
+from robustbench_lite import register_model
 from robustbench_lite.cli import main
 from robustbench_lite.core.models import ModelSpec, accuracy, create_model
 from robustbench_lite.core.threat import Norm, ThreatModel
@@ -244,6 +245,20 @@ def _row_of(rec: dict[str, str]) -> CellResult:
 
 
 # -- end to end: one workdir, one --out, runs of two grids ---------------------------------------------
+NETS = ["small-cnn", "small-cnn(width=8)", "test-identity-net", "test-identity-net(broken=true)"]
+
+
+class _Broken(torch.nn.Module):
+    def forward(self, x):
+        raise RuntimeError("this test network fails in its forward pass")
+
+
+@register_model("test-identity-net")
+def _test_identity_net(input_shape, num_classes, broken: bool = False):
+    """A small MLP; ``broken=True`` builds, then fails in training (a cell error, not bad input)."""
+    net = create_model("mlp", input_shape, num_classes, hidden=16, depth=1)
+    return torch.nn.Sequential(_Broken(), net) if broken else net
+
 GRID = """
 name = "identity-test"
 n = 30
@@ -263,30 +278,32 @@ attacks = ["fgsm"]
 
 @pytest.fixture(scope="module")
 def two_grids(tmp_path_factory):
-    """The default small-cnn, then (same workdir and --out) small-cnn with width 8 and one whose
-    kwargs cannot build."""
+    """The default small-cnn, then (same workdir and --out) small-cnn with width 8, and a test
+    network twice: once as is, once with kwargs that build but fail in training (kwargs that cannot
+    build are refused before any work: test_user_bad_inputs)."""
     tmp = tmp_path_factory.mktemp("identity")
     (tmp / "a.toml").write_text(GRID.format(models='[[models]]\nname = "small-cnn"'))
     (tmp / "b.toml").write_text(GRID.format(models='[[models]]\nname = "small-cnn"\nkwargs = { width = 8 }\n'
-                                            '[[models]]\nname = "small-cnn"\nkwargs = { activation = "bogus" }'))
+                                            '[[models]]\nname = "test-identity-net"\n'
+                                            '[[models]]\nname = "test-identity-net"\nkwargs = { broken = true }'))
     args = ["--workdir", str(tmp / "w"), "--out", str(tmp / "out"), "--no-progress"]
     assert main(["run", "--config", str(tmp / "a.toml"), *args]) == 0
-    assert main(["run", "--config", str(tmp / "b.toml"), *args]) == 1  # the bogus model's cells failed
+    assert main(["run", "--config", str(tmp / "b.toml"), *args]) == 1  # the broken model's cells failed
     return tmp
 
 
 def test_a_grid_rerun_with_other_kwargs_adds_a_row_instead_of_mixing_two_models(two_grids, capsys):
     table = pd.read_csv(two_grids / "out" / "digits_linf_0.1.csv", keep_default_na=False).set_index("model")
     cells = pd.read_csv(two_grids / "out" / "cells.csv", keep_default_na=False)
-    assert sorted(table.index) == ["small-cnn", "small-cnn(activation=bogus)", "small-cnn(width=8)"]
-    for label in ("small-cnn", "small-cnn(width=8)"):
+    assert sorted(table.index) == NETS
+    for label in ("small-cnn", "small-cnn(width=8)", "test-identity-net"):
         mine = cells[cells["model"] == label].set_index("attack")
         assert mine["model_key"].nunique() == 1 and mine["model_key"].iloc[0]
         assert table.loc[label, "clean_acc"] == mine.loc["fgsm", "clean_acc"]
         assert table.loc[label, "fgsm"] == mine.loc["fgsm", "robust_acc"]
         assert table.loc[label, "worst_case"] == mine.loc[WORST_CASE, "robust_acc"]
         assert table.loc[label, "flags"] == ""
-    assert table.loc["small-cnn(activation=bogus)", "flags"] == "error:fgsm"
+    assert table.loc["test-identity-net(broken=true)", "flags"] == "error:fgsm"  # its own row only
 
 
 def test_the_store_rows_carry_the_model_identity(two_grids):
@@ -294,9 +311,11 @@ def test_the_store_rows_carry_the_model_identity(two_grids):
         rows = store.rows()
     by_id = {}
     for r in rows:
-        assert r.model_id and json.loads(r.identity)["model"]["name"] == "small-cnn"
-        by_id.setdefault(r.model_id, set()).add(json.dumps(json.loads(r.identity)["model"]["kwargs"], sort_keys=True))
-    assert sorted(k for ks in by_id.values() for k in ks) == ['{"activation": "bogus"}', '{"width": 8}', "{}"]
+        model = json.loads(r.identity)["model"]
+        assert r.model_id and model["name"] in ("small-cnn", "test-identity-net")
+        by_id.setdefault(r.model_id, set()).add(model["name"] + json.dumps(model["kwargs"], sort_keys=True))
+    assert sorted(k for ks in by_id.values() for k in ks) == [
+        'small-cnn{"width": 8}', "small-cnn{}", 'test-identity-net{"broken": true}', "test-identity-net{}"]
 
 
 def test_a_rerun_on_a_workdir_of_old_rows_stores_their_identities(two_grids, tmp_path):
@@ -309,11 +328,14 @@ def test_a_rerun_on_a_workdir_of_old_rows_stores_their_identities(two_grids, tmp
     args = ["--workdir", str(work), "--out", str(tmp_path / "out"), "--no-progress"]
     assert main(["leaderboard", *args[:4]]) == 0
     before = pd.read_csv(tmp_path / "out" / "digits_linf_0.1.csv", keep_default_na=False)
-    assert len(before) == 3 and all(m.startswith("small-cnn#") for m in before["model"])
+    assert len(before) == 4 and all(m.split("#")[0] in ("small-cnn", "test-identity-net") for m in before["model"])
+    by_label = before.set_index("model")["flags"].to_dict()
+    assert by_label.pop("test-identity-net#untrained") == "error:fgsm"  # kept apart from the trained one
+    assert list(by_label.values()) == ["", "", ""]
     assert main(["run", "--config", str(two_grids / "a.toml"), *args]) == 0
     assert main(["run", "--config", str(two_grids / "b.toml"), *args]) == 1
     after = pd.read_csv(tmp_path / "out" / "digits_linf_0.1.csv", keep_default_na=False)
-    assert sorted(after["model"]) == ["small-cnn", "small-cnn(activation=bogus)", "small-cnn(width=8)"]
+    assert sorted(after["model"]) == NETS
     with Store(work / "store.sqlite", create=False) as store:
         assert all(r.model_id for r in store.rows())
 

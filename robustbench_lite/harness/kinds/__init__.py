@@ -8,7 +8,7 @@ kind of evaluation is one module registered with :func:`register_kind` (here, in
 ``robustbench_lite.kinds`` entry points, or in a ``--plugin`` file).
 
 Every row goes to the store as a :class:`~robustbench_lite.harness.rows.CellResult`: the fields
-of the kind's row type that are :class:`CellResult` fields fill them, the others go into its JSON
+of the kind's row type that are :class:`~robustbench_lite.harness.rows.CellResult` fields fill them, the others go into its JSON
 ``metrics``.
 
 What a kind proves about single points (a verifier's certified and falsified points) it offers as
@@ -34,6 +34,7 @@ from torch import Tensor
 
 from ...core.data import Data
 from ...core.device import DevicePolicy
+from ...core.progress import Progress
 from ...core.registry import ATTACKS, Registry, create_attack
 from ...eval.bracket import Proof
 from ...training.cache import ModelCache, TrainedModel
@@ -69,7 +70,7 @@ class Sink(Protocol):
 class GroupCheckpoint:
     """A group's stored stages under one part's prefix, as an evaluation checkpoint
     (:class:`~robustbench_lite.eval.checkpoint.Checkpoint`): a stage is stored through the sink the
-    moment it is done, and the kill hook (:mod:`~robustbench_lite.harness.faults`) sees its name."""
+    moment it is done, and the kill hook (``robustbench_lite.harness.faults``) sees its name."""
 
     def __init__(self, group: Group, part: str) -> None:
         self.group, self.prefix = group, f"{group.prefix}{part}/"
@@ -95,13 +96,19 @@ class Group:
     workdir: str
     batch_size: int | str
     version: str
-    done: Mapping[str, Row]  # finished rows of the group's cells, by cell key (resume)
-    emit: OnRow  # stores a row the moment it is measured
-    measured: dict[str, Row] = field(default_factory=dict)  # rows of this run, by key, in order
-    stages: dict[str, Stage] = field(default_factory=dict)  # stored stages of a killed evaluation (resume)
-    sink: Sink | None = None  # stores rows and stages as they are measured (None: returned rows only)
-    prefix: str = ""  # the group's stage-key prefix
-    save_adv: str | None = None  # a folder for the adversarial examples the group's attacks find (None: not kept)
+    done: Mapping[str, Row]  #: finished rows of the group's cells, by cell key (resume)
+    emit: OnRow  #: stores a row the moment it is measured
+    measured: dict[str, Row] = field(default_factory=dict)  #: rows of this run, by key, in order
+    stages: dict[str, Stage] = field(default_factory=dict)  #: stored stages of a killed evaluation (resume)
+    sink: Sink | None = None  #: stores rows and stages as they are measured (None: returned rows only)
+    prefix: str = ""  #: the group's stage-key prefix
+    save_adv: str | None = None  #: a folder for the adversarial examples the group's attacks find (None: not kept)
+    progress: Progress = field(default_factory=Progress.off)  #: where the kinds report their work (and the run's cells)
+
+    def finished(self, key: str) -> None:
+        """The cell ``key`` is measured (its row may be stored later, with its part's): the run's
+        cell count advances."""
+        self.progress.cell_done(key)
 
     def checkpoint(self, part: str) -> GroupCheckpoint:
         """The stages of one part of the group's work (e.g. an evaluation) as a checkpoint."""
@@ -112,6 +119,7 @@ class Group:
         ``part`` (the evaluation that produced them is done)."""
         for row, mask in rows:
             self.measured[row.key] = (row, mask)
+            self.finished(row.key)
         if self.sink is not None:
             self.sink.rows(rows, None if part is None else f"{self.prefix}{part}/")
         faults.point(f"commit:{part or 'rows'}")
@@ -121,6 +129,7 @@ class Group:
         if emit:
             self.emit(row, mask)
         self.measured[row.key] = (row, mask)
+        self.finished(row.key)
         return row, mask
 
     def latest(self) -> dict[str, Row]:
@@ -183,11 +192,12 @@ class CellKind:
         return rows
 
     def measure(self, cell: Cell, group: Group) -> Row:
+        """One cell's row and its per-point mask (or ``None``): build the row with :meth:`result`."""
         raise NotImplementedError(f"cell kind {self.name!r} must implement measure() or run()")
 
     def result(self, cell: Cell, group: Group, values: Any, *, method: Any = None, **envelope: Any) -> CellResult:
         """The store row of one measured cell: ``values`` (an instance of :attr:`row`) split into
-        :class:`CellResult` fields and ``metrics``, plus ``envelope`` fields set directly."""
+        :class:`~robustbench_lite.harness.rows.CellResult` fields and ``metrics``, plus ``envelope`` fields set directly."""
         shared, metrics = split_metrics(dataclasses.asdict(values))
         fields = {
             "model_key": group.trained.key, "code_version": group.version,
@@ -220,7 +230,7 @@ class CellKind:
         (``<dataset>_<kind>``) with model, defense, attack and the fields of :attr:`row`, then the
         status and the first line of any error, sorted by :attr:`sort`.  Fields whose name starts
         with ``_`` are private (stored, e.g. per-point values, but not in the tables).  Models that
-        share display names get distinguishing labels (:func:`~robustbench_lite.harness.identity.distinguish`)."""
+        share display names get distinguishing labels (``harness.identity.distinguish``)."""
         if self.row is None:
             return {}
         columns = [f.name for f in dataclasses.fields(self.row) if not f.name.startswith("_")]  # "_": private
@@ -246,7 +256,7 @@ class CellKind:
 
     def wide_columns(self, rows: Sequence[CellResult]) -> dict[tuple, dict[str, Any]]:
         """Columns this kind adds, from all stored ``rows``, to the evasion tables, keyed by
-        :func:`wide_key` of its rows (after :func:`~robustbench_lite.harness.identity.distinguish`:
+        ``wide_key`` of its rows (after ``harness.identity.distinguish``:
         one model, not one display name): e.g. the certified share beside the attacked worst
         case.  A ``flags`` entry (a set) joins the row's flags."""
         return {}
@@ -254,7 +264,7 @@ class CellKind:
 
 def wide_key(row: CellResult) -> tuple:
     """Where a row's numbers go in the evasion tables: (dataset, model_id, n, norm, eps), the
-    model by its identity (its ``model_id``, filled in by :func:`~robustbench_lite.harness.identity.distinguish`)."""
+    model by its identity (its ``model_id``, filled in by ``harness.identity.distinguish``)."""
     return (row.dataset, row.model_id, row.n, row.norm, row.eps)
 
 

@@ -58,6 +58,7 @@ if TYPE_CHECKING:
 
 COLUMN = "certified"
 CURVE_STEPS = 4  # the radius bisection's resolution: eps / CURVE_STEPS, over [0, 2 eps]
+VERIFY_CHUNK = 200  # points per verification call (progress steps) for a verifier without its own batch_size
 
 
 @dataclass(frozen=True)
@@ -109,17 +110,32 @@ class Certified(CellKind):
         starts = None
         if verifier.takes_starts and group.save_adv is not None:  # the group's attacks' finds, tried first
             starts = saved_starts(group.save_adv, cell, group, points.x)
-        start = time.perf_counter()
-        outcome = verifier.verify(model, x, y, cell.threat, starts=None if starts is None else group.policy.batch_to(starts))
-        seconds = time.perf_counter() - start
-        with eval_mode(model), torch.no_grad():  # the harness re-checks every counterexample, whatever the plugin did
-            outcome = outcome.recheck(model, x, y, cell.threat)
-        certified, falsified = outcome.verified, outcome.falsified
+            starts = None if starts is None else group.policy.batch_to(starts)
         eps = cell.threat.eps
-        start = time.perf_counter()
-        radii = verifier.radius(model, x, y, cell.threat.norm, hi=2 * eps, tol=eps / CURVE_STEPS,
-                                known=(eps, certified)).cpu()
-        curve_seconds = time.perf_counter() - start
+        seconds, curve_seconds, parts, radii_parts = 0.0, 0.0, [], []
+        chunk = max(1, int(getattr(verifier, "batch_size", VERIFY_CHUNK)))
+        what = f"verify {verifier.name} {cell.threat.norm.value} {eps:g}"
+        with group.progress.task(what, len(points)) as task:
+            # chunks of the verifier's own batch: its outcomes are per point, so the numbers are the same
+            for i in range(0, max(1, len(points)), chunk):
+                xs, ys = x[i : i + chunk], y[i : i + chunk]
+                start = time.perf_counter()
+                part = verifier.verify(model, xs, ys, cell.threat,
+                                       starts=None if starts is None else starts[i : i + chunk])
+                seconds += time.perf_counter() - start
+                with eval_mode(model), torch.no_grad():  # the harness re-checks every counterexample, whatever the plugin did
+                    part = part.recheck(model, xs, ys, cell.threat)
+                start = time.perf_counter()
+                radii_parts.append(verifier.radius(model, xs, ys, cell.threat.norm, hi=2 * eps, tol=eps / CURVE_STEPS,
+                                                   known=(eps, part.verified)).cpu())
+                curve_seconds += time.perf_counter() - start
+                parts.append(part)
+                task.update(len(ys))
+            outcome = _joined(parts, points.x)
+            radii = torch.cat(radii_parts)
+            task.close(f"{int(outcome.verified.sum())} of {len(points)} points verified, {int(outcome.falsified.sum())} "
+                       "falsified")
+        certified, falsified = outcome.verified, outcome.falsified
         grid = [eps * i / CURVE_STEPS for i in range(2 * CURVE_STEPS + 1)]
         with torch.no_grad():
             clean = float((model(x).argmax(1) == y).float().mean()) if len(points) else float("nan")
@@ -222,6 +238,22 @@ def _falsified(row: CellResult, n: int | None = None) -> Tensor:
     if index:
         mask[torch.as_tensor(index, dtype=torch.long)] = True
     return mask
+
+
+def _joined(parts: list[Verification], like: Tensor) -> Verification:
+    """The outcomes of consecutive chunks of points as one (``like``: the points, for the shape of
+    the counterexamples)."""
+    if len(parts) == 1:
+        return parts[0]
+    cex = None
+    if any(p.counterexamples is not None for p in parts):
+        cex = torch.cat([p.counterexamples if p.counterexamples is not None else torch.zeros_like(like[: p.n]).cpu()
+                         for p in parts])
+    return Verification(
+        torch.cat([p.verified for p in parts]), torch.cat([p.falsified for p in parts]), cex,
+        torch.cat([p.subdomains for p in parts]), torch.cat([p.seconds for p in parts]),
+        torch.cat([p.rejected for p in parts]),
+    )
 
 
 def label(name: str, params: dict[str, Any]) -> str:

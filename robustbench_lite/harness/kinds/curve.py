@@ -134,7 +134,8 @@ class Curve(CellKind):
                 rec = attack_curve(
                     model, lambda eps, cell=cell: _attack_at(cell, eps), cell.grid, split, correct,
                     policy=group.policy, batch_size=batch(cell.build()) if callable(batch) else batch,
-                    order=cell.order,
+                    order=cell.order, progress=group.progress,
+                    label=f"curve {cell.attack.name} {cell.threat.norm.value} ({len(cell.grid)} eps, order {cell.order})",
                 )
             except Exception as exc:
                 log.warning("curve of %s failed: %s", cell.attack.name, exc)

@@ -36,7 +36,7 @@ from ...core.config import config_hash
 from ...core.threat import ThreatModel
 from ...eval import bracket
 from ...eval.bracket import Proof
-from ...eval.escalate import Escalated, Escalation
+from ...eval.escalate import SURROGATE_MIN_PER_CLASS, Escalated, Escalation, surrogate_schedule
 from ...eval.evasion import AttackRecord, evaluate, worst_class
 from ...eval.flags import INCOMPLETE, NON_FINITE, clean_acc_mismatch, join
 from ...training.cache import train_or_load
@@ -119,6 +119,7 @@ class Evasion(CellKind):
             return rows
 
         def on_record(j: int, rec: AttackRecord, clean_acc: float) -> None:
+            group.finished(cells[live[j]].key)
             if rec.error:
                 log.warning("attack %s failed: %s", cells[live[j]].attack.name, rec.error.splitlines()[0])
 
@@ -133,8 +134,11 @@ class Evasion(CellKind):
             trained.model, [attacks[i] for i in live], data.test, n=n, policy=group.policy,
             batch_size=_batch_rule(group, n), survivors_only=survivors,
             precomputed={j: precomputed[i] for j, i in enumerate(live) if i in precomputed}, on_record=on_record,
-            checkpoint=group.checkpoint(part), surrogate=lambda: surrogate_model(cells[0], group), escalation=ESCALATION,
-            num_classes=data.num_classes, adv_sink=writer,
+            checkpoint=group.checkpoint(part), escalation=ESCALATION, num_classes=data.num_classes, progress=group.progress,
+            surrogate=lambda: surrogate_model(
+                cells[0], group, ESCALATION.surrogate_limit(min(n, len(data.test))) if ESCALATION else None
+            ),
+            adv_sink=writer,
         )
         if writer is not None:
             _warn_unsaved([cells[live[j]] for j, r in enumerate(ev.records) if r.robust is not None], group.save_adv)
@@ -314,20 +318,48 @@ SURROGATE_RECIPE = "standard"
 _BASE_SETTINGS = frozenset(f.name for f in dataclasses.fields(Defense)) - {"monitor_eps", "monitor_points", "monitor_steps"}
 
 
-def surrogate_model(cell: Cell, group: Group) -> nn.Module | None:
+def surrogate_model(cell: Cell, group: Group, limit: int | None = None) -> nn.Module | None:
     """The escalation ladder's transfer surrogate: the cell's architecture trained by the plain
     ``standard`` recipe with the group's training settings (epochs, batch size, optimizer,
     schedule, seed; the defense's own settings dropped), through the model cache, so a preset
     that also has a ``standard`` defense with those settings trains it once.  ``None`` when that
-    is the model under test (a surrogate identical to the model transfers nothing new)."""
+    is the model under test (a surrogate identical to the model transfers nothing new).
+
+    ``limit`` (:meth:`~robustbench_lite.eval.escalate.Escalation.surrogate_limit`) bounds the
+    training images seen, summed over epochs: the recipe gets fewer epochs, then fewer images
+    (:func:`~robustbench_lite.eval.escalate.surrogate_schedule`); too few images for a useful
+    surrogate raise a ``ValueError`` that the transfer step records.  The training is announced
+    on the group's progress, with its size and why."""
     from ...core.registry import create_defense
 
     params = {k: v for k, v in cell.defense.params.items() if k in _BASE_SETTINGS}
     defense = create_defense(SURROGATE_RECIPE, **params)
     if cell.defense.name == SURROGATE_RECIPE and defense.get_params() == cell.defense.build().get_params():
         return None
+    data = group.data
+    available = len(data.train)
+    if available == 0:
+        raise ValueError(f"{data.name} holds evaluation points only: no training images for a transfer surrogate")
+    epochs, images = defense.epochs, available
+    if limit is not None:
+        epochs, images = surrogate_schedule(defense.epochs, available, limit)
+        least = SURROGATE_MIN_PER_CLASS * data.num_classes
+        if images < least:
+            raise ValueError(
+                f"the surrogate may see {limit} training images in all (its share of the ladder's budget for these "
+                f"points), fewer than the {least} a useful one needs ({SURROGATE_MIN_PER_CLASS} per class); evaluate more "
+                "points or raise Escalation.surrogate_share"
+            )
+        if (epochs, images) != (defense.epochs, available):
+            defense = create_defense(SURROGATE_RECIPE, **{**params, "epochs": epochs})
+            data = dataclasses.replace(data, train=data.train.head(images))
+    bound = "" if limit is None else f", within {limit} images seen (the surrogate's share of the ladder's budget)"
+    group.progress.note(
+        f"escalation transfer: training a surrogate ({cell.model.name}, {SURROGATE_RECIPE} recipe, {epochs} epoch(s) on "
+        f"{images} of {available} training images{bound}); cached for later runs"
+    )
     log.info("training the transfer surrogate: %s with the %s recipe %s", cell.model.name, SURROGATE_RECIPE, params)
-    trained = train_or_load(cell.model, defense, group.data, group.cache, policy=group.policy, progress=False)
+    trained = train_or_load(cell.model, defense, data, group.cache, policy=group.policy, progress=group.progress)
     if trained.key == group.trained.key:
         return None
     return trained.model

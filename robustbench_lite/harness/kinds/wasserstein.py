@@ -23,7 +23,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
-from ...core.config import Plugin, setting
+from ...core.config import MAX_SEED, Plugin, setting
 from ...core.threat import Norm
 from ...eval.flags import wasserstein_bound_broken
 from ...eval.wasserstein import wasserstein_certificate
@@ -46,7 +46,7 @@ class WassersteinCertificateSettings(Plugin):
     restarts: int = setting(3, low=1)
     bisections: int = setting(4, low=0)
     expansions: int = setting(8, low=0)
-    seed: int = setting(0, low=0)
+    seed: int = setting(0, low=0, high=MAX_SEED)
     batch_size: int = setting(500, low=1)
 
     registry_name = "wrm-certificate"
