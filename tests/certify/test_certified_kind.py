@@ -1,7 +1,7 @@
 """The certified cell kind through the harness: the union column, the radius curve in the report,
 the complete verifier's row (started from the saved adversarial examples) and the bracket it
-closes, and bad input (an unsupported layer, a budget of 0 or less) stored as an error row while
-the run goes on."""
+closes, and bad input: an unsupported layer or a model torch.fx cannot trace is an error row for
+every verifier (bab included) while the run goes on; a budget of 0 or less is refused by the plan."""
 
 from __future__ import annotations
 
@@ -32,6 +32,25 @@ def _tanh_mlp(input_shape, num_classes):
     return nn.Sequential(nn.Flatten(), nn.Linear(d, 32), nn.Tanh(), nn.Linear(32, num_classes))
 
 
+class _Branchy(nn.Module):
+    """Python control flow on a tensor value: it trains and attacks, but torch.fx cannot trace it."""
+
+    def __init__(self, d: int, k: int):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(d, 32), nn.Linear(32, k)
+
+    def forward(self, x):
+        h = self.fc1(x.flatten(1))
+        if h.sum() > 0:
+            h = h.relu()
+        return self.fc2(h)
+
+
+@register_model("test-branchy-mlp")
+def _branchy_mlp(input_shape, num_classes):
+    return _Branchy(input_shape[0] * input_shape[1] * input_shape[2], num_classes)
+
+
 @pytest.fixture(scope="module")
 def certified_run(tmp_path_factory):
     eps = 0.03
@@ -41,10 +60,11 @@ def certified_run(tmp_path_factory):
         name="certified-test", description="digits, an IBP-trained cnn-cert-small and a tanh model",
         data=(DataSpec("digits"),), models=(ModelSpec("cnn-cert-small"),), defenses=(ibp,),
         grid=((threat, (AttackSpec("pgd", {"steps": 20}),)),), n=120,
-        paired=((ModelSpec("test-tanh-mlp"), DefenseSpec("standard", {"epochs": 1, "batch_size": 64})),),
+        paired=((ModelSpec("test-tanh-mlp"), DefenseSpec("standard", {"epochs": 1, "batch_size": 64})),
+                (ModelSpec("test-branchy-mlp"), DefenseSpec("standard", {"epochs": 1, "batch_size": 64}))),
         extra=(Extra(("ibp", "standard"), threat, (AttackSpec("ibp"), AttackSpec("crown", {"intermediate": "ibp"})), 120,
                      kind="certified"),
-               Extra(("ibp",), threat, (AttackSpec("bab", {"timeout": 2.0}),), 120,
+               Extra(("ibp", "standard"), threat, (AttackSpec("bab", {"timeout": 2.0}),), 120,
                      kind="certified")),
     ).plan()
     workdir = tmp_path_factory.mktemp("certified")
@@ -77,13 +97,18 @@ def test_certified_cells_hold_the_union_below_the_worst_case_and_their_curve(cer
     assert line["eps 0"] == pytest.approx(worst.clean_acc) and line[f"eps {eps:g}"] == pytest.approx(union)
 
 
-def test_an_unsupported_layer_is_an_error_row_naming_it_and_the_run_goes_on(certified_run):
+@pytest.mark.parametrize("model,words", [("test-tanh-mlp", ("Tanh", "supported layers")),
+                                         ("test-branchy-mlp", ("cannot trace", "control flow"))])
+def test_an_unsupported_layer_or_untraceable_model_is_an_error_row_naming_it_and_the_run_goes_on(certified_run, model,
+                                                                                                 words):
     rows, _ = certified_run
-    bad = [r for r in rows if r.kind == "certified" and r.defense == "standard"]
-    assert len(bad) == 2 and all(r.status == "error" for r in bad)
-    assert all("ValueError" in r.error and "Tanh" in r.error and "supported layers" in r.error for r in bad)
-    evasion = [r for r in rows if r.kind == "evasion" and r.defense == "standard"]
-    assert evasion and all(r.status == "ok" for r in evasion)  # the tanh model's attacks still ran
+    bad = [r for r in rows if r.kind == "certified" and r.model == model]
+    assert sorted(r.attack for r in bad) == ["bab", "crown", "ibp"] and all(r.status == "error" for r in bad)
+    first = [r.error.splitlines()[0] for r in bad]  # the line the run logs (the stored error adds a traceback)
+    assert all(line.startswith("ValueError: ") and all(w in line for w in words) for line in first), first
+    evasion = [r for r in rows if r.kind == "evasion" and r.model == model]
+    assert evasion and all(r.status == "ok" for r in evasion)  # the model's attacks still ran
+    assert any(r.kind == "certified" and r.status == "ok" for r in rows)  # and the other rows' verifiers
 
 
 def test_bab_decides_the_row_from_the_saved_examples_and_closes_its_bracket(certified_run):
