@@ -81,6 +81,8 @@ class Geometry:
     #: relative slack when checking that a perturbation is inside the ball (float rounding)
     rtol: ClassVar[float] = 1e-4
     atol: ClassVar[float] = 1e-6
+    #: the ball ∩ [0, 1] is the box ``[x − ε, x + ε] ∩ [0, 1]`` (interval bounds over it are exact)
+    ball_is_box: ClassVar[bool] = False
 
     # -- what each norm implements ----------------------------------------------------------------
     def distance(self, delta: Tensor) -> Tensor:
@@ -129,6 +131,22 @@ class Geometry:
     def check_eps(self, eps: float) -> None:
         """Raise a ``ValueError`` naming the fix when ``eps`` makes no sense for this norm."""
 
+    def dual_norm(self, a: Tensor) -> Tensor:
+        """``‖a‖_*`` over the last dimension: the largest ``⟨a, δ⟩`` over the unit ball (what a
+        linear bound loses over the ball)."""
+        raise ValueError(f"{self.norm.value} has no dual norm here")
+
+    def diameter(self, d: int) -> float:
+        """The largest distance between two points of ``[0, 1]^d`` (a search range for radii)."""
+        raise ValueError(f"{self.norm.value} has no diameter here")
+
+    def linear_min(self, a: Tensor, x: Tensor, eps: Tensor, lo: Tensor, hi: Tensor) -> Tensor:
+        """A lower bound ``[B, S]`` of ``min ⟨a_s, x'⟩`` over the ball of radius ``eps[b]`` around
+        ``x[b]`` ∩ [0, 1] (``a``: ``[B, S, d]``; ``x``, ``lo``, ``hi``: ``[B, d]``, a box that holds the
+        set).  By default ``⟨a, x⟩ − eps‖a‖_*`` over the ball (leaving the box out only lowers it)."""
+        centre = (a @ x[:, :, None])[..., 0]
+        return centre - eps[:, None] * self.dual_norm(a)
+
     # -- shared by every norm ---------------------------------------------------------------------
     def sphere_start(self, x: Tensor, eps: float, gen: torch.Generator) -> Tensor:
         """``x + ε·t/‖t‖`` clipped to [0, 1], ``t`` from :meth:`noise` (APGD's start)."""
@@ -161,6 +179,7 @@ class LinfGeometry(Geometry):
     norm = Norm.LINF
     aliases = ("linf", "inf", "l∞")
     example_eps = 0.1
+    ball_is_box = True
 
     def distance(self, delta: Tensor) -> Tensor:
         return delta.flatten(1).abs().amax(dim=1)
@@ -192,6 +211,17 @@ class LinfGeometry(Geometry):
     def random_sphere(self, shape: tuple[int, ...], eps: float, gen: torch.Generator) -> Tensor:
         """A random vertex of the ball: ``±ε`` per coordinate."""
         return (torch.randint(0, 2, shape, generator=gen, device=gen.device).float() * 2 - 1) * eps
+
+    def dual_norm(self, a: Tensor) -> Tensor:
+        return a.abs().sum(dim=-1)
+
+    def diameter(self, d: int) -> float:
+        return 1.0
+
+    def linear_min(self, a: Tensor, x: Tensor, eps: Tensor, lo: Tensor, hi: Tensor) -> Tensor:
+        """Exact: the ball ∩ [0, 1] is the box ``[lo, hi]``, whose minimum takes ``lo`` where
+        ``a > 0`` and ``hi`` where ``a < 0``."""
+        return (a.clamp(min=0) @ lo[:, :, None] + a.clamp(max=0) @ hi[:, :, None])[..., 0]
 
     def check_eps(self, eps: float) -> None:
         if eps > 1:
@@ -251,6 +281,12 @@ class L2Geometry(Geometry):
     def random_sphere(self, shape: tuple[int, ...], eps: float, gen: torch.Generator) -> Tensor:
         """A Gaussian direction scaled to ``ε``."""
         return _normalize_l2(torch.randn(shape, generator=gen, device=gen.device)) * eps
+
+    def dual_norm(self, a: Tensor) -> Tensor:
+        return a.norm(dim=-1)
+
+    def diameter(self, d: int) -> float:
+        return math.sqrt(d)
 
 
 @_geometry
@@ -339,6 +375,12 @@ class L1Geometry(Geometry):
 
     def random_sphere(self, shape: tuple[int, ...], eps: float, gen: torch.Generator) -> Tensor:
         return l1.l1_random_sphere(shape, eps, gen)
+
+    def dual_norm(self, a: Tensor) -> Tensor:
+        return a.abs().amax(dim=-1)
+
+    def diameter(self, d: int) -> float:
+        return float(d)
 
 
 #: the smallest eps of any threat: float32 pixels near 1 move in steps of about 6e-8, so a smaller
