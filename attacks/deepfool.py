@@ -80,7 +80,7 @@ class DeepFool(EvasionAttack):
             z = logits.gather(1, classes)  # [n, k], column 0 is the label
             f = z[:, 1:] - z[:, :1]
             n, m = w.shape[:2]
-            dual = geo.dual_norm(w.reshape(n * m, *w.shape[2:])).view(n, m).clamp_min(1e-12)
+            dual = geo.dual_norm(w.reshape(n * m, -1)).view(n, m).clamp_min(1e-12)
             dist = f.abs() / dual
             best = dist.argmin(dim=1)
             pick = torch.arange(n, device=x.device)

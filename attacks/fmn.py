@@ -78,7 +78,7 @@ class FMN(EvasionAttack):
             size = geo.distance(delta)
             grown = geo.scale_budget(eps, 1 + gamma)
             if not geo.discrete:  # none found yet: the linearised boundary's distance, never less than ε
-                jump = size + loss.abs() / geo.dual_norm(grad).clamp_min(1e-12)
+                jump = size + loss.abs() / geo.dual_norm(grad.flatten(1)).clamp_min(1e-12)
                 grown = torch.where(found, grown, torch.maximum(jump, eps))
             eps = torch.where(adv, torch.minimum(geo.scale_budget(eps, 1 - gamma), track.d), grown)
             eps = torch.minimum(eps, widest)

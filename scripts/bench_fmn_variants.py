@@ -71,7 +71,7 @@ def fmn(model, x, y, norm: Norm, steps: int, hold=True, sphere=True, l1_exact=Tr
         found |= adv
         grown = geo.scale_budget(eps, 1 + gamma)
         if not geo.discrete:
-            jump = size + loss.detach().abs() / geo.dual_norm(g).clamp_min(1e-12)
+            jump = size + loss.detach().abs() / geo.dual_norm(g.flatten(1)).clamp_min(1e-12)
             grown = torch.where(found, grown, torch.maximum(jump, eps) if hold else jump)
         eps = torch.minimum(torch.where(adv, torch.minimum(geo.scale_budget(eps, 1 - gamma), best), grown), widest)
         delta = _project(norm, x, delta - alpha * ops.normalize_l2(g), eps, sphere, l1_exact, l0_clip_first)

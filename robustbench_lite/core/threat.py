@@ -100,11 +100,6 @@ class Geometry:
         move each point's budget on its own)."""
         raise ValueError(f"the {self.norm.value} ball has no projection here")
 
-    def dual_norm(self, g: Tensor) -> Tensor:
-        """Per-sample dual norm ``‖g‖_* = max_{‖d‖ ≤ 1} ⟨g, d⟩``, shape ``[B]``: ``|L| / ‖∇L‖_*`` is
-        the distance to the zero level set of the linearised ``L`` (DeepFool, FMN)."""
-        raise ValueError(f"{self.norm.value} has no dual norm here")
-
     def scale_budget(self, eps: Tensor, factor: float) -> Tensor:
         """Budgets ``eps`` (one per sample) grown or shrunk by ``factor`` (FMN's ε schedule):
         ``eps · factor`` for a continuous norm."""
@@ -132,8 +127,9 @@ class Geometry:
         """Raise a ``ValueError`` naming the fix when ``eps`` makes no sense for this norm."""
 
     def dual_norm(self, a: Tensor) -> Tensor:
-        """``‖a‖_*`` over the last dimension: the largest ``⟨a, δ⟩`` over the unit ball (what a
-        linear bound loses over the ball)."""
+        """``‖a‖_* = max_{‖d‖ ≤ 1} ⟨a, d⟩`` over the last dimension (pass per-sample gradients
+        flattened, ``g.flatten(1)``): what a linear bound loses over the ball, and ``|L| / ‖∇L‖_*`` is
+        the distance to the zero level set of the linearised ``L`` (DeepFool, FMN)."""
         raise ValueError(f"{self.norm.value} has no dual norm here")
 
     def diameter(self, d: int) -> float:
@@ -194,10 +190,6 @@ class LinfGeometry(Geometry):
 
     def ascent(self, grad: Tensor) -> Tensor:
         return grad.sign()
-
-    def dual_norm(self, g: Tensor) -> Tensor:
-        """``‖g‖₁``."""
-        return g.flatten(1).abs().sum(dim=1)
 
     def random_start(self, x: Tensor, eps: float, gen: torch.Generator) -> Tensor:
         """``x + U(−ε, ε)`` per coordinate, clipped (Madry et al. 2018)."""
@@ -260,10 +252,6 @@ class L2Geometry(Geometry):
 
     def ascent(self, grad: Tensor) -> Tensor:
         return _normalize_l2(grad)
-
-    def dual_norm(self, g: Tensor) -> Tensor:
-        """``‖g‖₂`` (L2 is its own dual)."""
-        return g.flatten(1).norm(p=2, dim=1)
 
     def random_start(self, x: Tensor, eps: float, gen: torch.Generator) -> Tensor:
         """A uniform random direction at radius ``ε·u``, ``u ~ U(0, 1)``, clipped.  (A volume-uniform
@@ -360,10 +348,6 @@ class L1Geometry(Geometry):
     def ascent(self, grad: Tensor) -> Tensor:
         """One coordinate, ``sign(g_j)·e_j`` at ``j = argmax |g_j|`` (a vertex of the cross-polytope)."""
         return l1.l1_ascent(grad)
-
-    def dual_norm(self, g: Tensor) -> Tensor:
-        """``‖g‖∞``."""
-        return g.flatten(1).abs().amax(dim=1)
 
     def random_start(self, x: Tensor, eps: float, gen: torch.Generator) -> Tensor:
         """A uniform point of the ε-sphere at radius ``ε·u``, ``u ~ U(0, 1)``, clipped."""

@@ -46,9 +46,9 @@ def test_l0_projection_keeps_the_pixels_that_changed_most_and_stays_in_the_box()
 def test_the_dual_norm_is_the_largest_inner_product_over_the_unit_ball(norm):
     g = torch.randn(7, 1, 5, 5, generator=torch.Generator().manual_seed(2))
     best = (g * norm.geometry.ascent(g)).flatten(1).sum(1)  # the steepest unit step attains the maximum
-    assert torch.allclose(norm.geometry.dual_norm(g), best, rtol=1e-5)
+    assert torch.allclose(norm.geometry.dual_norm(g.flatten(1)), best, rtol=1e-5)
     with pytest.raises(ValueError, match="l0 has no dual norm"):
-        Norm.L0.geometry.dual_norm(g)
+        Norm.L0.geometry.dual_norm(g.flatten(1))
 
 
 def test_budget_steps_are_multiplicative_and_whole_pixels_for_l0():
