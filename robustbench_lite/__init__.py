@@ -20,6 +20,7 @@ adaptive wrappers), ``harness`` (plans, presets, cell kinds, runs, the results s
 from ._version import __version__ as __version__
 from .certify import Verifier, create_verifier, list_verifiers, register_verifier  # noqa: E402
 from .core import ops  # noqa: E402
+from .core.access import Access, LabelOnly, ScoresOnly  # noqa: E402
 from .core.attack import (  # noqa: E402
     AttackOutput,
     EvasionAttack,
@@ -54,6 +55,7 @@ from .training.cache import ModelCache, TrainedModel, train_or_load  # noqa: E40
 from .training.defense import Defense, EpochRecord, TrainLog, TrainState  # noqa: E402
 
 __all__ = [
+    "Access",
     "AttackOutput",
     "CellKind",
     "Data",
@@ -66,6 +68,7 @@ __all__ = [
     "EvasionAttack",
     "Geometry",
     "Group",
+    "LabelOnly",
     "LossFn",
     "ModelCache",
     "ModelSpec",
@@ -73,6 +76,7 @@ __all__ = [
     "Normalize",
     "PoisoningAttack",
     "Results",
+    "ScoresOnly",
     "ThreatModel",
     "TrainLog",
     "TrainState",

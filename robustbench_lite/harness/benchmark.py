@@ -50,6 +50,7 @@ def benchmark(
     autocast: str = "auto",
     progress: bool | Progress = True,
     save_adv: str | Path | None = None,
+    access: str = "gradients",
 ) -> tuple[float, float]:
     """Clean accuracy and worst-case robust accuracy of ``model`` on the first ``n_examples``
     points of ``dataset`` (a registered name, a folder, an ``.npz`` path, a :class:`Data`, or an
@@ -61,7 +62,10 @@ def benchmark(
     names a folder for each attack's adversarial examples (safetensors with the points' indices,
     the threat and the attack's settings: ``robustbench-lite replay`` re-judges them).  ``progress``
     shows bars on a terminal and INFO lines on the ``robustbench_lite.progress`` logger elsewhere
-    (``False``: neither; or a :class:`~robustbench_lite.core.progress.Progress`)."""
+    (``False``: neither; or a :class:`~robustbench_lite.core.progress.Progress`).  ``access``
+    ``"labels"`` (or ``"scores"``) evaluates the model as an API that returns only its predicted
+    label (or its scores): give decision-based attacks (``attacks=["hsj"]``); the others are
+    skipped with a note in their rows."""
     if isinstance(n_examples, bool) or not isinstance(n_examples, int) or n_examples < 1:
         raise ValueError(f"n_examples must be a positive int, got {n_examples!r}")
     if isinstance(threat_model, str) and threat_model.strip().lower() == "corruptions":
@@ -74,7 +78,7 @@ def benchmark(
             raise ValueError(f"no default eps for {spec_data.name!r} under {norm.value}; pass eps= (pixels in [0, 1], "
                              "e.g. eps=8/255)")
     threat = ThreatModel(norm, eps)
-    model_spec, weights_spec, built = prepare(data, module=model, normalize=normalize, name=model_name)
+    model_spec, weights_spec, built = prepare(data, module=model, normalize=normalize, name=model_name, access=access)
     k = check_on_data(built, data)
     n = min(n_examples, len(data.test))
     cells = user_cells(spec_data, model_spec, weights_spec, threats=[threat], attacks=attacks, n=n, num_classes=k)

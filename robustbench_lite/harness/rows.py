@@ -21,6 +21,8 @@ if TYPE_CHECKING:
     from .plan import Cell
 
 WORST_CASE = "worst_case"
+SKIPPED = "skipped"  # status of a cell whose attack needs more of the model than it gives (the note in ``error``)
+FINISHED = frozenset({"ok", SKIPPED})  # statuses a rerun does not compute again
 
 
 @dataclass(frozen=True)
@@ -44,8 +46,8 @@ class CellResult:
     success_rate: float | None  # min-norm attacks (cw-l2): share of attacked points with any adversarial
     median_l2: float | None  # min-norm attacks: median L2 distance of the adversarials found
     flags: str  # ';'-separated codes from eval.flags.FLAGS
-    status: str  # ok | error
-    error: str
+    status: str  # ok | error | skipped
+    error: str  # the error, or why the cell was skipped
     train_seconds: float | None
     attack_params: str  # JSON of the attack's settings
     key: str  # the cell's config hash (store key)
@@ -82,7 +84,7 @@ class CellResult:
 
 
 _UNIT = frozenset({"clean_acc", "robust_acc"})  # accuracies: in [0, 1] (NaN: not measured)
-_STATUS = frozenset({"ok", "error"})
+_STATUS = FINISHED | {"error"}
 _JSON_OBJECTS = frozenset({"metrics", "identity"})
 
 
