@@ -13,7 +13,6 @@ import dataclasses
 import time
 import traceback
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -30,8 +29,9 @@ from ..core.threat import Norm, ThreatModel
 from . import adaptive as wrappers
 from . import flags as checks
 from .adversarial import AdvExamples, AdvSink
-from .checkpoint import Checkpoint, MemoryCheckpoint, attack_id, record_from, record_payload
+from .checkpoint import Checkpoint, MemoryCheckpoint, attack_id
 from .escalate import Escalated, Escalation, StepRecord, run_step
+from .records import AttackRecord, Evaluation, record_from, record_payload
 
 # model-level checks whose firing makes an adaptive evaluation rerun the gradient attacks
 MASKING = (
@@ -40,47 +40,6 @@ MASKING = (
 )
 _STUCK = {checks.ZERO_GRAD, checks.LARGE_EPS, checks.BLACK_BOX_WINS, checks.MORE_STEPS_NO_HELP}  # -> bpda + rescale
 DEFAULT_ESCALATION = Escalation()
-
-
-@dataclass(frozen=True)
-class AttackRecord:
-    """One attack's outcome on the evaluated points."""
-
-    attack: EvasionAttack
-    robust: Tensor | None  #: bool [n]; None when the attack failed
-    seconds: float
-    grad_evals: int
-    forward_evals: int
-    attacked: int
-    scope: str
-    target_hit_rate: float | None = None
-    error: str = ""
-    success_rate: float | None = None  #: min-norm attacks: share of attacked points with any adversarial
-    median_l2: float | None = None  #: min-norm attacks: median distance of the adversarials found
-    examples: AdvExamples | None = None  #: the broken points' adversarial images (only when asked to keep them)
-    skipped: str = ""  #: why the attack did not run (it needs more of the model than the model gives)
-
-    @property
-    def robust_acc(self) -> float | None:
-        return None if self.robust is None else float(self.robust.float().mean())
-
-
-@dataclass(frozen=True)
-class Evaluation:
-    """Everything :func:`~robustbench_lite.evaluate` measured."""
-
-    n: int
-    correct: Tensor  #: bool [n]: clean prediction is right
-    records: list[AttackRecord]  #: in the order of the attacks passed in
-    worst_case: dict[ThreatModel, Tensor]  #: bool [n] per threat
-    flags: dict[str, set[str]]  #: attack name or "worst_case:<threat>" -> flags
-    plain_records: list[AttackRecord] | None = None  #: before an adaptive rerun (None: no rerun)
-    model_flags: frozenset[str] = frozenset()  #: codes of the model-level checks that fired
-    escalated: dict[ThreatModel, Escalated] = dataclasses.field(default_factory=dict)  #: the ladder, per threat
-
-    @property
-    def clean_acc(self) -> float:
-        return float(self.correct.float().mean())
 
 
 def input_grad_norms(model: nn.Module, split: DataSplit, device: torch.device, batch_size: int = 500) -> Tensor:
