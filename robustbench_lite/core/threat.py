@@ -182,7 +182,7 @@ class LinfGeometry(Geometry):
 
     def project_ball(self, delta: Tensor, eps: float | Tensor) -> Tensor:
         e = _radius(eps, delta)
-        return torch.max(torch.min(delta, e), -e)
+        return delta.clamp(-e, e) if isinstance(e, Tensor) else delta.clamp(-float(e), float(e))
 
     def project(self, x_adv: Tensor, x: Tensor, eps: float | Tensor) -> Tensor:
         e = _radius(eps, x)
