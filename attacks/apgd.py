@@ -81,7 +81,7 @@ class APGD(EvasionAttack):
     restarts: int = setting(1, low=1)
     rho: float = setting(0.75, low=0.0, high=1.0)
     momentum: float = setting(0.75, low=0.0, high=1.0)
-    eot: int = setting(1, low=1)  # passes each gradient averages (EOT; AutoAttack's rand version: 20)
+    eot: int = setting(1, low=1, keep_keys=True)  # passes each gradient averages (EOT; AutoAttack's rand version: 20)
 
     loss_fn: ClassVar[LossFn] = staticmethod(ops.ce)
     norms: ClassVar[tuple[Norm, ...]] = tuple(SEARCHES)

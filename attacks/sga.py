@@ -1,6 +1,6 @@
 """SGA: stochastic gradient aggregation for universal perturbations (Liu, Feng, Zhang, Hu, Zhuang,
 "Enhancing generalization of universal adversarial perturbation through gradient aggregation",
-ICCV 2023), following the authors' code as summarized in REFERENCES.md.
+ICCV 2023), following the authors' published code.
 
 Per outer batch of ``batch_size`` (250) images: copy ``δ_in ← δ`` and take inner sign steps on
 minibatches of ``minibatch`` (10) images, ``δ_in ← clip_ε(δ_in + α · sign g_j)``, collecting the

@@ -135,7 +135,7 @@ class Square(EvasionAttack):
     randomized: ClassVar[bool] = True
     queries: int = setting(1000, low=2)
     p_init: float = setting(0.05, low=0.0, high=1.0, low_open=True)
-    rescale_schedule: bool = setting(True)
+    rescale_schedule: bool = setting(True, keep_keys=True)
     incremental: ClassVar[bool] = True  # score Linf windows incrementally where the network allows
 
     @property

@@ -77,7 +77,8 @@ class CertifiedDefense(Defense):
         state.metrics.update({"eps": eps_t, "kappa": self.kappa(r)})
         if eps_t <= 0:
             return natural
-        net = parse_network(model, x[:1])
+        net = _network(model, x, state)
+        net.use_batch_statistics(x)  # train-mode batch norms: the clean batch's statistics
         inset = InputSet.make(x, Norm.LINF, torch.full((x.shape[0],), eps_t, device=x.device))
         robust = worst_case_loss(self.margin_lower(net, inset, y, r), y).mean()
         kappa = self.kappa(r)
@@ -91,6 +92,15 @@ class CertifiedDefense(Defense):
                                                   ThreatModel(Norm.LINF, self.eps))
             out["ibp_certified_acc"] = float(cert.float().mean())
         return out
+
+
+def _network(model: nn.Module, x: Tensor, state: TrainState):
+    """The model's graph, traced once per training run (again if its layers or modes change)."""
+    key = (tuple(x.shape[1:]), tuple((id(m), m.training) for m in model.modules()))
+    cached = state.extra.get("network")
+    if cached is None or cached[0] != key:
+        cached = state.extra["network"] = (key, parse_network(model, x[:1]))
+    return cached[1]
 
 
 def ibp_bounds(net, inset: InputSet, y: Tensor) -> tuple[dict, Tensor]:

@@ -43,13 +43,6 @@ from ._inner_max import AdversarialDefense
 VARIANTS = ("logistic", "sum-exp", "gce", "mae")
 
 
-def comp_sum_phi(u: Tensor, tau: float) -> Tensor:
-    """``Φ^τ(u)``: ``log(1 + u)`` for τ = 1, else ``((1 + u)^{1−τ} − 1)/(1 − τ)``."""
-    if tau == 1:
-        return torch.log1p(u)
-    return ((1 + u) ** (1 - tau) - 1) / (1 - tau)
-
-
 def variant_tau(variant: str, q: float = 0.7) -> float:
     """τ of a named comp-sum loss (``gce`` has τ = 1 + q)."""
     taus = {"logistic": 1.0, "sum-exp": 0.0, "gce": 1.0 + q, "mae": 2.0}

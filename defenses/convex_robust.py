@@ -6,8 +6,8 @@ one-vs-rest.
 ‖w_i‖₂)`` s.t. ``(2D_i − I) X v_i ≥ ε‖v_i‖₁`` and the same for ``w_i`` (row-wise): every
 training point's activation pattern is fixed over its ε ball, where the network is linear and
 the worst-case hinge above is exact.  Recovered as ``f_c(x) = Σ_i (xᵀv_i)₊ − (xᵀw_i)₊``;
-:func:`robustbench_lite.defenses._convex.certify` certifies a point when all its neurons keep their sign
-over the ball and the worst-case margin is positive.  Multiclass data goes one-vs-rest.
+the ``stable-relu`` verifier (``robustbench_lite.certify.stable_relu``) certifies a point when all
+its neurons keep their sign over the ball and the worst-case margin is positive.  Multiclass data goes one-vs-rest.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@ robustness with principled adversarial training", ICLR 2018, Algorithm 1).
 
 Minimises the empirical robust surrogate ``E[φ_γ(θ; Z)]`` with ``φ_γ(θ; z₀) = sup_z ℓ(θ; z) −
 γ‖z − z₀‖²₂`` (eq. 2b): each batch's supremum is approximated by the Lagrangian ascent of
-:func:`robustbench_lite.eval.wasserstein.lagrangian_ascent` and, by Danskin's theorem, the gradient
+:func:`robustbench_lite.core.wasserstein.lagrangian_ascent` and, by Danskin's theorem, the gradient
 in θ is that of ``ℓ`` at the (detached) maximiser.  The paper's MNIST setting: the cost
 ``‖x − x'‖²₂`` on the input (labels not moved), ``T_adv = 15`` ascent steps of size
 ``α_t = 1/√t``, and ``γ = 0.04·C₂`` with ``C₂ = E‖X‖₂`` the mean input norm; on Fashion-MNIST
@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from robustbench_lite import Defense, ops, register_defense, setting
-from robustbench_lite.eval.wasserstein import lagrangian_ascent, transport_cost
+from robustbench_lite.core.wasserstein import lagrangian_ascent, transport_cost
 
 
 def paper_gamma(x: Tensor, factor: float = 0.04) -> float:

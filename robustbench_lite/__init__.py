@@ -17,10 +17,10 @@ adaptive wrappers), ``harness`` (plans, presets, cell kinds, runs, the results s
 ``report`` (leaderboard CSVs and the HTML report).
 """
 
-__version__ = "0.1.0"
-
+from ._version import __version__ as __version__
 from .certify import Verifier, create_verifier, list_verifiers, register_verifier  # noqa: E402
 from .core import ops  # noqa: E402
+from .core.access import Access, LabelOnly, ScoresOnly  # noqa: E402
 from .core.attack import (  # noqa: E402
     AttackOutput,
     EvasionAttack,
@@ -31,7 +31,7 @@ from .core.attack import (  # noqa: E402
     apply_delta,
 )
 from .core.config import setting  # noqa: E402
-from .core.data import Data, DatasetNotFoundError, DataSplit, list_datasets, load  # noqa: E402
+from .core.data import Data, DatasetNotFoundError, DataSplit, default_eps, list_datasets, load  # noqa: E402
 from .core.device import DevicePolicy, make_policy  # noqa: E402
 from .core.models import ModelSpec, Normalize, accuracy, create_model, predict, split_head  # noqa: E402
 from .core.registry import (  # noqa: E402
@@ -55,10 +55,12 @@ from .training.cache import ModelCache, TrainedModel, train_or_load  # noqa: E40
 from .training.defense import Defense, EpochRecord, TrainLog, TrainState  # noqa: E402
 
 __all__ = [
+    "Access",
     "AttackOutput",
     "CellKind",
     "Data",
     "DataSplit",
+    "default_eps",
     "DatasetNotFoundError",
     "Defense",
     "DevicePolicy",
@@ -66,6 +68,7 @@ __all__ = [
     "EvasionAttack",
     "Geometry",
     "Group",
+    "LabelOnly",
     "LossFn",
     "ModelCache",
     "ModelSpec",
@@ -73,6 +76,7 @@ __all__ = [
     "Normalize",
     "PoisoningAttack",
     "Results",
+    "ScoresOnly",
     "ThreatModel",
     "TrainLog",
     "TrainState",

@@ -133,10 +133,15 @@ def build_parser() -> argparse.ArgumentParser:
     add_eval_parser(sub)
     add_replay_parser(sub)
 
+    mg = sub.add_parser("merge", help="copy the cells of other workdirs' stores into this workdir's store (a grid split "
+                        "across machines or processes, each with its own workdir); then rebuild with `leaderboard`")
+    mg.add_argument("stores", nargs="+", metavar="STORE", help="another workdir, or its store.sqlite")
+    mg.add_argument("--workdir", default=".rbl")
+
     rp = sub.add_parser("report", help="write report.html (self-contained) and report.md from the store")
     rp.add_argument("--workdir", default=".rbl")
     rp.add_argument("--out", default="report", help="folder for report.html, report.md and plots/ (default report)")
-    for q in (r, ls, lb, rp):  # the global options also work after the subcommand
+    for q in (r, ls, lb, mg, rp):  # the global options also work after the subcommand
         q.add_argument("--plugin", action="append", default=argparse.SUPPRESS, metavar="FILE.py")
         q.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS)
     return p
@@ -158,6 +163,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             if args.format == "json":
                 return _leaderboard_json(args.workdir, args.out)
             return _leaderboard(args.workdir, args.out)
+        if args.command == "merge":
+            return _merge(args.workdir, args.stores)
         if args.command == "report":
             return _report(args.workdir, args.out)
         if args.command == "eval":
@@ -243,6 +250,25 @@ def _leaderboard(workdir: str, out: str) -> int:
     faults.point("leaderboard-written")
     print(leaderboard.render(rows))
     print("\nwrote " + ", ".join(str(p) for p in paths))
+    return 0
+
+
+def _merge(workdir: str, stores: Sequence[str]) -> int:
+    """A finished cell from another store replaces what this one holds; an error row is copied only
+    where this store has nothing for its key (:meth:`Store.merge_from`)."""
+    sources = [Path(s) / "store.sqlite" if Path(s).is_dir() else Path(s) for s in stores]
+    target = (Path(workdir) / "store.sqlite").resolve()
+    for src in sources:
+        if not src.is_file():
+            raise ValueError(f"no results store at {src}: pass another run's workdir or its store.sqlite")
+        if src.resolve() == target:
+            raise ValueError(f"{src} is this workdir's own store; pass the other runs' workdirs")
+    Path(workdir).mkdir(parents=True, exist_ok=True)
+    with Store(target) as store:
+        for src in sources:
+            print(f"{src}: {store.merge_from(src)} rows copied")
+    print(f"run `robustbench-lite leaderboard --workdir {workdir}` to rebuild the tables (trained models stay in "
+          "each workdir's models/ folder)")
     return 0
 
 

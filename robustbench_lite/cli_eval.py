@@ -48,6 +48,9 @@ def add_model_options(e: argparse.ArgumentParser, data_default: str = "") -> Non
 def add_eval_parser(sub: argparse._SubParsersAction) -> None:
     e = sub.add_parser("eval", help="evaluate your own model (a weights file) on a dataset, an image folder or an .npz")
     add_model_options(e)
+    e.add_argument("--access", default="gradients", help="what the model gives an attacker: gradients (default), "
+                   "scores (its outputs, no gradients) or labels (only the predicted class, like an API that returns "
+                   "labels); attacks that need more are skipped with a note, e.g. --access labels --attacks hsj")
     e.add_argument("--threats", help="comma-separated NORM:EPS, eps for pixels in [0, 1]: linf:0.1,linf:8/255,l2:1.5")
     e.add_argument("--attacks", default="standard", help=f"a set ({' | '.join(SETS)}; default standard) or "
                    "comma-separated attack names")
@@ -109,7 +112,8 @@ def load_model(args: argparse.Namespace, data: str | None = None):
     data_spec, loaded = resolve_data(source, data_root=args.data_root, channels=channels, num_classes=num_classes)
     normalize = parse_normalize(args.normalize, loaded.input_shape[0]) if args.normalize else None
     model_spec, weights_spec, model = prepare(loaded, arch=args.model, weights=args.weights, normalize=normalize,
-                                              num_classes=num_classes, trust_pickle=args.trust_pickle)
+                                              num_classes=num_classes, trust_pickle=args.trust_pickle,
+                                              access=getattr(args, "access", "gradients"))
     return data_spec, loaded, model_spec, weights_spec, model, check_on_data(model, loaded)
 
 
@@ -143,7 +147,7 @@ def _plan(args: argparse.Namespace):
 
 def _execute(args: argparse.Namespace, plan, info: dict) -> int:
     from .harness.identity import distinguish
-    from .harness.rows import WORST_CASE, model_identity
+    from .harness.rows import SKIPPED, WORST_CASE, model_identity
     from .harness.run import run_plan
     from .harness.store import Store
     from .report import leaderboard
@@ -165,6 +169,8 @@ def _execute(args: argparse.Namespace, plan, info: dict) -> int:
           f"computed, {summary.skipped} already done, {summary.errors} errors, {elapsed:.1f} s")
     for line in _summary_lines(mine):
         print("  " + line)
+    for r in sorted((r for r in mine if r.status == SKIPPED), key=lambda r: (r.kind, r.norm, r.eps, r.attack)):
+        print(f"  skipped {r.attack} ({r.kind} {r.norm} {r.eps:g}): {r.error}")
     paths = leaderboard.write(rows, args.out)
     print("wrote " + ", ".join(str(p) for p in paths))
     if args.save_adv:

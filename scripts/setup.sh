@@ -18,3 +18,7 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install -q --upgrade pip setuptools wheel
 .venv/bin/python -m pip install -q -e ".[test,docs]"
+# adv-lib, the reference of the minimum-norm attack tests and scripts/bench_min_norm.py: its wheel
+# also requires torchvision and visdom (for logging), which its attacks do not use, so it is
+# installed without them (the tests put a stub visdom module in its place)
+.venv/bin/python -m pip install -q --no-deps "adv-lib>=0.2.8"

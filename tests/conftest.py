@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
 from robustbench_lite import Data, ModelCache, ModelSpec, create_defense, load, train_or_load
 
-torch.set_num_threads(max(1, torch.get_num_threads()))
+# pytest-xdist runs the suite in one process per core (pyproject's addopts): each gets its share of
+# the cores, so torch's thread pools do not oversubscribe them
+_WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+_CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+torch.set_num_threads(max(1, _CORES // _WORKERS))
 
 
 @pytest.fixture(scope="session")

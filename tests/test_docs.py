@@ -28,8 +28,9 @@ def _page(name: str) -> str:
     return (DOCS / f"{name}.md").read_text(encoding="utf-8")
 
 
-def _block(page: str, lang: str, index: int = 0) -> str:
-    return re.findall(rf"```{lang}\n(.*?)```", _page(page), re.S)[index]
+def _block(page: str, lang: str, containing: str = "") -> str:
+    """The first ``lang`` code block of ``page`` that contains ``containing``."""
+    return next(b for b in re.findall(rf"```{lang}\n(.*?)```", _page(page), re.S) if containing in b)
 
 
 def _toctree_entries(path: Path) -> list[Path]:
@@ -129,7 +130,7 @@ def test_the_defense_guide_example_trains_a_model(registries, tmp_path, digits):
 
 def test_the_verifier_guide_example_matches_the_built_in_ibp(registries, tmp_path, digits, digits_model):
     plugin = tmp_path / "my_ibp.py"
-    plugin.write_text(_block("guides/certify", "python", 1))
+    plugin.write_text(_block("guides/certify", "python", "@register_verifier"))
     robustbench_lite.load_plugin_file(plugin)
     threat = robustbench_lite.ThreatModel("linf", 0.02)
     x, y = digits.test.x[:100], digits.test.y[:100]

@@ -12,20 +12,25 @@ statistics, the function it computes in eval mode) and offers:
   classified correctly: such a point has no adversarial example in the ball;
 * ``radius(model, x, y, norm, hi, tol) -> [B]``: per point, a certified radius found by bisection
   on eps (0 for misclassified points), for certified-accuracy-versus-eps curves;
-* ``verify(model, x, y, threat) -> Verification``: per point ``verified``, ``falsified`` (with an
-  adversarial example, re-checked by a forward pass) or ``undecided``
+* ``verify(model, x, y, threat, starts=None) -> Verification``: per point ``verified``,
+  ``falsified`` (with an adversarial example, re-checked by a forward pass) or ``undecided``
   (:mod:`~robustbench_lite.certify.outcome`).  Incomplete verifiers get it for free (their
-  certified points verified, the rest undecided); a complete verifier implements ``_verify``.
+  certified points verified, the rest undecided); a complete verifier (``bab``) implements
+  ``_verify`` and decides every point given the time.  ``starts`` are candidate adversarial
+  examples (an evasion attack's, NaN rows where there is none) that a verifier with
+  ``takes_starts`` tries first; the others ignore them.
 
 Plugins implement ``_margin_bounds(model, x, y, threat)``, or ``_bounds(model, x, y, norm, eps)``
 with a radius per point (what the bisection calls; by default once per distinct radius).  Verifiers that work on
-the layers of the network derive from :class:`BoundVerifier`, which parses the model into supported
-layers (:func:`parse_network`: an unsupported layer is a ``ValueError`` naming it, the supported
+the layers of the network derive from :class:`BoundVerifier`, which traces the model into a
+computation graph of supported operations (:func:`parse_network`, ``torch.fx``: residual
+additions, batch norms folded; an unsupported node is a ``ValueError`` naming it, the supported
 layers and the zoo models that parse), casts the points to float64, runs ``_net_bounds(net,
 inset, y)`` in chunks of ``batch_size`` points and folds the margin matrix into the last layer.
 
 Built-in verifiers: ``ibp`` (Gowal et al. 2018), ``crown`` (Zhang et al. 2018), ``alpha-crown``
-(Xu et al. 2021) and ``stable-relu`` (the fixed-pattern certificate of the convex pair).  The bound
+(Xu et al. 2021), ``bab`` (β-CROWN branch and bound, Wang et al. 2021: complete) and
+``stable-relu`` (the fixed-pattern certificate of the convex pair).  The bound
 functions (:func:`layer_bounds`, :func:`ibp_margins`, :func:`crown_margins`) are exported for the
 certified-training defenses.  Third-party verifiers arrive by the entry-point group
 ``robustbench_lite.verifiers``.
@@ -45,9 +50,8 @@ from ..core.attack import check_images, check_labels, check_model, eval_mode
 from ..core.config import Plugin, setting
 from ..core.registry import Registry
 from ..core.threat import Norm, ThreatModel
-from ._bounds import L1, InputSet, crown_margins, ibp_margins, layer_bounds, logit_interval
-from ._layers import Network
-from ._parse import SUPPORTED, parse_network
+from ._bounds import InputSet, crown_margins, ibp_margins, layer_bounds, logit_interval
+from ._graph import SUPPORTED, Network, parse_network
 from .outcome import Status, Verification
 
 __all__ = [
@@ -75,7 +79,7 @@ create_verifier = VERIFIERS.create
 list_verifiers = VERIFIERS.list
 
 #: the balls the bound propagators handle (intersected with the [0, 1] box)
-BALL_NORMS: tuple[Norm, ...] = (Norm.LINF, Norm.L2) + ((L1,) if L1 is not None else ())
+BALL_NORMS: tuple[Norm, ...] = (Norm.LINF, Norm.L2, Norm.L1)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -83,6 +87,8 @@ class Verifier(Plugin):
     """The checks and public methods every verifier shares; plugins implement :meth:`_bounds`."""
 
     norms: ClassVar[tuple[Norm, ...]] = (Norm.LINF,)
+    #: whether :meth:`_verify` takes ``starts=`` (candidate counterexamples; a complete verifier's)
+    takes_starts: ClassVar[bool] = False
 
     # -- what plugins implement (one of the two) --------------------------------------------------
     def _margin_bounds(self, model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel) -> Tensor:
@@ -118,14 +124,22 @@ class Verifier(Plugin):
         with eval_mode(model), torch.no_grad():
             return self._certified(model, x, y, threat)
 
-    def verify(self, model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel) -> Verification:
+    def verify(self, model: nn.Module, x: Tensor, y: Tensor, threat: ThreatModel,
+               starts: Tensor | None = None) -> Verification:
         """Per point ``verified``, ``falsified`` or ``undecided``; every counterexample the plugin
-        returns is re-checked by a forward pass (:meth:`Verification.recheck <robustbench_lite.certify.outcome.Verification.recheck>`: one outside the
-        ball or classified correctly leaves its point undecided and ``rejected``)."""
+        returns is re-checked by a forward pass (:meth:`Verification.recheck
+        <robustbench_lite.certify.outcome.Verification.recheck>`: one outside the ball or classified
+        correctly leaves its point undecided and ``rejected``).  ``starts``: candidate adversarial
+        examples ``[B, *x]`` (NaN rows where there is none, e.g. an evasion attack's), handed to
+        ``_verify`` by verifiers with ``takes_starts``."""
         threat = self._check_threat(threat)
         model, x, y = self._check(model, x, y)
+        starts = self._check_starts(starts, x)
         with eval_mode(model), torch.no_grad():
-            out = self._verify(model, x, y, threat)
+            if self.takes_starts:
+                out = self._verify(model, x, y, threat, starts=starts)
+            else:
+                out = self._verify(model, x, y, threat)
             if not isinstance(out, Verification) or out.n != x.shape[0]:
                 got = f"{out.n} points" if isinstance(out, Verification) else type(out).__name__
                 raise RuntimeError(f"verifier {self.name} returned {got} from _verify for {x.shape[0]} points")
@@ -162,7 +176,7 @@ class Verifier(Plugin):
         norm = self._check_threat(Norm.parse(norm))
         model, x, y = self._check(model, x, y)
         d = x[0].numel()
-        hi = float(hi) if hi is not None else {Norm.LINF: 1.0, Norm.L2: math.sqrt(d)}.get(norm, float(d))
+        hi = float(hi) if hi is not None else norm.geometry.diameter(d)
         if not (math.isfinite(hi) and hi > 0 and math.isfinite(tol) and tol > 0):
             raise ValueError(f"radius needs finite hi > 0 and tol > 0, got hi={hi}, tol={tol}")
         with eval_mode(model), torch.no_grad():
@@ -180,16 +194,30 @@ class Verifier(Plugin):
                 if idx.numel() == 0:
                     return lo.cpu()
                 mid = (lo[idx] + up[idx]) / 2
-                ok = (self._checked_bounds(model, x[idx], y[idx], norm, mid) > 0).all(dim=1)
+                ok = (self._radius_bounds(model, x[idx], y[idx], norm, mid) > 0).all(dim=1)
                 lo[idx] = torch.where(ok, mid, lo[idx])
                 up[idx] = torch.where(ok, up[idx], mid)
 
     # -- machinery --------------------------------------------------------------------------------
+    def _radius_bounds(self, model: nn.Module, x: Tensor, y: Tensor, norm: Norm, eps: Tensor) -> Tensor:
+        """The bounds the radius bisection certifies with (the verifier's own by default; a
+        complete verifier may use a cheaper sound bound, since every step is a full decision)."""
+        return self._checked_bounds(model, x, y, norm, eps)
+
     def _checked_bounds(self, model: nn.Module, x: Tensor, y: Tensor, norm: Norm, eps: Tensor) -> Tensor:
         bounds = self._bounds(model, x, y, norm, eps).to(torch.float64)
         if bounds.shape[0] != x.shape[0] or bounds.dim() != 2:
             raise RuntimeError(f"verifier {self.name} returned bounds of shape {tuple(bounds.shape)} for {x.shape[0]} points")
         return bounds.scatter(1, y[:, None].to(bounds.device), float("inf"))
+
+    @staticmethod
+    def _check_starts(starts: object, x: Tensor) -> Tensor | None:
+        if starts is None:
+            return None
+        if not isinstance(starts, Tensor) or starts.shape != x.shape or not starts.is_floating_point():
+            got = tuple(starts.shape) if isinstance(starts, Tensor) else type(starts).__name__
+            raise ValueError(f"starts must be a float tensor of the points' shape {tuple(x.shape)} (NaN rows: none), got {got}")
+        return starts.to(x.device)
 
     @staticmethod
     def _eps(x: Tensor, eps: float) -> Tensor:

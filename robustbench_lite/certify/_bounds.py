@@ -1,10 +1,12 @@
 """Bound propagation as pure functions: input sets, interval bounds (IBP), backward linear
 bounds (CROWN) and the relaxations of ReLU and max-pooling.
 
-Notation: ``z_i`` is the input of ``net.ops[i]`` (``z_0 = x``); ``bounds[i] = (lo, hi)`` holds
-elementwise bounds of ``z_i`` for every nonlinear op ``i``.  A linear bound is a tensor ``a`` of
-shape ``[B, S, *shape(z_i)]`` (``S`` specifications per point); :func:`backward` returns a lower
-bound of ``a · z_i`` over the input set.  Upper bounds are lower bounds of ``−a``.
+Notation: ``z_k`` is the output of node ``k`` of the graph (``z_0 = x``); ``bounds[k] = (lo, hi)``
+holds elementwise bounds of the input of every nonlinear node ``k``.  A linear bound is a tensor
+``a`` of shape ``[B, S, *shape(z_k)]`` (``S`` specifications per point); :func:`backward` returns a
+lower bound of ``Σ_k a_k · z_k`` over the input set, visiting the nodes in reverse topological
+order and summing the coefficients a node receives from its consumers (residual graphs).  Upper
+bounds are lower bounds of ``−a``.
 
 Precision: the verifiers call these functions on float64 copies of the input (weights are cast
 on use), so relaxations, back-substitution and concretization run in float64; certified
@@ -21,10 +23,10 @@ import torch
 from torch import Tensor
 
 from ..core.threat import Norm
-from ._layers import MaxPoolOp, Network, ReLUOp
+from ._graph import Network
+from ._layers import MaxPoolOp, ReLUOp
 
 SPEC_BUDGET = 1 << 24  # elements of one linear-bound tensor when intermediate bounds are computed by CROWN
-L1 = getattr(Norm, "L1", None)  # Norm.L1 is being added; supported when it exists
 
 
 @dataclass(frozen=True)
@@ -50,22 +52,18 @@ class InputSet:
         """The sets of the points ``index`` (repeats allowed)."""
         return InputSet(self.x[index], self.norm, self.eps[index], self.lo[index], self.hi[index])
 
+    def linear_min(self, a: Tensor) -> Tensor:
+        """Lower bound ``[B, S]`` of ``a · x`` over the set (the norm's geometry): exact over the
+        Linf box; for L2 (L1) ``a·x₀ − eps‖a‖₂`` (``‖a‖∞``), the dual norm over the ball, ignoring
+        the box (sound, looser)."""
+        return self.norm.geometry.linear_min(a.flatten(2), self.x.flatten(1), self.eps, self.lo.flatten(1),
+                                             self.hi.flatten(1))
+
 
 def box_lower(a: Tensor, lo: Tensor, hi: Tensor) -> Tensor:
     """``min over lo ≤ z ≤ hi of a · z`` per specification: ``[B, S]``."""
     flat = a.flatten(2)
     return (flat.clamp(min=0) @ lo.flatten(1)[:, :, None] + flat.clamp(max=0) @ hi.flatten(1)[:, :, None])[..., 0]
-
-
-def concretize(a: Tensor, inset: InputSet) -> Tensor:
-    """Lower bound of ``a · x`` over the input set: exact over the Linf box; for L2 (L1)
-    ``a·x₀ − eps‖a‖₂`` (``‖a‖∞``), the dual norm over the ball, ignoring the box (sound, looser)."""
-    if inset.norm is Norm.LINF:
-        return box_lower(a, inset.lo, inset.hi)
-    flat = a.flatten(2)
-    centre = (flat @ inset.x.flatten(1)[:, :, None])[..., 0]
-    dual = flat.norm(dim=-1) if inset.norm is Norm.L2 else flat.abs().amax(dim=-1)
-    return centre - inset.eps[:, None] * dual
 
 
 # ---------------------------------------------------------------------------------------------
@@ -158,92 +156,154 @@ def maxpool_back(
 
 
 def backward(
-    net: Network, end: int, a: Tensor, bounds: dict, inset: InputSet, relax: dict | None = None,
-    const: Tensor | None = None, rows: Tensor | None = None,
-) -> Tensor:
-    """Lower bound ``[B, S]`` of ``a · z_end + const`` over the input set (CROWN's backward pass,
-    Zhang et al. 2018, Theorem 3.2), using ``bounds`` of every nonlinear op before ``end`` and
-    optional per-op relaxation variables ``relax`` (α-CROWN).  With ``rows``, row ``r`` of ``a``
-    belongs to point ``rows[r]`` of ``bounds`` and ``inset``."""
-    relax = relax or {}
-    const = a.new_zeros(a.shape[:2]) if const is None else const
-    for i in range(end - 1, -1, -1):
-        op = net.ops[i]
+    net: Network, start: dict[int, Tensor], bounds: dict, inset: InputSet, relax: dict | None = None,
+    const: Tensor | None = None, rows: Tensor | None = None, extra: dict | None = None,
+    record: dict | None = None, linear: bool = False,
+):
+    """Lower bound ``[B, S]`` of ``Σ_k start[k] · z_k + const`` over the input set (CROWN's
+    backward pass, Zhang et al. 2018, Theorem 3.2, over the graph), using ``bounds`` of every
+    nonlinear node it meets and optional per-node relaxation variables ``relax`` (α-CROWN).
+
+    ``extra[k]`` is added to the coefficient of ``z_k`` when the pass reaches node ``k`` (β-CROWN's
+    split multipliers); ``record[k]`` receives the coefficient of each nonlinear node's output
+    (branching scores).  With ``rows``, row ``r`` of the coefficients belongs to point ``rows[r]``
+    of ``bounds`` and ``inset``.  ``linear=True`` returns ``(a, const)``, the coefficient of the
+    input and the constant, instead of concretizing."""
+    relax, extra = relax or {}, extra or {}
+    coeffs = dict(start)
+    first = next(iter(start.values()))
+    const = first.new_zeros(first.shape[:2]) if const is None else const
+    for k in range(max(start), 0, -1):
+        a = coeffs.pop(k, None)
+        if k in extra:
+            a = extra[k] if a is None else a + extra[k]
+        if a is None:
+            continue
+        node = net.nodes[k]
+        op = node.op
         if op.affine:
             const = const + op.bias_term(a)
-            a = op.back(a)
-        elif isinstance(op, ReLUOp):
-            a, c = relu_back(a, *bounds[i], relax.get(i), rows)
-            const = const + c
+            pulled = op.back_all(a)
         else:
-            a, c = maxpool_back(a, *bounds[i], op, relax.get(i), rows)
-            const = const + c
-    return const + concretize(a, inset if rows is None else inset.take(rows))
+            if record is not None:
+                record[k] = a
+            if isinstance(op, ReLUOp):
+                a, c = relu_back(a, *bounds[k], relax.get(k), rows)
+            else:
+                a, c = maxpool_back(a, *bounds[k], op, relax.get(k), rows)
+            const, pulled = const + c, [a]
+        for i, ai in zip(node.inputs, pulled, strict=True):
+            coeffs[i] = ai if i not in coeffs else coeffs[i] + ai
+    a = coeffs.pop(0)
+    if linear:
+        return a, const
+    return const + (inset if rows is None else inset.take(rows)).linear_min(a)
 
 
-def _needs_crown(net: Network, i: int, inset: InputSet) -> bool:
-    """Whether back-substitution can beat the interval at ``z_i``: not when only elementwise
-    maps follow the previous nonlinearity, nor for one affine map of the Linf box."""
-    j = i - 1
-    mixing = 0
-    while j >= 0 and net.ops[j].affine:
-        mixing += not net.ops[j].exact_interval
-        j -= 1
-    return mixing >= 2 or (mixing == 1 and (j >= 0 or inset.norm is not Norm.LINF))
+def affine_region(net: Network, k: int) -> tuple[list[int], list[int]]:
+    """The affine nodes ``z_k`` is computed from without passing a nonlinear node (``k``
+    included when affine), in topological order, and the frontier where they start: nonlinear
+    nodes and the input.  They do not depend on the point."""
+    region, frontier, stack = set(), set(), [k]
+    while stack:
+        j = stack.pop()
+        if j in region or j in frontier:
+            continue
+        if j == 0 or not net.nodes[j].op.affine:
+            frontier.add(j)
+        else:
+            region.add(j)
+            stack.extend(net.nodes[j].inputs)
+    return sorted(region), sorted(frontier)
 
 
-def _crown_refine(net: Network, i: int, lo: Tensor, hi: Tensor, mask: Tensor, bounds: dict, inset: InputSet):
-    """Tighten ``lo ≤ z_i ≤ hi`` on the neurons in ``mask`` by CROWN.
+def back_region(net: Network, region: list[int], start: dict[int, Tensor], const: Tensor) -> tuple[dict, Tensor]:
+    """Back-substitute coefficients through the affine ``region`` (no relaxation needed): the
+    coefficients of its frontier and the constant."""
+    coeffs = dict(start)
+    for j in reversed(region):
+        a = coeffs.pop(j, None)
+        if a is None:
+            continue
+        node = net.nodes[j]
+        const = const + node.op.bias_term(a)
+        for i, ai in zip(node.inputs, node.op.back_all(a), strict=True):
+            coeffs[i] = ai if i not in coeffs else coeffs[i] + ai
+    return coeffs, const
+
+
+def _needs_crown(net: Network, k: int, inset: InputSet) -> bool:
+    """Whether back-substitution can beat the interval at the input of nonlinear node ``k``: not
+    when only elementwise maps follow the previous nonlinearity, nor for one affine map of a
+    ball that is a box (Linf: the interval is the exact image)."""
+    region, frontier = affine_region(net, net.nodes[k].inputs[0])
+    if any(net.nodes[j].op.arity > 1 for j in region):
+        return True
+    mixing = sum(not net.nodes[j].op.exact_interval for j in region)
+    after_input = frontier == [0]
+    return mixing >= 2 or (mixing == 1 and (not after_input or not inset.norm.geometry.ball_is_box))
+
+
+def _crown_refine(net: Network, k: int, lo: Tensor, hi: Tensor, mask: Tensor, bounds: dict, inset: InputSet):
+    """Tighten ``lo ≤ z ≤ hi`` at the input ``z`` of nonlinear node ``k`` on the neurons in ``mask`` by CROWN.
 
     Works on the flat list of (point, neuron) pairs, in chunks, so points with few such neurons
-    cost little.  The affine ops right before ``z_i`` do not depend on the point, so their
+    cost little.  The affine nodes right before ``z`` do not depend on the point, so their
     back-substitution is done once per distinct neuron of a chunk and gathered per pair."""
     shape = lo.shape[1:]
     pts, idx = mask.flatten(1).nonzero(as_tuple=True)
     if pts.numel() == 0:
         return lo, hi
-    start = i
-    while start > 0 and net.ops[start - 1].affine:
-        start -= 1  # ops[start:i] is the point-independent affine chain
-    width = max(math.prod(op.in_shape) for op in net.ops[: i + 1])
+    p = net.nodes[k].inputs[0]
+    region, _ = affine_region(net, p)
+    width = max(math.prod(net.nodes[j].shape) for j in range(k + 1))
     chunk = max(1, SPEC_BUDGET // (2 * width))
     lo_f, hi_f = lo.flatten(1), hi.flatten(1)
     for first in range(0, pts.numel(), chunk):
-        p, n = pts[first : first + chunk], idx[first : first + chunk]
+        pp, n = pts[first : first + chunk], idx[first : first + chunk]
         uniq, inv = torch.unique(n, return_inverse=True)
         rows = lo.new_zeros(1, uniq.numel(), lo_f.shape[1])
         rows[0, torch.arange(uniq.numel(), device=lo.device), uniq] = 1.0
-        rows, const = rows.reshape(1, uniq.numel(), *shape), rows.new_zeros(1, uniq.numel())
-        for j in range(i - 1, start - 1, -1):
-            const = const + net.ops[j].bias_term(rows)
-            rows = net.ops[j].back(rows)
-        a, c = rows[0][inv][:, None], const[0][inv][:, None]  # [P, 1, *in], [P, 1]
-        bound = backward(net, start, torch.cat([a, -a], 1), bounds, inset, const=torch.cat([c, -c], 1), rows=p)
-        lo_f = lo_f.index_put((p, n), torch.maximum(lo_f[p, n], bound[:, 0]))
-        hi_f = hi_f.index_put((p, n), torch.minimum(hi_f[p, n], -bound[:, 1]))
+        coeffs, const = back_region(net, region, {p: rows.reshape(1, uniq.numel(), *shape)}, rows.new_zeros(1, uniq.numel()))
+        start = {j: torch.cat([a[0][inv][:, None], -a[0][inv][:, None]], 1) for j, a in coeffs.items()}
+        c = const[0][inv][:, None]  # [P, 1]
+        bound = backward(net, start, bounds, inset, const=torch.cat([c, -c], 1), rows=pp)
+        lo_f = lo_f.index_put((pp, n), torch.maximum(lo_f[pp, n], bound[:, 0]))
+        hi_f = hi_f.index_put((pp, n), torch.minimum(hi_f[pp, n], -bound[:, 1]))
     lo_f = torch.minimum(lo_f, hi_f)  # float noise can cross them; the true value lies between
     return lo_f.reshape(lo.shape), hi_f.reshape(hi.shape)
 
 
-def layer_bounds(net: Network, inset: InputSet, method: str = "ibp") -> tuple[dict, tuple[Tensor, Tensor]]:
-    """Bounds of the input of every nonlinear op, and the interval at the input of the last op.
+def layer_bounds(net: Network, inset: InputSet, method: str = "ibp") -> tuple[dict, list[tuple[Tensor, Tensor]]]:
+    """Bounds of the input of every nonlinear node, and the intervals of the output node's inputs.
 
-    ``method="ibp"``: interval propagation (Gowal et al. 2018).  ``"crown"``: layer by layer, each
-    nonlinear op's input is bounded by CROWN back-substitution (only the unstable neurons of a
+    ``method="ibp"``: interval propagation (Gowal et al. 2018).  ``"crown"``: node by node, each
+    nonlinear node's input is bounded by CROWN back-substitution (only the unstable neurons of a
     ReLU need it; a max-pool needs all) and intersected with the interval, which is also sound.
     """
-    lo, hi = inset.lo, inset.hi
+    intervals: dict[int, tuple[Tensor, Tensor]] = {0: (inset.lo, inset.hi)}
+    left = [len(c) for c in net.consumers]
     bounds: dict[int, tuple[Tensor, Tensor]] = {}
-    for i, op in enumerate(net.ops):
+    for k in range(1, len(net.nodes)):
+        node = net.nodes[k]
+        op = node.op
         if not op.affine:
-            if method == "crown" and _needs_crown(net, i, inset):
+            p = node.inputs[0]
+            lo, hi = intervals[p]
+            if method == "crown" and _needs_crown(net, k, inset):
                 mask = (lo < 0) & (hi > 0) if isinstance(op, ReLUOp) else torch.ones_like(lo, dtype=torch.bool)
-                lo, hi = _crown_refine(net, i, lo, hi, mask, bounds, inset)
-            bounds[i] = (lo, hi)
-        if i == len(net.ops) - 1:
-            break
-        lo, hi = op.interval(lo, hi)
-    return bounds, (lo, hi)
+                lo, hi = _crown_refine(net, k, lo, hi, mask, bounds, inset)
+                intervals[p] = (lo, hi)
+            bounds[k] = (lo, hi)
+        ins = [intervals[i] for i in node.inputs]
+        if k == net.output:
+            return bounds, ins
+        intervals[k] = op.interval_of(ins)
+        for i in node.inputs:
+            left[i] -= 1
+            if left[i] == 0:
+                del intervals[i]
+    raise AssertionError("unreachable: the output is the last node")
 
 
 def margin_spec(y: Tensor, num_classes: int, dtype: torch.dtype) -> Tensor:
@@ -255,11 +315,11 @@ def margin_spec(y: Tensor, num_classes: int, dtype: torch.dtype) -> Tensor:
 def ibp_margins(net: Network, last_in: tuple[Tensor, Tensor], y: Tensor) -> Tensor:
     """IBP lower bounds of ``f_y − f_c`` with the margin matrix folded into the last affine op,
     concretized over the interval at its input (tighter than subtracting logit intervals)."""
-    spec = margin_spec(y, net.num_classes, last_in[0].dtype)
-    last = net.ops[-1]
-    if last.affine:
-        return last.bias_term(spec) + box_lower(last.back(spec), *last_in)
-    lo, hi = last.interval(*last_in)
+    spec = margin_spec(y, net.num_classes, last_in[0][0].dtype)
+    last = net.nodes[-1].op
+    if last.affine and last.arity == 1:
+        return last.bias_term(spec) + box_lower(last.back(spec), *last_in[0])
+    lo, hi = last.interval_of(last_in)
     return lo.gather(1, y[:, None]) - hi
 
 
@@ -268,7 +328,7 @@ def crown_margins(net: Network, bounds: dict, inset: InputSet, y: Tensor, relax:
     from the ``K − 1`` rows ``e_y − e_c``, ``c ≠ y``, of the margin matrix."""
     others = other_classes(y, net.num_classes)
     eye = torch.eye(net.num_classes, dtype=inset.x.dtype, device=y.device)
-    lower = backward(net, len(net.ops), eye[y][:, None, :] - eye[others], bounds, inset, relax)
+    lower = backward(net, {net.output: eye[y][:, None, :] - eye[others]}, bounds, inset, relax)
     return lower.new_zeros(y.shape[0], net.num_classes).scatter(1, others, lower)
 
 
@@ -281,4 +341,4 @@ def other_classes(y: Tensor, num_classes: int) -> Tensor:
 def logit_interval(net: Network, inset: InputSet) -> tuple[Tensor, Tensor]:
     """IBP interval of the logits (what interval libraries such as ART report)."""
     _, last_in = layer_bounds(net, inset, "ibp")
-    return net.ops[-1].interval(*last_in)
+    return net.nodes[-1].op.interval_of(last_in)

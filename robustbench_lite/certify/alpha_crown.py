@@ -64,7 +64,7 @@ class AlphaCROWN(BoundVerifier):
         k = net.num_classes - 1  # one slope per neuron and per margin f_y − f_c, c ≠ y
         relax = {}
         for i, (lo, hi) in bounds.items():
-            start = relu_lower_slope(lo, hi) if isinstance(net.ops[i], ReLUOp) else maxpool_lower_weights(net.ops[i], lo)
+            start = relu_lower_slope(lo, hi) if isinstance(net.nodes[i].op, ReLUOp) else maxpool_lower_weights(net.nodes[i].op, lo)
             relax[i] = start[:, None].expand(-1, k, *start.shape[1:]).clone().requires_grad_(True)
         if not relax:
             return best
@@ -80,6 +80,6 @@ class AlphaCROWN(BoundVerifier):
                 opt.step()
                 with torch.no_grad():
                     for i, var in relax.items():
-                        var.copy_(var.clamp(0, 1) if isinstance(net.ops[i], ReLUOp) else project_simplex(var))
+                        var.copy_(var.clamp(0, 1) if isinstance(net.nodes[i].op, ReLUOp) else project_simplex(var))
         with torch.no_grad():
             return torch.maximum(best, crown_margins(net, bounds, inset, y, relax))

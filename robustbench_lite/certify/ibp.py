@@ -10,18 +10,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-from torch import Tensor, nn
-
-from ..core.attack import eval_mode
-from ..core.threat import ThreatModel
 from . import (
     BoundVerifier,
-    InputSet,
     ibp_margins,
     layer_bounds,
-    logit_interval,
-    parse_network,
     register_verifier,
 )
 
@@ -34,13 +26,3 @@ class IBP(BoundVerifier):
     def _net_bounds(self, net, inset, y):
         _, last_in = layer_bounds(net, inset, "ibp")
         return ibp_margins(net, last_in, y)
-
-    def logit_bounds(self, model: nn.Module, x: Tensor, threat: ThreatModel) -> tuple[Tensor, Tensor]:
-        """The interval of each logit over the threat set, ``([B, K], [B, K])`` float64 (what
-        interval libraries report; the margins above are tighter)."""
-        threat = self._check_threat(threat)
-        model, x, _ = self._check(model, x, torch.zeros(x.shape[0], dtype=torch.long))
-        with eval_mode(model), torch.no_grad():
-            net = parse_network(model, x[:1])
-            eps = torch.full((x.shape[0],), threat.eps, dtype=torch.float64, device=x.device)
-            return logit_interval(net, InputSet.make(x.to(torch.float64), threat.norm, eps))

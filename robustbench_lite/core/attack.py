@@ -29,6 +29,7 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor, nn
 
+from .access import Access, access_note, model_access
 from .config import MAX_SEED, Plugin, setting
 from .models import check_logits
 from .threat import Geometry, Norm, ThreatModel, check_eps
@@ -127,6 +128,8 @@ class Attack(Plugin):
     norms: ClassVar[tuple[Norm, ...]] = (Norm.LINF, Norm.L2)
     targeted: ClassVar[bool] = False
     needs_grad: ClassVar[bool] = True
+    #: reads the model's output scores (logits); ``False``: only its predicted label (decision-based)
+    needs_scores: ClassVar[bool] = True
     randomized: ClassVar[bool] = False
     min_norm: ClassVar[bool] = False
     iterative: ClassVar[bool] = True
@@ -155,11 +158,27 @@ class Attack(Plugin):
         """Gradient evaluations per point at most; the harness runs cheaper attacks first."""
         return 1.0
 
+    @classmethod
+    def access(cls) -> Access:
+        """What the attack needs to see of a model, from its tags: gradients (``needs_grad``),
+        scores (``needs_scores``) or only the predicted label."""
+        if cls.needs_grad:
+            return Access.GRADIENTS
+        return Access.SCORES if cls.needs_scores else Access.LABELS
+
+    def check_access(self, model: nn.Module) -> None:
+        """Raise a ``ValueError`` naming the fix when ``model`` gives less than the attack needs
+        (a :class:`~robustbench_lite.core.access.LabelOnly` model and a gradient attack)."""
+        given = model_access(model)
+        if not given.covers(self.access()):
+            raise ValueError(access_note(self.name, self.access(), given))
+
     def _prepare(
         self, model: object, x: object, y: object, gen: torch.Generator | None
     ) -> tuple[Tensor, Tensor, torch.Generator, _Counter]:
         """The call-time checks every attack kind shares: model, images, labels, generator."""
         check_model(model)
+        self.check_access(model)
         x = check_images(x)
         check_dtype(model, x)
         y = check_labels(y, x.shape[0]).to(x.device)

@@ -32,6 +32,7 @@ def setting(
     high: float | None = None,
     low_open: bool = False,
     choices: tuple[Any, ...] | None = None,
+    keep_keys: bool = False,
 ) -> Any:
     """A dataclass field whose type and bounds are checked when the object is built.
 
@@ -39,8 +40,12 @@ def setting(
     lists the allowed values.  The field's annotation (int, float, bool, str) is enforced.  An
     int setting without ``high`` is at most ``MAX_INT``; one that needs more (seeds, Monte
     Carlo samples) says so with its own ``high``.
+
+    ``keep_keys=True`` marks a setting added to a plugin after results were stored: at its default
+    it is left out of :func:`params_of` (hence of every cell key and cache key), so the stored
+    results of the plugin keep their keys and a rerun resumes instead of recomputing them.
     """
-    meta = {"low": low, "high": high, "low_open": low_open, "choices": choices}
+    meta = {"low": low, "high": high, "low_open": low_open, "choices": choices, "keep_keys": keep_keys}
     return field(default=default, metadata={"rbl": meta})
 
 
@@ -79,8 +84,12 @@ def _check(owner: str, name: str, typ: Any, value: Any, meta: dict) -> None:
 
 
 def params_of(obj: Any) -> dict[str, Any]:
-    """A dataclass's fields as JSON-able values (enums as their value)."""
-    return {f.name: _plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    """A dataclass's fields as JSON-able values (enums as their value); a ``keep_keys`` setting at
+    its default is left out."""
+    return {
+        f.name: _plain(getattr(obj, f.name)) for f in dataclasses.fields(obj)
+        if not (f.metadata.get("rbl", {}).get("keep_keys") and getattr(obj, f.name) == f.default)
+    }
 
 
 def _plain(v: Any) -> Any:

@@ -18,6 +18,7 @@ import torch
 from torch import Tensor
 
 from .registry import DATASETS, list_datasets
+from .threat import Norm
 
 ENV_ROOT = "RBL_DATA_ROOT"
 
@@ -69,6 +70,25 @@ class Data:
     def input_shape(self) -> tuple[int, int, int]:
         c, h, w = self.train.x.shape[1:]
         return int(c), int(h), int(w)
+
+
+def default_eps(**by_norm: float):
+    """Declare a dataset loader's usual budgets per norm (pixels in [0, 1]), what an evaluation
+    without an eps uses: ``@register_dataset("mine")`` over ``@default_eps(linf=0.1, l2=1.5)``."""
+    eps = {Norm.parse(k): float(v) for k, v in by_norm.items()}
+    if any(not 0 < v <= 1e3 for v in eps.values()):
+        raise ValueError(f"default eps must be > 0, got {by_norm}")
+
+    def decorate(loader):
+        loader.default_eps = eps
+        return loader
+
+    return decorate
+
+
+def dataset_default_eps(name: str, norm: Norm) -> float | None:
+    """The registered dataset ``name``'s usual budget under ``norm`` (``None``: none declared)."""
+    return getattr(DATASETS.get(name), "default_eps", {}).get(norm)
 
 
 def load(

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .data import ENV_ROOT, DatasetNotFoundError, DataSplit
+from .data import ENV_ROOT, DatasetNotFoundError, DataSplit, default_eps
 from .registry import register_dataset
 
 DEBIAN_FASHION_ROOT = Path("/usr/share/datasets/fashion-mnist")
@@ -58,6 +58,7 @@ def _idx_split(root: Path, prefix: str) -> DataSplit | None:
 
 
 @register_dataset("fashion-mnist")
+@default_eps(linf=0.1, l2=1.5)
 def _fashion_mnist(root: Path | None) -> tuple[DataSplit, DataSplit, int]:
     candidates = [root, root / "fashion-mnist" if root else None] if root else [DEBIAN_FASHION_ROOT]
     for folder in [c for c in candidates if c is not None]:
@@ -73,6 +74,7 @@ def _fashion_mnist(root: Path | None) -> tuple[DataSplit, DataSplit, int]:
 
 
 @register_dataset("digits")
+@default_eps(linf=0.1, l2=1.0)
 def _digits(root: Path | None) -> tuple[DataSplit, DataSplit, int]:
     try:
         from sklearn.datasets import load_digits
@@ -111,6 +113,7 @@ def _torchvision_split(cls_name: str, root: Path | None, how_to_get: str) -> tup
 
 
 @register_dataset("mnist")
+@default_eps(linf=0.3, l2=2.0)
 def _mnist(root: Path | None) -> tuple[DataSplit, DataSplit, int]:
     return _torchvision_split(
         "MNIST", root, "Place the MNIST raw files under ROOT/MNIST/raw (torchvision's layout); nothing is downloaded."
@@ -118,6 +121,7 @@ def _mnist(root: Path | None) -> tuple[DataSplit, DataSplit, int]:
 
 
 @register_dataset("cifar10")
+@default_eps(linf=8 / 255, l2=0.5)
 def _cifar10(root: Path | None) -> tuple[DataSplit, DataSplit, int]:
     return _torchvision_split(
         "CIFAR10", root, "Extract cifar-10-python.tar.gz into ROOT (ROOT/cifar-10-batches-py); nothing is downloaded."

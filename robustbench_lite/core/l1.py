@@ -44,8 +44,8 @@ def _per_sample(eps: float | Tensor, batch: int, like: Tensor) -> Tensor:
     e = torch.as_tensor(eps, dtype=torch.float64, device=like.device).reshape(-1, 1)
     if e.shape[0] not in (1, batch):
         raise ValueError(f"eps must be a number or hold one value per sample ({batch}), got {e.shape[0]}")
-    if not bool(torch.isfinite(e).all()) or bool((e <= 0).any()):
-        raise ValueError("eps must be finite and > 0")
+    if not bool(torch.isfinite(e).all()) or bool((e < 0).any()):
+        raise ValueError("eps must be finite and >= 0")
     return e.expand(batch, 1)
 
 
@@ -106,6 +106,7 @@ def project_l1_box(x_adv: Tensor, x: Tensor, eps: float | Tensor) -> Tensor:
     lam = t_lo + (phi_lo - e) / (-slope).clamp_min(1.0)
     lam = torch.where(need, lam.clamp_min(0.0), torch.zeros_like(lam))
     delta = w.sign() * torch.minimum((a - lam).clamp_min(0.0), cap)
+    delta = torch.where(e > 0, delta, torch.zeros_like(delta))  # radius 0: the point itself, exactly
     return (xf + delta).clamp(0.0, 1.0).to(x_adv.dtype).view_as(x_adv)
 
 

@@ -156,6 +156,9 @@ DEFENSES = Registry(
 )
 MODELS = Registry("model", "robustbench_lite.core.models", "robustbench_lite.models")
 DATASETS = Registry("dataset", "robustbench_lite.core.datasets", "robustbench_lite.datasets")
+# cell kinds live in the harness; their registry sits here so that a cell can find its kind
+# without the harness modules importing one another in a circle
+KINDS = Registry("kind", "robustbench_lite.harness.kinds", "robustbench_lite.kinds", base="robustbench_lite.harness.kinds:CellKind")
 
 register_attack = ATTACKS.register
 create_attack = ATTACKS.create

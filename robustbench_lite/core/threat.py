@@ -72,22 +72,38 @@ class Geometry:
     aliases: ClassVar[tuple[str, ...]] = ()
     #: a budget that visibly moves a small image in [0, 1] (the attack contract tests use it)
     example_eps: ClassVar[float] = 0.1
+    #: budgets are whole numbers (L0 counts pixels): an attack moves them a whole unit at a time
+    discrete: ClassVar[bool] = False
+    #: the ball is round (L2): scaling a perturbation onto the sphere is the shortest way there, so
+    #: an attack may keep its iterate on the sphere (FMN's authors do for L2; for Linf or L1 scaling
+    #: every coordinate up is a long way from the ball's nearest point, and no attack does it)
+    round_ball: ClassVar[bool] = False
     #: relative slack when checking that a perturbation is inside the ball (float rounding)
     rtol: ClassVar[float] = 1e-4
     atol: ClassVar[float] = 1e-6
+    #: the ball ∩ [0, 1] is the box ``[x − ε, x + ε] ∩ [0, 1]`` (interval bounds over it are exact)
+    ball_is_box: ClassVar[bool] = False
 
     # -- what each norm implements ----------------------------------------------------------------
     def distance(self, delta: Tensor) -> Tensor:
         """Per-sample norm of a perturbation, shape ``[B]``."""
         raise NotImplementedError
 
-    def project_ball(self, delta: Tensor, eps: float) -> Tensor:
-        """The Euclidean projection of a perturbation onto the ball of radius ``eps`` (no box)."""
+    def project_ball(self, delta: Tensor, eps: float | Tensor) -> Tensor:
+        """The Euclidean projection of a perturbation onto the ball of radius ``eps`` (no box);
+        ``eps`` is a number or a tensor of one radius per sample (as in :meth:`project`)."""
         raise ValueError(f"the {self.norm.value} ball has no projection here")
 
-    def project(self, x_adv: Tensor, x: Tensor, eps: float) -> Tensor:
-        """A point of the ``eps`` ball around ``x`` intersected with the box [0, 1], close to ``x_adv``."""
+    def project(self, x_adv: Tensor, x: Tensor, eps: float | Tensor) -> Tensor:
+        """A point of the ``eps`` ball around ``x`` intersected with the box [0, 1], close to ``x_adv``.
+        ``eps`` is a number or a tensor ``[B]`` of one radius per sample (minimum-norm attacks
+        move each point's budget on its own)."""
         raise ValueError(f"the {self.norm.value} ball has no projection here")
+
+    def scale_budget(self, eps: Tensor, factor: float) -> Tensor:
+        """Budgets ``eps`` (one per sample) grown or shrunk by ``factor`` (FMN's ε schedule):
+        ``eps · factor`` for a continuous norm."""
+        return eps * factor
 
     def ascent(self, grad: Tensor) -> Tensor:
         """The steepest-ascent direction of unit norm: ``argmax_{‖d‖ ≤ 1} ⟨grad, d⟩``."""
@@ -109,6 +125,23 @@ class Geometry:
 
     def check_eps(self, eps: float) -> None:
         """Raise a ``ValueError`` naming the fix when ``eps`` makes no sense for this norm."""
+
+    def dual_norm(self, a: Tensor) -> Tensor:
+        """``‖a‖_* = max_{‖d‖ ≤ 1} ⟨a, d⟩`` over the last dimension (pass per-sample gradients
+        flattened, ``g.flatten(1)``): what a linear bound loses over the ball, and ``|L| / ‖∇L‖_*`` is
+        the distance to the zero level set of the linearised ``L`` (DeepFool, FMN)."""
+        raise ValueError(f"{self.norm.value} has no dual norm here")
+
+    def diameter(self, d: int) -> float:
+        """The largest distance between two points of ``[0, 1]^d`` (a search range for radii)."""
+        raise ValueError(f"{self.norm.value} has no diameter here")
+
+    def linear_min(self, a: Tensor, x: Tensor, eps: Tensor, lo: Tensor, hi: Tensor) -> Tensor:
+        """A lower bound ``[B, S]`` of ``min ⟨a_s, x'⟩`` over the ball of radius ``eps[b]`` around
+        ``x[b]`` ∩ [0, 1] (``a``: ``[B, S, d]``; ``x``, ``lo``, ``hi``: ``[B, d]``, a box that holds the
+        set).  By default ``⟨a, x⟩ − eps‖a‖_*`` over the ball (leaving the box out only lowers it)."""
+        centre = (a @ x[:, :, None])[..., 0]
+        return centre - eps[:, None] * self.dual_norm(a)
 
     # -- shared by every norm ---------------------------------------------------------------------
     def sphere_start(self, x: Tensor, eps: float, gen: torch.Generator) -> Tensor:
@@ -142,15 +175,18 @@ class LinfGeometry(Geometry):
     norm = Norm.LINF
     aliases = ("linf", "inf", "l∞")
     example_eps = 0.1
+    ball_is_box = True
 
     def distance(self, delta: Tensor) -> Tensor:
         return delta.flatten(1).abs().amax(dim=1)
 
-    def project_ball(self, delta: Tensor, eps: float) -> Tensor:
-        return delta.clamp(-eps, eps)
+    def project_ball(self, delta: Tensor, eps: float | Tensor) -> Tensor:
+        e = _radius(eps, delta)
+        return delta.clamp(-e, e) if isinstance(e, Tensor) else delta.clamp(-float(e), float(e))
 
-    def project(self, x_adv: Tensor, x: Tensor, eps: float) -> Tensor:
-        return torch.min(torch.max(x_adv, x - eps), x + eps).clamp_(0.0, 1.0)
+    def project(self, x_adv: Tensor, x: Tensor, eps: float | Tensor) -> Tensor:
+        e = _radius(eps, x)
+        return torch.min(torch.max(x_adv, x - e), x + e).clamp_(0.0, 1.0)
 
     def ascent(self, grad: Tensor) -> Tensor:
         return grad.sign()
@@ -168,9 +204,25 @@ class LinfGeometry(Geometry):
         """A random vertex of the ball: ``±ε`` per coordinate."""
         return (torch.randint(0, 2, shape, generator=gen, device=gen.device).float() * 2 - 1) * eps
 
+    def dual_norm(self, a: Tensor) -> Tensor:
+        return a.abs().sum(dim=-1)
+
+    def diameter(self, d: int) -> float:
+        return 1.0
+
+    def linear_min(self, a: Tensor, x: Tensor, eps: Tensor, lo: Tensor, hi: Tensor) -> Tensor:
+        """Exact: the ball ∩ [0, 1] is the box ``[lo, hi]``, whose minimum takes ``lo`` where
+        ``a > 0`` and ``hi`` where ``a < 0``."""
+        return (a.clamp(min=0) @ lo[:, :, None] + a.clamp(max=0) @ hi[:, :, None])[..., 0]
+
     def check_eps(self, eps: float) -> None:
         if eps > 1:
             raise ValueError(f"Linf eps on images in [0, 1] must be <= 1, got {eps:g}; did you mean {eps:g}/255?")
+
+
+def _radius(eps: float | Tensor, like: Tensor) -> float | Tensor:
+    """A number as it is; a tensor of per-sample radii ``[B]`` as a broadcastable ``[B, 1, ...]``."""
+    return per_sample(eps.to(like.dtype), like) if isinstance(eps, Tensor) else eps
 
 
 def _normalize_l2(g: Tensor, tiny: float = 1e-12) -> Tensor:
@@ -185,16 +237,17 @@ class L2Geometry(Geometry):
     norm = Norm.L2
     aliases = ("l2", "2")
     example_eps = 1.0
+    round_ball = True
 
     def distance(self, delta: Tensor) -> Tensor:
         return delta.flatten(1).norm(p=2, dim=1)
 
-    def project_ball(self, delta: Tensor, eps: float) -> Tensor:
+    def project_ball(self, delta: Tensor, eps: float | Tensor) -> Tensor:
         """``δ · min(1, ε / ‖δ‖₂)`` per sample."""
         factor = (eps / self.distance(delta).clamp_min(1e-12)).clamp(max=1.0)
         return delta * per_sample(factor, delta)
 
-    def project(self, x_adv: Tensor, x: Tensor, eps: float) -> Tensor:
+    def project(self, x_adv: Tensor, x: Tensor, eps: float | Tensor) -> Tensor:
         return (x + self.project_ball(x_adv - x, eps)).clamp_(0.0, 1.0)
 
     def ascent(self, grad: Tensor) -> Tensor:
@@ -217,6 +270,12 @@ class L2Geometry(Geometry):
         """A Gaussian direction scaled to ``ε``."""
         return _normalize_l2(torch.randn(shape, generator=gen, device=gen.device)) * eps
 
+    def dual_norm(self, a: Tensor) -> Tensor:
+        return a.norm(dim=-1)
+
+    def diameter(self, d: int) -> float:
+        return math.sqrt(d)
+
 
 @_geometry
 class L0Geometry(Geometry):
@@ -226,12 +285,39 @@ class L0Geometry(Geometry):
     norm = Norm.L0
     aliases = ("l0", "0")
     example_eps = 1.0
+    discrete = True
 
     def distance(self, delta: Tensor) -> Tensor:
         return (delta.abs().amax(dim=1) > 0).flatten(1).sum(dim=1).to(delta.dtype)
 
     def inside(self, delta: Tensor, eps: float) -> Tensor:
         return self.distance(delta) <= eps
+
+    def project_ball(self, delta: Tensor, eps: float | Tensor) -> Tensor:
+        """Keep the ``⌊ε⌋`` pixels whose change is largest (squared over channels), zero the rest:
+        the Euclidean projection onto the set of perturbations that change at most ``ε`` pixels."""
+        k = torch.as_tensor(eps, dtype=torch.float64, device=delta.device).floor().long().reshape(-1)
+        k = k.expand(delta.shape[0]) if k.numel() == 1 else k
+        power = delta.pow(2).sum(dim=1).flatten(1)  # [B, H*W]
+        order = power.argsort(dim=1, descending=True)
+        rank = torch.empty_like(order).scatter_(1, order, torch.arange(power.shape[1], device=delta.device).expand_as(order))
+        keep = (rank < k.clamp(min=0)[:, None]).view(delta.shape[0], 1, *delta.shape[2:])
+        return delta * keep
+
+    def project(self, x_adv: Tensor, x: Tensor, eps: float | Tensor) -> Tensor:
+        """Keep the ``⌊ε⌋`` pixels that changed most, then clip to the box (the order of FMN,
+        Pintor et al. 2021).  The result lies in ball ∩ box; it is not always the closest such
+        point (clipping may shrink a kept pixel below one left out), and choosing after clipping
+        was measured weaker for FMN's L0 search: it spends every pixel of the budget, where this
+        order leaves the search room below ε (BENCHMARKS.md)."""
+        return (x + self.project_ball(x_adv - x, eps)).clamp(0.0, 1.0)
+
+    def scale_budget(self, eps: Tensor, factor: float) -> Tensor:
+        """Whole pixels: at least one pixel in ``factor``'s direction, ``⌊ε · factor⌋`` when that
+        moves further, never below 0."""
+        if factor >= 1:
+            return torch.maximum(eps + 1, (eps * factor).floor())
+        return torch.minimum(eps - 1, (eps * factor).floor()).clamp_min(0)
 
     def check_eps(self, eps: float) -> None:
         if eps != int(eps):
@@ -252,11 +338,11 @@ class L1Geometry(Geometry):
     def distance(self, delta: Tensor) -> Tensor:
         return l1.l1_norm(delta)
 
-    def project_ball(self, delta: Tensor, eps: float) -> Tensor:
+    def project_ball(self, delta: Tensor, eps: float | Tensor) -> Tensor:
         """Duchi et al.'s sorting projection (ICML 2008, Figure 1)."""
         return l1.project_l1_ball(delta, eps)
 
-    def project(self, x_adv: Tensor, x: Tensor, eps: float) -> Tensor:
+    def project(self, x_adv: Tensor, x: Tensor, eps: float | Tensor) -> Tensor:
         return l1.project_l1_box(x_adv, x, eps)
 
     def ascent(self, grad: Tensor) -> Tensor:
@@ -273,6 +359,12 @@ class L1Geometry(Geometry):
 
     def random_sphere(self, shape: tuple[int, ...], eps: float, gen: torch.Generator) -> Tensor:
         return l1.l1_random_sphere(shape, eps, gen)
+
+    def dual_norm(self, a: Tensor) -> Tensor:
+        return a.abs().amax(dim=-1)
+
+    def diameter(self, d: int) -> float:
+        return float(d)
 
 
 #: the smallest eps of any threat: float32 pixels near 1 move in steps of about 6e-8, so a smaller

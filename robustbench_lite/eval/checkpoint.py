@@ -19,7 +19,6 @@ from ..core.config import config_hash
 
 if TYPE_CHECKING:
     from ..core.attack import EvasionAttack
-    from .evasion import AttackRecord
 
 Stage = tuple[dict[str, Any], Tensor | None]
 
@@ -48,23 +47,3 @@ class MemoryCheckpoint:
 def attack_id(attack: EvasionAttack) -> str:
     """A stage name part that names an attack and its settings."""
     return f"{attack.name}:{config_hash(attack.get_params(), 12)}"
-
-
-def record_payload(rec: AttackRecord) -> dict[str, Any]:
-    """An attack record's numbers (its mask is stored beside them)."""
-    return {
-        "seconds": rec.seconds, "grad_evals": rec.grad_evals, "forward_evals": rec.forward_evals, "attacked": rec.attacked,
-        "scope": rec.scope, "target_hit_rate": rec.target_hit_rate, "error": rec.error,
-        "success_rate": rec.success_rate, "median_l2": rec.median_l2,
-    }
-
-
-def record_from(attack: EvasionAttack, payload: dict[str, Any], mask: Tensor | None) -> AttackRecord:
-    """The record :func:`record_payload` stored, for ``attack``."""
-    from .evasion import AttackRecord
-
-    return AttackRecord(
-        attack, mask, float(payload["seconds"]), int(payload["grad_evals"]), int(payload["forward_evals"]),
-        int(payload["attacked"]), str(payload["scope"]), payload.get("target_hit_rate"), str(payload.get("error", "")),
-        success_rate=payload.get("success_rate"), median_l2=payload.get("median_l2"),
-    )

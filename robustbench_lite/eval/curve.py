@@ -230,16 +230,6 @@ def optimality(distances: Tensor, best: Tensor, eps_max: float) -> float:
     return float(min(1.0, max(0.0, 1.0 - (a - a_star) / (worst - a_star))))
 
 
-def pointwise_optimality(distances: Tensor, best: Tensor, eps_max: float) -> Tensor:
-    """The same score per point: ``1 − (min(d_i, ε) − min(d*_i, ε)) / (ε − min(d*_i, ε))`` where
-    some attack broke point ``i`` within ``ε = eps_max``; 1 elsewhere (no attack found anything,
-    or the point was misclassified already)."""
-    d, b = distances.float().clamp(max=eps_max), best.float().clamp(max=eps_max)
-    room = eps_max - b
-    score = 1.0 - (d - b) / torch.where(room > 0, room, torch.ones_like(room))
-    return torch.where((room > 0) & (best > 0), score.clamp(0.0, 1.0), torch.ones_like(score))
-
-
 # -- storage ---------------------------------------------------------------------------------------
 def encode(distances: Tensor) -> str:
     """Distances as base64 of little-endian float32 (``inf`` kept): compact, exact, JSON-safe."""

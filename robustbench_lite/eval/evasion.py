@@ -13,11 +13,11 @@ import dataclasses
 import time
 import traceback
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
+from ..core.access import Access, access_note, model_access
 from ..core.attack import EvasionAttack
 from ..core.data import DataSplit
 from ..core.device import DevicePolicy, as_policy, halving_on_oom, keeps_layout
@@ -29,8 +29,9 @@ from ..core.threat import Norm, ThreatModel
 from . import adaptive as wrappers
 from . import flags as checks
 from .adversarial import AdvExamples, AdvSink
-from .checkpoint import Checkpoint, MemoryCheckpoint, attack_id, record_from, record_payload
+from .checkpoint import Checkpoint, MemoryCheckpoint, attack_id
 from .escalate import Escalated, Escalation, StepRecord, run_step
+from .records import AttackRecord, Evaluation, record_from, record_payload
 
 # model-level checks whose firing makes an adaptive evaluation rerun the gradient attacks
 MASKING = (
@@ -43,50 +44,13 @@ _STUCK = {  # -> bpda + rescale
 DEFAULT_ESCALATION = Escalation()
 
 
-@dataclass(frozen=True)
-class AttackRecord:
-    """One attack's outcome on the evaluated points."""
-
-    attack: EvasionAttack
-    robust: Tensor | None  #: bool [n]; None when the attack failed
-    seconds: float
-    grad_evals: int
-    forward_evals: int
-    attacked: int
-    scope: str
-    target_hit_rate: float | None = None
-    error: str = ""
-    success_rate: float | None = None  #: min-norm attacks: share of attacked points with any adversarial
-    median_l2: float | None = None  #: min-norm attacks: median distance of the adversarials found
-    examples: AdvExamples | None = None  #: the broken points' adversarial images (only when asked to keep them)
-
-    @property
-    def robust_acc(self) -> float | None:
-        return None if self.robust is None else float(self.robust.float().mean())
-
-
-@dataclass(frozen=True)
-class Evaluation:
-    """Everything :func:`~robustbench_lite.evaluate` measured."""
-
-    n: int
-    correct: Tensor  #: bool [n]: clean prediction is right
-    records: list[AttackRecord]  #: in the order of the attacks passed in
-    worst_case: dict[ThreatModel, Tensor]  #: bool [n] per threat
-    flags: dict[str, set[str]]  #: attack name or "worst_case:<threat>" -> flags
-    plain_records: list[AttackRecord] | None = None  #: before an adaptive rerun (None: no rerun)
-    model_flags: frozenset[str] = frozenset()  #: codes of the model-level checks that fired
-    escalated: dict[ThreatModel, Escalated] = dataclasses.field(default_factory=dict)  #: the ladder, per threat
-
-    @property
-    def clean_acc(self) -> float:
-        return float(self.correct.float().mean())
-
-
 def input_grad_norms(model: nn.Module, split: DataSplit, device: torch.device, batch_size: int = 500) -> Tensor:
     """L2 norm of the CE gradient w.r.t. each input (for the zero-gradient check); empty for an
-    empty split (a model with no correct point)."""
+    empty split (a model with no correct point) and for a model that gives no gradients
+    (:func:`~robustbench_lite.core.access.model_access`)."""
     out = []
+    if model_access(model) is not Access.GRADIENTS:
+        return torch.empty(0)
     model.eval()
     for i in range(0, len(split), batch_size):
         x = split.x[i : i + batch_size].to(device).requires_grad_(True)
@@ -127,15 +91,23 @@ def model_checks(
 ) -> set[str]:
     """Model-level checks on (up to ``points``) clean-correct points: probability-like outputs,
     randomized outputs (two passes of the same inputs), and a PGD-CE probe at Linf eps 1 with no
-    random start (every image is reachable, so an honest gradient gets accuracy near 0)."""
+    random start (every image is reachable, so an honest gradient gets accuracy near 0).  A model
+    that gives less than gradients (:func:`~robustbench_lite.core.access.model_access`) gets only
+    the checks its outputs allow: no probe, and no probability check on a label-only model (its
+    one-hot outputs are not scores)."""
     if len(split) == 0:
         return set()
     probe = split.head(points)
     x, y = probe.x.to(device), probe.y.to(device)
     first, second = model(x), model(x)
-    found = {checks.probability_outputs(first), checks.randomized_outputs(first, second)}
+    access = model_access(model)
+    found = {checks.randomized_outputs(first, second)}
+    if access is not Access.LABELS:
+        found.add(checks.probability_outputs(first))
     if not (torch.isfinite(first).all() and torch.isfinite(second).all()):
         found.add(checks.NON_FINITE)
+    if access is not Access.GRADIENTS:
+        return {f for f in found if f}
     # a randomized model is probed in expectation (EOT), so that luck does not fire this check
     probed = wrappers.EOT(model, 8) if checks.RANDOMIZED in found else model
     pgd = create_attack("pgd", norm=Norm.LINF, eps=1.0, steps=probe_steps, random_start=False)
@@ -358,6 +330,13 @@ def evaluate(
     adaptive rerun) or an escalation step broke, as soon as it is judged and before its stage is
     checkpointed; stages and records taken from ``checkpoint`` or ``precomputed`` hand it nothing.
 
+    A model that gives less than its gradients (a
+    :class:`~robustbench_lite.core.access.LabelOnly` or
+    :class:`~robustbench_lite.core.access.ScoresOnly` wrapper) is evaluated only by the attacks
+    it allows: an attack that needs more (``Attack.access``) is not run, and its record says why
+    (``AttackRecord.skipped``); the gradient probes, the adaptive rerun and the escalation ladder
+    (which attack through gradients or scores) are left out.
+
     ``batch_size`` is a number or a function of the attack (an autotuned choice per attack kind);
     an attack that runs out of CUDA memory is rerun with half the batch (see
     :func:`~robustbench_lite.core.device.halving_on_oom`).  ``policy`` (default: float32 on ``device``) says where and
@@ -384,6 +363,9 @@ def evaluate(
         raise TypeError(f"split must be a DataSplit (images in [0, 1] and labels), got {type(split).__name__}")
     split = _as_float32(split.head(n))
     model = policy.model_to(model).eval()
+    given = model_access(model)
+    if given is not Access.GRADIENTS:  # the rerun and the ladder attack through gradients or scores
+        adaptive, escalation, probe_iterations = False, None, False
 
     def run(
         attack: EvasionAttack, mask: Tensor, scope: str, attack_model: nn.Module | None = None, label: str = ""
@@ -432,6 +414,9 @@ def evaluate(
         stage = f"attack:{attack_id(attack)}"
         if i in precomputed:
             rec = precomputed[i]
+        elif not given.covers(attack.access()):
+            rec = AttackRecord(attack, None, 0.0, 0, 0, int(mask.sum()), scope,
+                               skipped=access_note(attack.name, attack.access(), given))
         elif (hit := ck.get(stage)) is not None:
             rec = record_from(attack, hit[0], hit[1])
         else:
@@ -634,7 +619,8 @@ def _probe_iterations(
     """Run :func:`iterations_probe` per threat (its outcome is a stage); a flag goes on the
     threat's iterative gradient attacks and its worst case."""
     for threat, mask in worst.items():
-        stuck = [r for r in records if r.attack.threat == threat and r.attack.needs_grad and r.attack.iterative]
+        stuck = [r for r in records if r.attack.threat == threat and r.attack.needs_grad and r.attack.iterative
+                 and r.robust is not None]
         if not stuck:
             continue
         stage = f"probe:{threat.label}"
@@ -668,7 +654,7 @@ def cell_flags(records: Sequence[AttackRecord], model_flags: set[str] | str | No
     for threat, recs in by_threat.items():
         wc = flags.setdefault(f"worst_case@{threat.label}", set())
         ok = [r for r in recs if r.robust is not None]
-        if len(ok) < len(recs):
+        if len(ok) < len([r for r in recs if not r.skipped]):  # a skipped attack was left out on purpose
             wc.add(checks.INCOMPLETE)
         # cumulative (survivor) numbers are not comparable, and a targeted attack is weaker by design
         own = [r for r in ok if r.scope == "all" and not r.attack.targeted]

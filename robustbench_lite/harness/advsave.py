@@ -23,6 +23,9 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import torch
+from torch import Tensor
+
 from ..core.attack import EvasionAttack
 from ..core.threat import ThreatModel
 from ..eval.adversarial import AdvExamples, read_examples, write_examples
@@ -142,3 +145,35 @@ class AdvWriter:
 def missing_files(root: str | Path, cells: Sequence[Cell]) -> list[Cell]:
     """The evasion cells whose examples file is not in ``root``."""
     return [c for c in cells if not attack_file(root, c).is_file()]
+
+
+def saved_starts(root: str | Path, cell: Cell, group: Group, like: Tensor) -> Tensor | None:
+    """The group's saved adversarial examples on ``cell``'s threat and first ``len(like)`` points,
+    as candidate counterexamples for a complete verifier: ``[n, *x]`` float32 with NaN rows where
+    no attack broke the point (``None``: no file of this model, data and threat in ``root``).
+    A file counts only when its model key, state fingerprint, threat and data fingerprint are the
+    group's; the verifier re-checks every start on the model itself."""
+    root, n = Path(root), like.shape[0]
+    prefix = "__".join(safe_name(p) for p in (cell.data.name, cell.model.name, cell.defense.name)) + "__"
+    out, state, prints = None, None, {}
+    for path in sorted(root.glob(f"{prefix}*.safetensors")):
+        try:
+            saved = read_examples(path)
+        except (OSError, ValueError) as exc:
+            log.warning("skipping %s as starts for %s: %s", path.name, cell.attack.name, exc)
+            continue
+        meta = saved.meta
+        if meta["model_key"] != group.trained.key or saved.threat != cell.threat or saved.n < 1:
+            continue
+        if meta["data_fingerprint"] != prints.setdefault(saved.n, group.data.test.head(saved.n).fingerprint()):
+            continue
+        if state is None:
+            state = state_fingerprint(group.trained.model)
+        if meta["state_fingerprint"] != state:
+            continue
+        ex = saved.examples
+        keep = ex.index < n
+        if out is None:
+            out = torch.full((n, *like.shape[1:]), float("nan"), dtype=torch.float32)
+        out[ex.index[keep]] = ex.x_adv[keep].reshape(-1, *like.shape[1:])
+    return out

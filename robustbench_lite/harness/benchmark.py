@@ -22,21 +22,15 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..core.data import dataset_default_eps
 from ..core.progress import Progress
+from ..core.registry import DATASETS
 from ..core.threat import Norm, ThreatModel
 from .kinds.evasion import worst_case_key
 from .plan import Plan
 from .run import run_plan
 from .store import Store
 from .user import check_on_data, prepare, resolve_data, user_cells
-
-# the usual budgets per dataset (images in [0, 1]), for a call without eps
-DEFAULT_EPS = {
-    ("fashion-mnist", Norm.LINF): 0.1, ("fashion-mnist", Norm.L2): 1.5,
-    ("digits", Norm.LINF): 0.1, ("digits", Norm.L2): 1.0,
-    ("mnist", Norm.LINF): 0.3, ("mnist", Norm.L2): 2.0,
-    ("cifar10", Norm.LINF): 8 / 255, ("cifar10", Norm.L2): 0.5,
-}
 
 
 def benchmark(
@@ -56,6 +50,7 @@ def benchmark(
     autocast: str = "auto",
     progress: bool | Progress = True,
     save_adv: str | Path | None = None,
+    access: str = "gradients",
 ) -> tuple[float, float]:
     """Clean accuracy and worst-case robust accuracy of ``model`` on the first ``n_examples``
     points of ``dataset`` (a registered name, a folder, an ``.npz`` path, a :class:`Data`, or an
@@ -67,7 +62,10 @@ def benchmark(
     names a folder for each attack's adversarial examples (safetensors with the points' indices,
     the threat and the attack's settings: ``robustbench-lite replay`` re-judges them).  ``progress``
     shows bars on a terminal and INFO lines on the ``robustbench_lite.progress`` logger elsewhere
-    (``False``: neither; or a :class:`~robustbench_lite.core.progress.Progress`)."""
+    (``False``: neither; or a :class:`~robustbench_lite.core.progress.Progress`).  ``access``
+    ``"labels"`` (or ``"scores"``) evaluates the model as an API that returns only its predicted
+    label (or its scores): give decision-based attacks (``attacks=["hsj"]``); the others are
+    skipped with a note in their rows."""
     if isinstance(n_examples, bool) or not isinstance(n_examples, int) or n_examples < 1:
         raise ValueError(f"n_examples must be a positive int, got {n_examples!r}")
     if isinstance(threat_model, str) and threat_model.strip().lower() == "corruptions":
@@ -75,12 +73,12 @@ def benchmark(
     norm = Norm.parse(threat_model)
     spec_data, data = resolve_data(dataset, data_root=data_dir)
     if eps is None:
-        eps = DEFAULT_EPS.get((spec_data.name, norm))
+        eps = dataset_default_eps(spec_data.name, norm) if spec_data.name in DATASETS else None
         if eps is None:
             raise ValueError(f"no default eps for {spec_data.name!r} under {norm.value}; pass eps= (pixels in [0, 1], "
                              "e.g. eps=8/255)")
     threat = ThreatModel(norm, eps)
-    model_spec, weights_spec, built = prepare(data, module=model, normalize=normalize, name=model_name)
+    model_spec, weights_spec, built = prepare(data, module=model, normalize=normalize, name=model_name, access=access)
     k = check_on_data(built, data)
     n = min(n_examples, len(data.test))
     cells = user_cells(spec_data, model_spec, weights_spec, threats=[threat], attacks=attacks, n=n, num_classes=k)

@@ -54,8 +54,8 @@ from ..core.models import ModelSpec
 from ..core.registry import ATTACKS, DATASETS, DEFENSES, MODELS
 from ..core.threat import Norm, ThreatModel
 from .attack_sets import SETS, attack_specs
+from .grid import Extra, Preset
 from .plan import Cell, Plan
-from .presets import Extra, Preset
 from .specs import AttackSpec, DataSpec, DefenseSpec
 
 _TOP = ("name", "description", "n", "survivors", "datasets", "models", "defenses", "threats", "paired", "extra", "curves")

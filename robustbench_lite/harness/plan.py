@@ -7,7 +7,7 @@ from typing import Any
 
 from ..core.config import config_hash
 from ..core.models import ModelSpec
-from ..core.registry import ATTACKS
+from ..core.registry import ATTACKS, KINDS
 from ..core.threat import ThreatModel
 from .specs import AttackSpec, DataSpec, DefenseSpec
 
@@ -61,10 +61,8 @@ class Cell:
 
 
 def kind_of(cell: Cell):
-    """The registered cell kind that runs ``cell``."""
-    from .kinds import kind  # the kinds import this module
-
-    return kind(cell.kind)
+    """The registered cell kind that runs ``cell`` (an instance; kinds hold no state)."""
+    return KINDS.get(cell.kind)()
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import MISSING, asdict, dataclass, fields
 from typing import TYPE_CHECKING, Any
 
@@ -16,9 +16,13 @@ from torch import Tensor
 from ..core.config import config_hash
 
 if TYPE_CHECKING:
+    import pandas as pd
+
     from .plan import Cell
 
 WORST_CASE = "worst_case"
+SKIPPED = "skipped"  # status of a cell whose attack needs more of the model than it gives (the note in ``error``)
+FINISHED = frozenset({"ok", SKIPPED})  # statuses a rerun does not compute again
 
 
 @dataclass(frozen=True)
@@ -42,8 +46,8 @@ class CellResult:
     success_rate: float | None  # min-norm attacks (cw-l2): share of attacked points with any adversarial
     median_l2: float | None  # min-norm attacks: median L2 distance of the adversarials found
     flags: str  # ';'-separated codes from eval.flags.FLAGS
-    status: str  # ok | error
-    error: str
+    status: str  # ok | error | skipped
+    error: str  # the error, or why the cell was skipped
     train_seconds: float | None
     attack_params: str  # JSON of the attack's settings
     key: str  # the cell's config hash (store key)
@@ -80,7 +84,7 @@ class CellResult:
 
 
 _UNIT = frozenset({"clean_acc", "robust_acc"})  # accuracies: in [0, 1] (NaN: not measured)
-_STATUS = frozenset({"ok", "error"})
+_STATUS = FINISHED | {"error"}
 _JSON_OBJECTS = frozenset({"metrics", "identity"})
 
 
@@ -177,3 +181,16 @@ def split_metrics(values: dict[str, Any]) -> tuple[dict[str, Any], str]:
 
 Row = tuple[CellResult, Tensor | None]  # a store row and its per-point mask (robust, or certified)
 OnRow = Callable[[CellResult, Tensor | None], None]
+
+
+def long_table(rows: Sequence[CellResult]) -> pd.DataFrame:
+    """The rows as one table (``cells.csv``'s order: per dataset, threat and model, each model's
+    attacks cheapest first and its worst case last)."""
+    import pandas as pd  # only the tables need pandas
+
+    df = pd.DataFrame([r.as_row() for r in rows])
+    if df.empty:
+        return df
+    df["_wc"] = df["attack"] == WORST_CASE
+    df = df.sort_values(["dataset", "norm", "eps", "model", "defense", "_wc", "grad_evals", "attack"], kind="stable")
+    return df.drop(columns="_wc").reset_index(drop=True)

@@ -35,7 +35,7 @@ from typing import Any, Protocol
 import torch
 from torch import Tensor
 
-from .. import __version__
+from .._version import __version__
 from ..core.data import Data
 from ..core.device import make_policy
 from ..core.progress import Progress, Task
@@ -45,7 +45,7 @@ from . import faults
 from .advsave import check_save_dir
 from .kinds import Group, Sink, Stage, kind, proofs_of
 from .plan import Cell, Plan
-from .rows import WORST_CASE, CellResult, OnRow, Row, error_row, model_identity
+from .rows import FINISHED, WORST_CASE, CellResult, OnRow, Row, error_row, model_identity
 from .specs import DataSpec
 from .store import Store
 
@@ -316,7 +316,7 @@ def _refreshed(task: GroupTask, store: Store) -> GroupTask:
     done = {}
     for c in task.cells:
         hit = store.get(c.key)
-        if hit is not None and hit[0].status == "ok":
+        if hit is not None and hit[0].status in FINISHED:
             done[c.key] = hit
     stages = store.stages(group_prefix(task.cells)) if len(done) < len(task.cells) else {}
     return GroupTask(task.cells, done, stages)
@@ -360,7 +360,7 @@ def _run_tasks(
                 if row.model_key:  # measured (an attack that raised is measured with its error)
                     summary.computed += 1
                     summary.computed_keys.append(row.key)
-                if row.status != "ok":
+                if row.status == "error":
                     summary.errors += 1
                     if not row.model_key:
                         log.warning("%s on %s: %s", row.attack, row.defense, row.error.splitlines()[0] if row.error else "")

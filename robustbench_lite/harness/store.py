@@ -42,7 +42,7 @@ import torch
 from torch import Tensor
 
 from ..training.cache import pid_alive
-from .rows import CellResult
+from .rows import FINISHED, CellResult
 
 log = logging.getLogger(__name__)
 
@@ -234,7 +234,7 @@ class Store:
 
     def done(self, key: str) -> bool:
         hit = self.get(key)
-        return hit is not None and hit[0].status == "ok"
+        return hit is not None and hit[0].status in FINISHED
 
     def rows(self) -> list[CellResult]:
         with self._errors("read"):
@@ -243,7 +243,7 @@ class Store:
 
     def merge_from(self, other: str | Path) -> int:
         """Copy the cells of the store at ``other`` into this one (runs split across machines or
-        processes, each with its own workdir).  A finished (``ok``) cell replaces whatever is
+        processes, each with its own workdir).  A finished (``ok`` or ``skipped``) cell replaces whatever is
         here; an error row is copied only where this store has nothing for that key.  Returns
         the number of rows copied."""
         other = Path(other)
@@ -254,8 +254,9 @@ class Store:
             self._db.execute("ATTACH DATABASE ? AS src", (str(other),))
             try:
                 with self._db:
-                    self._db.execute("INSERT OR REPLACE INTO cells SELECT * FROM src.cells WHERE status = 'ok'")
-                    self._db.execute("INSERT OR IGNORE INTO cells SELECT * FROM src.cells WHERE status != 'ok'")
+                    done = ", ".join(f"'{s}'" for s in sorted(FINISHED))
+                    self._db.execute(f"INSERT OR REPLACE INTO cells SELECT * FROM src.cells WHERE status IN ({done})")
+                    self._db.execute(f"INSERT OR IGNORE INTO cells SELECT * FROM src.cells WHERE status NOT IN ({done})")
             finally:
                 self._db.execute("DETACH DATABASE src")
         return self._db.total_changes - before

@@ -5,7 +5,8 @@ The harness trains a model per (data, model, defense).  A user's model is the sa
 * :class:`UserDataSpec`: evaluation points from a folder, an ``.npz`` or memory (carried with
   the spec; keyed by a content hash, so a moved file keeps its results);
 * :class:`UserModelSpec`: the architecture (registry name, ``timm:NAME``, ``file.py:function``, a
-  pickled module or an in-memory module), its class count and normalization;
+  pickled module or an in-memory module), its class count and normalization, and what it gives an
+  attacker (``access``: gradients, or only scores or labels, as behind an API);
 * :class:`UserWeightsSpec`: the "defense" ``user-weights`` whose training is loading the
   checkpoint (:class:`~robustbench_lite.training.weights.UserWeights`), keyed by the weights'
   hash, so a rerun with the same file resumes and a changed file is a new model.
@@ -17,6 +18,7 @@ model cannot take, labels outside its classes), so a bad input fails at once wit
 from __future__ import annotations
 
 import copy
+import dataclasses
 import logging
 import re
 import warnings
@@ -28,6 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from ..core.access import Access, restrict
 from ..core.data import Data, DataSplit, load
 from ..core.models import ModelSpec
 from ..core.registry import DATASETS
@@ -77,8 +80,12 @@ class UserModelSpec(ModelSpec):
     arch: str = field(default="", compare=False)  # registry name or resolved "path.py:fn" ("" = name)
     pickled: str = field(default="", compare=False)  # a trusted pickled module's path
     module: nn.Module | None = field(default=None, compare=False, repr=False)
+    access: str = Access.GRADIENTS.value  # "scores" or "labels": seen through ScoresOnly / LabelOnly
 
     def build(self, data: Data) -> nn.Module:
+        return restrict(self._network(data), self.access)
+
+    def _network(self, data: Data) -> nn.Module:
         if self.module is not None:
             model = copy.deepcopy(self.module)
         elif self.pickled:
@@ -95,8 +102,11 @@ class UserModelSpec(ModelSpec):
         """Nothing: :func:`prepare` built, loaded and checked the model already."""
 
     def as_dict(self) -> dict[str, Any]:
-        return {"name": self.name, "kwargs": dict(self.kwargs), "num_classes": self.num_classes,
-                "normalize": self.normalize, "source": self.source}
+        out = {"name": self.name, "kwargs": dict(self.kwargs), "num_classes": self.num_classes,
+               "normalize": self.normalize, "source": self.source}
+        if self.access != Access.GRADIENTS.value:  # the keys of models seen whole stay what they were
+            out["access"] = self.access
+        return out
 
 
 @dataclass(frozen=True)
@@ -217,10 +227,15 @@ def _user(name: str, x: torch.Tensor, y: torch.Tensor, num_classes: int, source:
 # -- model ------------------------------------------------------------------------------------------
 def prepare(data: Data, *, arch: str | None = None, weights: str | Path | None = None, module: nn.Module | None = None,
             kwargs: dict[str, Any] | None = None, normalize: tuple | None = None, num_classes: int | None = None,
-            trust_pickle: bool = False, name: str | None = None) -> tuple[UserModelSpec, UserWeightsSpec, nn.Module]:
+            trust_pickle: bool = False, name: str | None = None,
+            access: Access | str = Access.GRADIENTS) -> tuple[UserModelSpec, UserWeightsSpec, nn.Module]:
     """The model and weights specs of a user's model, with the model built, loaded and checked on
-    ``data`` (raises ``ValueError``/``TypeError``/``FileNotFoundError`` naming the fix)."""
+    ``data`` (raises ``ValueError``/``TypeError``/``FileNotFoundError`` naming the fix).  With
+    ``access`` "labels" (or "scores") the model is evaluated as an API that returns only its
+    predicted label (or its scores): attacks that need more are skipped with a note, and its
+    model column says so (``-label-only``, ``-scores-only``)."""
     k = num_classes or data.num_classes
+    access = Access.parse(access)
     norm = None if normalize is None else (tuple(map(float, normalize[0])), tuple(map(float, normalize[1])))
     if module is not None:
         if not isinstance(module, nn.Module):
@@ -260,6 +275,9 @@ def prepare(data: Data, *, arch: str | None = None, weights: str | Path | None =
                                  source=file_digest(path), arch=f"{path.resolve()}:{fn}")
         else:
             spec = UserModelSpec(arch, dict(kwargs or {}), num_classes=k, normalize=norm, source="registry")
+    if access is not Access.GRADIENTS:
+        suffix = "-label-only" if access is Access.LABELS else "-scores-only"
+        spec = dataclasses.replace(spec, name=spec.name + suffix, arch=spec.arch or spec.name, access=access.value)
     with warnings.catch_warnings(record=True) as caught:  # e.g. torch on a layer that came out empty: the
         warnings.simplefilter("always")                   # error below names the cause, the warning would leak
         model = spec.build(data)

@@ -21,6 +21,7 @@ from ..harness.identity import distinguish
 from ..harness.kinds import rows_of_kind
 from ..harness.kinds.certified import label
 from ..harness.rows import WORST_CASE, CellResult
+from .plots import Plot, plot_text, to_png
 
 
 def curve_tables(rows: Sequence[CellResult]) -> list[tuple[str, pd.DataFrame]]:
@@ -92,8 +93,6 @@ def _own_grid(rows: Sequence[CellResult], key: tuple) -> list[float]:
 
 def curve_plots(rows: Sequence[CellResult]):
     """One PNG per report with a panel per curve table (robust accuracy vs eps, one line per attack)."""
-    from .html import Plot, _png, plot_text
-
     tables = curve_tables(rows)
     if not tables:
         return []
@@ -121,4 +120,4 @@ def curve_plots(rows: Sequence[CellResult]):
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, title="attack (optimality)", title_fontsize=7)
     fig.suptitle("Robust accuracy vs eps per attack")
-    return [Plot("robustness_curves", "Robustness curves and attack optimality", _png(fig, plt))]
+    return [Plot("robustness_curves", "Robustness curves and attack optimality", to_png(fig, plt))]

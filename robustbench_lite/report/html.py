@@ -18,11 +18,9 @@ from __future__ import annotations
 
 import base64
 import html
-import io
 import math
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -33,7 +31,9 @@ from ..eval import flags as checks
 from ..harness.identity import distinguish
 from ..harness.kinds import rows_of_kind
 from ..harness.rows import WORST_CASE, CellResult
+from .curves import curve_plots, curve_tables
 from .leaderboard import long_table, wide_tables
+from .plots import Plot, plot_text, seconds_axis, to_png
 
 __all__ = ["Plot", "make_plots", "row_label", "write_report"]
 
@@ -52,21 +52,9 @@ dt{font-family:monospace;font-weight:600;margin-top:.5rem} dd{margin-left:1.2rem
 """
 
 
-@dataclass(frozen=True)
-class Plot:
-    name: str  # file stem, e.g. "robust_vs_eps"
-    title: str
-    png: bytes
-
-
 def row_label(model: str, defense: str) -> str:
     """How a leaderboard row is named in the report."""
     return f"{model} / {defense}"
-
-
-def plot_text(text: str) -> str:
-    """``text`` for a matplotlib label: ``$`` escaped, so a name is never parsed as math text."""
-    return str(text).replace("$", r"\$")
 
 
 def _fmt(v: object) -> str:
@@ -107,7 +95,7 @@ def make_plots(rows: Sequence[CellResult]) -> list[Plot]:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.suptitle("Robust accuracy vs eps per defense")
-    plots.append(Plot("robust_vs_eps", "Robust accuracy vs eps per defense", _png(fig, plt)))
+    plots.append(Plot("robust_vs_eps", "Robust accuracy vs eps per defense", to_png(fig, plt)))
 
     # 2. per-attack strength (mean robust accuracy left) and time (mean seconds per cell)
     stats = atk.groupby("attack").agg(robust=("robust_acc", "mean"), seconds=("seconds", "mean"), cells=("key", "count"))
@@ -124,7 +112,7 @@ def make_plots(rows: Sequence[CellResult]) -> list[Plot]:
     for ax in (a1, a2):
         ax.grid(alpha=0.3, axis="x")
     fig.suptitle("Per-attack strength and time (over all cells)")
-    plots.append(Plot("attack_strength_time", "Per-attack strength and time", _png(fig, plt)))
+    plots.append(Plot("attack_strength_time", "Per-attack strength and time", to_png(fig, plt)))
 
     # 3. clean vs robust accuracy: colour = model/defense, marker = threat
     from matplotlib.lines import Line2D
@@ -148,41 +136,8 @@ def make_plots(rows: Sequence[CellResult]) -> list[Plot]:
     ax.set_ylim(-0.02, 1.02)
     ax.grid(alpha=0.3)
     ax.set_title("Clean vs robust accuracy (worst case per threat)")
-    plots.append(Plot("clean_vs_robust", "Clean vs robust accuracy", _png(fig, plt)))
+    plots.append(Plot("clean_vs_robust", "Clean vs robust accuracy", to_png(fig, plt)))
     return plots
-
-
-def seconds_axis(ax, seconds: Sequence[float]) -> None:
-    """A log-scale x axis for ``seconds`` with readable ticks: whole decades only, at most
-    :data:`MAX_TICKS` of them, labelled as plain numbers (``0.01``, ``1``, ``100``), no labels on
-    minor ticks (matplotlib labels those when the data span less than a decade, and the long
-    ``2×10⁻¹``-style labels then run into each other); the limits cover whole decades, so at least
-    two ticks are labelled.  Linear when no value is positive."""
-    from matplotlib.ticker import FixedLocator, FuncFormatter, LogLocator, NullFormatter
-
-    positive = [v for v in seconds if v > 0 and math.isfinite(v)]
-    if not positive:
-        return
-    low, high = math.floor(math.log10(min(positive))), math.ceil(math.log10(max(positive)))
-    high = max(high, low + 1)
-    ax.set_xscale("log")
-    ax.set_xlim(10.0**low, 10.0**high)
-    step = max(1, math.ceil((high - low) / (MAX_TICKS - 1)))
-    ax.xaxis.set_major_locator(FixedLocator([10.0**e for e in range(low, high + 1, step)]))
-    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
-    ax.xaxis.set_minor_locator(LogLocator(base=10, subs=tuple(range(2, 10)), numticks=100))
-    ax.xaxis.set_minor_formatter(NullFormatter())
-
-
-MAX_TICKS = 6  # labelled decades on the seconds axis
-
-
-def _png(fig, plt) -> bytes:
-    buf = io.BytesIO()
-    fig.tight_layout()
-    fig.savefig(buf, format="png", dpi=100)
-    plt.close(fig)
-    return buf.getvalue()
 
 
 # -- the report --------------------------------------------------------------------------------------
@@ -347,7 +302,6 @@ def _markdown(rows: Sequence[CellResult], tables: dict[str, pd.DataFrame], plots
 
 def _curves_html(rows: Sequence[CellResult]) -> list[str]:
     """The robustness-curve tables (the curve kind's rows), if any."""
-    from .curves import curve_tables
 
     tables = curve_tables(rows)
     if not tables:
@@ -368,7 +322,6 @@ def _curves_html(rows: Sequence[CellResult]) -> list[str]:
 
 
 def _curves_md(rows: Sequence[CellResult]) -> list[str]:
-    from .curves import curve_tables
 
     out = []
     for title, t in curve_tables(rows):
@@ -386,7 +339,6 @@ def write_report(rows: Sequence[CellResult], out_dir: str | Path) -> tuple[Path,
     out_dir = Path(out_dir)
     (out_dir / "plots").mkdir(parents=True, exist_ok=True)
     tables = wide_tables(rows)
-    from .curves import curve_plots
 
     plots = make_plots(rows) + curve_plots(rows)
     for p in plots:

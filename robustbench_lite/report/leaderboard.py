@@ -26,19 +26,10 @@ import pandas as pd
 from ..core.names import safe_stem
 from ..harness.identity import distinguish
 from ..harness.kinds import KINDS, kind
-from ..harness.rows import WORST_CASE, CellResult
+from ..harness.rows import CellResult, long_table
 
 FORMULA_START = ("=", "+", "-", "@", "\t", "\r")  # a spreadsheet runs a cell starting so as a formula
 _STORE_ONLY = ("model_id", "identity")  # cells.csv tells models apart by their labels (and model_key)
-
-
-def long_table(rows: Sequence[CellResult]) -> pd.DataFrame:
-    df = pd.DataFrame([r.as_row() for r in rows])
-    if df.empty:
-        return df
-    df["_wc"] = df["attack"] == WORST_CASE
-    df = df.sort_values(["dataset", "norm", "eps", "model", "defense", "_wc", "grad_evals", "attack"], kind="stable")
-    return df.drop(columns="_wc").reset_index(drop=True)
 
 
 def _public(long: pd.DataFrame) -> pd.DataFrame:

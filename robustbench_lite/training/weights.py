@@ -184,8 +184,11 @@ def _hint(shaped: list[tuple[str, tuple, tuple]], num_classes: int | None, chann
 
 
 def inner_model(model: nn.Module) -> nn.Module:
-    """The network a checkpoint belongs to: the model itself, or the one inside a normalizing wrapper."""
-    return getattr(model, "wrapped", model)
+    """The network a checkpoint belongs to: the model itself, or the one inside its wrappers (a
+    normalizing wrapper, a label-only or scores-only view): each holds the next as ``wrapped``."""
+    while isinstance(getattr(model, "wrapped", None), nn.Module):
+        model = model.wrapped
+    return model
 
 
 def load_weights(model: nn.Module, path: str | Path, *, trust_pickle: bool = False, num_classes: int | None = None,

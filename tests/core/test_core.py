@@ -192,3 +192,17 @@ def test_device_auto_is_cpu_here_and_bad_devices_are_errors():
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="CUDA is not available"):
             resolve_device("cuda")
+
+
+def test_a_setting_added_later_keeps_stored_keys_at_its_default():
+    """APGD's ``eot`` and Square's ``rescale_schedule`` came after results were stored: at their
+    defaults they stay out of the params (so out of every cell key), set they are in."""
+    from robustbench_lite import create_attack
+    from robustbench_lite.core.config import config_hash
+
+    plain, eot = create_attack("apgd-ce", eps=0.1), create_attack("apgd-ce", eps=0.1, eot=20)
+    assert "eot" not in plain.get_params() and eot.get_params()["eot"] == 20
+    assert config_hash(plain.get_params()) != config_hash(eot.get_params())
+    assert create_attack("apgd-ce", **plain.get_params()) == plain  # the params still rebuild the attack
+    assert "rescale_schedule" not in create_attack("square", eps=0.1).get_params()
+    assert create_attack("square", eps=0.1, rescale_schedule=False).get_params()["rescale_schedule"] is False

@@ -130,8 +130,10 @@ def test_box_projection_takes_one_radius_per_sample_and_rejects_bad_input():
     p = project_l1_box(x_adv, x, eps)
     for i in range(3):
         assert torch.allclose(p[i], project_l1_box(x_adv[i : i + 1], x[i : i + 1], float(eps[i]))[0])
+    # radius 0 is the point itself (a minimum-norm attack's budget of a point misclassified already)
+    assert torch.equal(project_l1_box(x_adv, x, torch.tensor([0.0, 1.0, 2.0]))[0], x[0])
     with pytest.raises(ValueError, match="eps"):
-        project_l1_box(x_adv, x, 0.0)
+        project_l1_box(x_adv, x, -0.1)
     with pytest.raises(ValueError, match="same shape"):
         project_l1_box(x_adv[:, :3], x, 1.0)
 

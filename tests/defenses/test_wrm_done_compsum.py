@@ -11,7 +11,6 @@ import torch
 import torch.nn.functional as F
 from robustbench_lite.defenses.adv_comp_sum import (
     comp_sum_loss,
-    comp_sum_phi,
     gap_distance,
     gaps,
     smooth_adv_comp_sum,
@@ -41,6 +40,13 @@ def _logits(n: int = 200, k: int = 10, scale: float = 3.0, seed: int = 0) -> tup
 # --------------------------------------------------------------------------------------------
 # comp-sum losses
 # --------------------------------------------------------------------------------------------
+
+
+def comp_sum_phi(u, tau: float):
+    """The paper's definition, the oracle the stable form is checked against: ``Φ^τ(u)``: ``log(1 + u)`` for τ = 1, else ``((1 + u)^{1−τ} − 1)/(1 − τ)``."""
+    if tau == 1:
+        return torch.log1p(u)
+    return ((1 + u) ** (1 - tau) - 1) / (1 - tau)
 
 
 def test_each_comp_sum_phi_reduces_to_its_textbook_loss_and_logistic_is_the_cross_entropy():

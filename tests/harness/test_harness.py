@@ -259,6 +259,12 @@ def test_stores_of_split_runs_merge_and_the_merged_run_recomputes_nothing(tmp_pa
         assert merged.get(some.key)[0].status == "ok"
     with pytest.raises(ValueError, match="no results store"):
         Store(tmp_path / "e.sqlite").merge_from(tmp_path / "missing.sqlite")
+    # the same from the command line: workdirs or store files, then the leaderboard
+    assert main(["merge", str(tmp_path / "a"), str(tmp_path / "b" / "store.sqlite"), "--workdir", str(tmp_path / "m")]) == 0
+    with Store(tmp_path / "m" / "store.sqlite", create=False) as m:
+        assert {r.key for r in m.rows()} == set(ok)
+    assert main(["leaderboard", "--workdir", str(tmp_path / "m"), "--out", str(tmp_path / "m-out")]) == 0
+    assert main(["merge", str(tmp_path / "nowhere"), "--workdir", str(tmp_path / "m")]) == 2
     # the models are cached per workdir: copy them so the merged workdir needs no training either
     shutil.copytree(tmp_path / "a" / "models", tmp_path / "c" / "models")
     plan = get_preset("smoke").plan(attacks=["fgsm", "pgd"])

@@ -353,13 +353,13 @@ class DiesAfter:
         if self.stored >= self.rows:
             raise KeyboardInterrupt
 
-    def run(self, tasks, ctx, on_row=None, sink=None):
+    def run(self, tasks, ctx, on_row=None, sink=None, progress=None):
         def dying_on_row(row, mask):
             on_row(row, mask)
             self._count(1)
 
         streamed = 0
-        for task, rows in self.inner.run(tasks, ctx, dying_on_row, sink=sink):
+        for task, rows in self.inner.run(tasks, ctx, dying_on_row, sink=sink, progress=progress):
             yield task, rows  # the driver stores these before asking for the next group
             if self.stored == streamed:  # nothing came through the callback: count the group's rows
                 self._count(sum(r.attack != "worst_case" for r, _ in rows))

@@ -35,7 +35,7 @@ from torch import Tensor
 from ...core.data import Data
 from ...core.device import DevicePolicy
 from ...core.progress import Progress
-from ...core.registry import ATTACKS, Registry, create_attack
+from ...core.registry import ATTACKS, KINDS, create_attack
 from ...eval.bracket import Proof
 from ...training.cache import ModelCache, TrainedModel
 from .. import faults
@@ -48,7 +48,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-KINDS = Registry("kind", "robustbench_lite.harness.kinds", "robustbench_lite.kinds", base="robustbench_lite.harness.kinds:CellKind")
 register_kind = KINDS.register
 list_kinds = KINDS.list
 

@@ -7,7 +7,10 @@ and stores each point's status: the row's mask holds the *verified* points, the 
 ``_counterexamples`` their adversarial examples (safetensors, zlib, base64; read them with
 :func:`counterexamples`; never in a CSV).  Every counterexample is re-checked here by a forward
 pass, whatever the verifier did: one outside the ball or the box, or classified correctly, is
-rejected (its point undecided) and the row gets ``counterexample-rejected``.  The row also holds
+rejected (its point undecided) and the row gets ``counterexample-rejected``.  A complete
+verifier (``takes_starts``, e.g. ``bab``) starts from the group's adversarial examples on the same
+threat where the run saves them (``--save-adv``: the evasion cells run first and write them;
+:func:`~robustbench_lite.harness.advsave.saved_starts`); without them it runs its own attacks.  The row also holds
 the verifier's seconds, the subdomains it explored, and the per-point certified radius found by
 bisection on eps over ``[0, 2 eps]`` to ``eps / 4``
 (:meth:`~robustbench_lite.certify.Verifier.radius`, started from the certificate at eps): the
@@ -44,6 +47,7 @@ from ...core.attack import eval_mode
 from ...core.threat import ThreatModel
 from ...eval.bracket import Proof
 from ...eval.flags import CERTIFIED_BROKEN, COUNTEREXAMPLE_REJECTED, join
+from ..advsave import saved_starts
 from ..identity import distinguish
 from ..plan import Cell
 from ..rows import WORST_CASE, CellResult, Row
@@ -103,6 +107,10 @@ class Certified(CellKind):
         points = group.data.test.head(cell.n)
         x, y = group.policy.batch_to(points.x), group.policy.batch_to(points.y)
         model = group.trained.model
+        starts = None
+        if verifier.takes_starts and group.save_adv is not None:  # the group's attacks' finds, tried first
+            starts = saved_starts(group.save_adv, cell, group, points.x)
+            starts = None if starts is None else group.policy.batch_to(starts)
         eps = cell.threat.eps
         seconds, curve_seconds, parts, radii_parts = 0.0, 0.0, [], []
         chunk = max(1, int(getattr(verifier, "batch_size", VERIFY_CHUNK)))
@@ -112,7 +120,8 @@ class Certified(CellKind):
             for i in range(0, max(1, len(points)), chunk):
                 xs, ys = x[i : i + chunk], y[i : i + chunk]
                 start = time.perf_counter()
-                part = verifier.verify(model, xs, ys, cell.threat)
+                part = verifier.verify(model, xs, ys, cell.threat,
+                                       starts=None if starts is None else starts[i : i + chunk])
                 seconds += time.perf_counter() - start
                 with eval_mode(model), torch.no_grad():  # the harness re-checks every counterexample, whatever the plugin did
                     part = part.recheck(model, xs, ys, cell.threat)

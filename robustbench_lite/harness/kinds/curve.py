@@ -25,6 +25,7 @@ import pandas as pd
 import torch
 from torch import Tensor
 
+from ...core.access import access_note, model_access
 from ...core.config import config_hash
 from ...core.models import predict
 from ...eval import flags as checks
@@ -42,7 +43,7 @@ from ...eval.curve import (
 )
 from ..identity import distinguish
 from ..plan import Cell
-from ..rows import WORST_CASE, CellResult, Row, error_row, model_identity
+from ..rows import SKIPPED, WORST_CASE, CellResult, Row, cell_row, error_row, model_identity
 from ..store import Store
 from . import CellKind, Group, register_kind, rows_of_kind
 
@@ -126,11 +127,18 @@ class Curve(CellKind):
             correct = predict(model, split.x, group.policy.device) == split.y
         clean = float(correct.float().mean())
         batch = _batch_rule(group, first.n)
+        given = model_access(model)
         out: list[Row] = []
         for cell in cells:
             if cell.key in group.done:
                 continue
             try:
+                needed = cell.build().access()
+                if not given.covers(needed):  # e.g. a gradient attack on a label-only model: not run, said why
+                    note = access_note(cell.attack.name, needed, given)
+                    out.append(group.add(cell_row(cell, status=SKIPPED, error=note, clean_acc=clean, n=first.n,
+                                                  model_key=group.trained.key, code_version=group.version), None))
+                    continue
                 rec = attack_curve(
                     model, lambda eps, cell=cell: _attack_at(cell, eps), cell.grid, split, correct,
                     policy=group.policy, batch_size=batch(cell.build()) if callable(batch) else batch,
@@ -257,7 +265,8 @@ def finish(cells: Sequence[Cell], latest: Mapping[str, Row], model_flags: set[st
         out.append((new, dist[c.key] > eps_max))
     ref = ok[0][1][0]
     found = set(flags.get(WORST_CASE, set()))
-    if len(ok) < len(cells):
+    skipped = sum(1 for c in cells if c.key in latest and latest[c.key][0].status == SKIPPED)
+    if len(ok) + skipped < len(cells):  # a skipped attack (needs more of the model than it gives) is no gap
         found.add(checks.INCOMPLETE)
     wc = CellResult(
         dataset=ref.dataset, model=ref.model, defense=ref.defense, attack=WORST_CASE, norm=ref.norm, eps=eps_max,

@@ -45,7 +45,7 @@ from ..advsave import AdvWriter, missing_files
 from ..autotune import BatchTuner, attack_pass
 from ..identity import distinguish
 from ..plan import Cell
-from ..rows import WORST_CASE, CellResult, Row, error_row, model_identity
+from ..rows import SKIPPED, WORST_CASE, CellResult, Row, error_row, long_table, model_identity
 from ..store import Store
 from . import KINDS, CellKind, Group, kind, proofs_of, register_kind, rows_of_kind
 
@@ -191,7 +191,7 @@ class Evasion(CellKind):
         return self.result(
             cell, group, values, method=rec.attack, clean_acc=clean_acc, seconds=rec.seconds, n=cell.n if n is None else n,
             grad_evals=rec.grad_evals, forward_evals=rec.forward_evals, flags=flags,
-            status="error" if rec.error else "ok", error=rec.error, metrics="",
+            status="error" if rec.error else SKIPPED if rec.skipped else "ok", error=rec.error or rec.skipped, metrics="",
         )
 
     def refresh(
@@ -237,7 +237,6 @@ class Evasion(CellKind):
         ``worst_class`` (3 decimals, like every accuracy), columns other kinds add (e.g.
         ``certified``, right after the worst class), ``seconds`` of all attacks, ``train_seconds``
         and ``flags``; sorted by the worst case."""
-        from ...report.leaderboard import long_table
 
         rows = distinguish(rows)
         df = long_table(rows_of_kind(rows, self.name))
@@ -391,7 +390,8 @@ def worst_case_rows(
     by the ``proofs`` on its points (their broken points removed; :func:`~robustbench_lite.eval.bracket.on_row`).
 
     ``latest`` maps cell keys to their newest rows (cells absent or not ``ok`` make the worst
-    case ``incomplete``); ``flags`` are an evaluation's flags (``worst_case@<threat>`` keys);
+    case ``incomplete``, except those skipped on purpose: their attack needs more of the model
+    than it gives); ``flags`` are an evaluation's flags (``worst_case@<threat>`` keys);
     ``escalated`` the escalation ladder's outcome per threat (its mask is ANDed in, its costs
     added, and its steps go into the row's ``metrics`` as ``escalation``); with the points'
     ``labels`` the metrics hold the worst class too."""
@@ -411,7 +411,8 @@ def worst_case_rows(
         for r, m in ok:
             mask &= m
             found.update(f for f in r.flags.split(";") if f)
-        if len(ok) < len(tcells):
+        skipped = sum(1 for s in stored if s is not None and s[0].status == SKIPPED)
+        if len(ok) + skipped < len(tcells):
             found.add(INCOMPLETE)
         found.update(flags.get(f"{WORST_CASE}@{threat.label}", set()))
         ref = ok[0][0]
