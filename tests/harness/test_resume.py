@@ -154,7 +154,7 @@ def test_sigkill_at_every_stage_boundary_then_resume_gives_the_uninterrupted_csv
     assert ref.returncode == 0, ref.stderr
     reference = _tables(tmp_path / "ref_out")
     flags = reference["digits_linf_0.1.csv"]["flags"].iloc[0]
-    assert "black-box-beats-white-box" in flags and "adapted:rescale+noise-eot+square" in flags
+    assert "black-box-beats-white-box" in flags and "adapted:rescale+noise-eot+fab+square" in flags
     for point in KILLS:
         killed = _cli(tmp_path, "work", "out", attacks, {"RBL_KILL_AT": point})
         assert killed.returncode == -signal.SIGKILL, f"not killed at {point}: {killed.stderr[-2000:]}"

@@ -71,8 +71,7 @@ def test_leaderboard_json_validates_against_the_schema_and_autoattack_acc_is_nul
 
 def test_autoattack_acc_is_filled_only_where_the_attacks_are_exactly_the_set(workdir, monkeypatch):
     rows, masks = _masks(workdir)
-    monkeypatch.setattr(attack_sets, "SETS", (*attack_sets.SETS, "autoattack"))
-    monkeypatch.setitem(attack_sets._MEMBERS, "autoattack", lambda: ["fgsm"])  # a stand-in set, looked up by name
+    monkeypatch.setitem(attack_sets._MEMBERS, "autoattack", lambda norm: [("fgsm", {})])  # a stand-in set, looked up by name
     doc = document(rows, masks.get)
     by = {e["defense"]: e for e in doc["entries"]}
     fgsm = next(r for r in rows if r.defense == EVIL and r.attack == "fgsm")
@@ -81,7 +80,7 @@ def test_autoattack_acc_is_filled_only_where_the_attacks_are_exactly_the_set(wor
     assert by[EVIL]["autoattack_accuracy"] == pytest.approx(want) and by[EVIL]["autoattack_acc"] == f"{100 * want:.2f}"
     assert by["plain"]["autoattack_acc"] is None  # fgsm and pgd: not the set
     assert document(rows)["entries"] == doc["entries"]  # without masks: the survivors' last accuracy, the same
-    monkeypatch.setitem(attack_sets._TWEAKS, "fgsm", {"seed": 1})  # the set's fgsm has another setting
+    monkeypatch.setitem(attack_sets._MEMBERS, "autoattack", lambda norm: [("fgsm", {"seed": 1})])  # another setting
     assert all(e["autoattack_acc"] is None for e in document(rows, masks.get)["entries"])
 
 
