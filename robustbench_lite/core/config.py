@@ -42,7 +42,7 @@ def setting(
     Carlo samples) says so with its own ``high``.
 
     ``keep_keys=True`` marks a setting added to a plugin after results were stored: at its default
-    it is left out of :func:`params_of` (hence of every cell key and cache key), so the stored
+    it is left out of ``params_of`` (hence of every cell key and cache key), so the stored
     results of the plugin keep their keys and a rerun resumes instead of recomputing them.
     """
     meta = {"low": low, "high": high, "low_open": low_open, "choices": choices, "keep_keys": keep_keys}
