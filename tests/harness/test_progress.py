@@ -199,7 +199,7 @@ def test_surrogate_schedule_never_passes_the_limit():
 
 
 def test_a_run_waiting_on_another_runs_lease_says_so_once_then_shows_progress(user_checkpoint, digits, tmp_path,
-                                                                              monkeypatch, caplog):
+                                                                              monkeypatch, caplog, lines):
     model, _ = user_checkpoint
     data_spec, data = resolve_data("digits")
     mspec, wspec, built = prepare(data, module=model)
@@ -221,31 +221,19 @@ def test_a_run_waiting_on_another_runs_lease_says_so_once_then_shows_progress(us
     thread.start()
     assert held.wait(30)
     threading.Timer(1.0, go.set).start()  # about 20 polls while it holds the group
-    records: list[str] = []
-
-    class Keep(logging.Handler):
-        def emit(self, record):
-            records.append(record.getMessage())
-
-    keep = Keep()
-    LOGGER.addHandler(keep)
-    level = LOGGER.level
-    LOGGER.setLevel(logging.INFO)
     try:
         with caplog.at_level(logging.WARNING, logger="robustbench_lite.harness.run"):
             summary = run_mod.run_plan(plan, workdir=tmp_path, device="cpu", progress=Progress("lines"))
     finally:
-        LOGGER.removeHandler(keep)
-        LOGGER.setLevel(level)
         go.set()
         thread.join()
     said = [r for r in caplog.records if "being computed by another run" in r.getMessage()]
     assert len(said) == 1, [r.getMessage() for r in caplog.records]
     assert summary.waited == 1 and summary.computed == 1
-    assert any(r.startswith("waiting for another run on this workdir: 0 of 1 cells stored by the other run") for r in records), records
+    assert any(r.startswith("waiting for another run on this workdir: 0 of 1 cells stored by the other run") for r in lines), lines
 
 
-def test_a_progress_reporter_in_each_mode():
+def test_a_progress_reporter_in_each_mode(lines):
     with pytest.raises(ValueError, match="progress mode"):
         Progress("loud")
     with pytest.raises(TypeError, match="True, False or a Progress"):
@@ -255,28 +243,14 @@ def test_a_progress_reporter_in_each_mode():
     with off.task("x", 3) as task:
         task.update(2)
     assert task.done == 2 and task.closed
-    records: list[str] = []
-
-    class Keep(logging.Handler):
-        def emit(self, record):
-            records.append(record.getMessage())
-
-    keep = Keep()
-    LOGGER.addHandler(keep)
-    level = LOGGER.level
-    LOGGER.setLevel(logging.INFO)
-    try:
-        rep = Progress("lines").child("m/d")
-        rep.cells(["a", "b"])
-        rep.cell_done("a")
-        rep.cell_done("a")  # counted once
-        with rep.task("pgd linf 0.1", 10) as task:
-            task.update(10)
-        with pytest.raises(RuntimeError), rep.task("broken", 5):
-            raise RuntimeError("no line for a task that failed")
-        rep.note("why")
-    finally:
-        LOGGER.removeHandler(keep)
-        LOGGER.setLevel(level)
-    assert records[0].startswith("m/d: pgd linf 0.1: 10 points (") and "s) [cells 1/2, about " in records[0], records
-    assert records[1:] == ["m/d: why"], records
+    rep = Progress("lines").child("m/d")
+    rep.cells(["a", "b"])
+    rep.cell_done("a")
+    rep.cell_done("a")  # counted once
+    with rep.task("pgd linf 0.1", 10) as task:
+        task.update(10)
+    with pytest.raises(RuntimeError), rep.task("broken", 5):
+        raise RuntimeError("no line for a task that failed")
+    rep.note("why")
+    assert lines[0].startswith("m/d: pgd linf 0.1: 10 points (") and "s) [cells 1/2, about " in lines[0], lines
+    assert lines[1:] == ["m/d: why"], lines
