@@ -102,6 +102,16 @@ class ChannelAffine:
         return scale, shift if m.bias is None else shift + m.bias.to(t.dtype)
 
 
+def folded_bias(bias: Tensor | None, bn: ChannelAffine | None, t: Tensor) -> Tensor | None:
+    """A layer's bias in ``t``'s dtype with the batch norm after it (``bn``) folded in:
+    ``bias · scale + shift`` (``shift`` alone without a bias; ``None`` without either)."""
+    b = None if bias is None else bias.to(t.dtype)
+    if bn is None:
+        return b
+    scale, shift = bn.scale_shift(t)
+    return shift if b is None else b * scale + shift
+
+
 class LinearOp(Affine):
     """``Linear``, with a ``BatchNorm1d`` after it folded in (``bn``)."""
 
@@ -114,12 +124,7 @@ class LinearOp(Affine):
         return w if self.bn is None else w * self.bn.scale_shift(t)[0][:, None]
 
     def _b(self, t: Tensor) -> Tensor | None:
-        b = self.module.bias
-        b = None if b is None else b.to(t.dtype)
-        if self.bn is None:
-            return b
-        scale, shift = self.bn.scale_shift(t)
-        return shift if b is None else b * scale + shift
+        return folded_bias(self.module.bias, self.bn, t)
 
     def forward(self, x: Tensor) -> Tensor:
         return F.linear(x, self._w(x), self._b(x))
@@ -159,12 +164,7 @@ class ConvOp(Affine):
         return w if self.bn is None else w * self.bn.scale_shift(t)[0][:, None, None, None]
 
     def _b(self, t: Tensor) -> Tensor | None:
-        b = None if self._fixed is not None else self.module.bias
-        b = None if b is None else b.to(t.dtype)
-        if self.bn is None:
-            return b
-        scale, shift = self.bn.scale_shift(t)
-        return shift if b is None else b * scale + shift
+        return folded_bias(None if self._fixed is not None else self.module.bias, self.bn, t)
 
     def forward(self, x: Tensor) -> Tensor:
         return F.conv2d(x, self._w(x), self._b(x), **self.conv)
