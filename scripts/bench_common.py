@@ -108,6 +108,14 @@ class Fixture:
                 f"test clean_acc {side['clean_acc']:.4f}, train {side['train_seconds']:.0f} s "
                 f"({origin}, key {self.trained.key})")
 
+    def correct_test_points(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Those of the first ``n`` test points the model classifies correctly (what minimum-norm
+        attacks are compared on)."""
+        x, y = self.data.test.x[:n], self.data.test.y[:n]
+        with torch.no_grad():
+            ok = self.model(x).argmax(1) == y
+        return x[ok], y[ok]
+
 
 def train(spec: ModelSpec, defense: Defense, data: Data, *, device: str = "cpu", cache: Path = CACHE) -> Fixture:
     """``train_or_load`` into the benchmark cache (``cache`` for a model that must not share a

@@ -92,10 +92,7 @@ def main() -> None:
     print("| --- | --- | --- | --- | --- | --- |")
     for label in [m.strip() for m in args.models.split(",") if m.strip()]:
         fx = FIXTURES[label]()
-        x, y = fx.data.test.x[: args.n], fx.data.test.y[: args.n]
-        with torch.no_grad():
-            ok = fx.model(x).argmax(1) == y
-        x, y = x[ok], y[ok]
+        x, y = fx.correct_test_points(args.n)
         for norm in [Norm.parse(n) for n in args.norms.split(",") if n.strip()]:
             torch.manual_seed(args.seed)
             ref = judged(fx.model, x, y, adv_fmn(fx.model, x, y, norm, args.steps), norm)

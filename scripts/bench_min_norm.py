@@ -342,10 +342,7 @@ def main() -> None:
     print(f"{bc.environment()}; {time.strftime('%Y-%m-%d')}; first {args.n} Fashion-MNIST test points")
     for label in [m.strip() for m in args.models.split(",") if m.strip()]:
         fx = FIXTURES[label]()
-        x, y = fx.data.test.x[: args.n], fx.data.test.y[: args.n]
-        with torch.no_grad():
-            ok = fx.model(x).argmax(1) == y
-        xc, yc = x[ok], y[ok]
+        xc, yc = fx.correct_test_points(args.n)
         if "strength" in sections:
             strength(fx, label, xc, yc, args, only)
         if "hsj" in sections and label != "ibp":
