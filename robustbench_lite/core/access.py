@@ -25,7 +25,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
-__all__ = ["Access", "LabelOnly", "ScoresOnly", "access_note", "model_access", "restrict"]
+__all__ = ["Access", "LabelOnly", "ModelView", "ScoresOnly", "access_note", "model_access", "restrict"]
 
 
 class Access(str, Enum):
@@ -83,7 +83,17 @@ def access_note(attack_name: str, needed: Access, given: Access) -> str:
             f"({given.value} access); use {fix}")
 
 
-class LabelOnly(nn.Module):
+class ModelView(nn.Module):
+    """A model seen through an API that gives less than the model (see the subclasses)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"{type(self).__name__} wraps a torch.nn.Module, got {type(model).__name__}")
+        self.wrapped = model
+
+
+class LabelOnly(ModelView):
     """``model`` seen through an API that returns only the predicted class.
 
     The output is the one-hot row of the argmax of ``model``'s logits (so ``argmax`` and accuracy
@@ -92,12 +102,6 @@ class LabelOnly(nn.Module):
 
     output_access: ClassVar[Access] = Access.LABELS
 
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"LabelOnly wraps a torch.nn.Module, got {type(model).__name__}")
-        self.wrapped = model
-
     def forward(self, x: Tensor) -> Tensor:
         with torch.no_grad():
             logits = self.wrapped(x)
@@ -105,16 +109,10 @@ class LabelOnly(nn.Module):
         return torch.zeros_like(logits).scatter_(1, top, 1.0)
 
 
-class ScoresOnly(nn.Module):
+class ScoresOnly(ModelView):
     """``model`` seen through an API that returns its scores (logits) but no gradient."""
 
     output_access: ClassVar[Access] = Access.SCORES
-
-    def __init__(self, model: nn.Module) -> None:
-        super().__init__()
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"ScoresOnly wraps a torch.nn.Module, got {type(model).__name__}")
-        self.wrapped = model
 
     def forward(self, x: Tensor) -> Tensor:
         with torch.no_grad():
