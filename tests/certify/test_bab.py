@@ -12,7 +12,7 @@ import torch
 from certify_exact import ResidualCNN, ResidualMLP, margins, milp_min_margin, mlp, random_mlp, trained
 from torch import nn
 
-from robustbench_lite import ModelSpec, ThreatModel, create_attack, create_defense, train_or_load
+from robustbench_lite import ThreatModel, create_attack
 from robustbench_lite.certify import InputSet, Status, create_verifier, layer_bounds, parse_network
 from robustbench_lite.certify._beta import Layout, optimize
 
@@ -163,13 +163,6 @@ def test_other_norms_are_refused_and_a_train_mode_model_is_decided_in_eval_mode(
     model.eval()
     assert got.verification.status() == want.verification.status()
     torch.testing.assert_close(got.lower, want.lower)
-
-
-@pytest.fixture(scope="module")
-def certified_model(digits, model_cache):
-    """cnn-cert-small trained by IBP on digits (8x8) at Linf 0.05 (as in test_verifiers)."""
-    defense = create_defense("ibp", eps=0.05, epochs=6, warmup_epochs=1, ramp_epochs=3, batch_size=64, lr=3e-3)
-    return train_or_load(ModelSpec("cnn-cert-small"), defense, digits, model_cache, progress=False).model
 
 
 def test_on_a_certified_trained_cnn_bab_verifies_more_than_crown_and_attacks_break_none_of_it(certified_model, digits):

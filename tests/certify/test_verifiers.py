@@ -308,13 +308,6 @@ def test_bounds_of_the_zoo_small_cnn_with_two_max_pools_hold_at_adversarial_poin
 # --------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def certified_model(digits, model_cache):
-    """cnn-cert-small trained by IBP on digits (8x8) at Linf 0.05."""
-    defense = create_defense("ibp", eps=0.05, epochs=6, warmup_epochs=1, ramp_epochs=3, batch_size=64, lr=3e-3)
-    return train_or_load(ModelSpec("cnn-cert-small"), defense, digits, model_cache, progress=False).model
-
-
 def test_no_point_certified_by_any_verifier_is_broken_by_attacks(certified_model, digits):
     model, eps = certified_model, 0.05
     x, y = digits.test.x[:120], digits.test.y[:120]
