@@ -77,7 +77,7 @@ def default_eps(**by_norm: float):
     without an eps uses: ``@register_dataset("mine")`` over ``@default_eps(linf=0.1, l2=1.5)``."""
     eps = {Norm.parse(k): float(v) for k, v in by_norm.items()}
     if any(not 0 < v <= 1e3 for v in eps.values()):
-        raise ValueError(f"default eps must be > 0, got {by_norm}")
+        raise ValueError(f"default eps must be > 0 and at most 1000 (pixels in [0, 1]), got {by_norm}")
 
     def decorate(loader):
         loader.default_eps = eps
